@@ -1,0 +1,208 @@
+"""The context-aware classifier (paper §3.2–3.3) as a pure PyTorch module, and the loss of Eq. (8).
+
+``ContextAwareClassifier`` takes the features ``f`` a decode head feeds its classifier and the
+original classifier ``C`` (weight and bias), and yields ``p`` (original), ``p_p`` (context-aware,
+Eqs. 4–6) and, when labels are given, ``p_y`` (oracle, Eqs. 1–3). Every variant the paper ablates is
+a field of ``CACOptions``; the defaults are the paper's text.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Mapping, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .designs import DESIGNS, Projector
+from .functional import cosine_logits, dot_logits, entropy_kl_loss, mask_pool, soft_pool
+
+__all__ = ["CACOptions", "CACOutputs", "ContextAwareClassifier", "cac_losses", "resize_labels"]
+
+_CHOICES = {
+    "original": ("dot", "cos"),
+    "context": ("cos", "dot", "none"),
+    "kl_entropy_source": ("oracle", "estimated", "original"),
+    "oracle_pool": ("image", "batch"),
+    "oracle_absent": ("zero", "classifier"),
+    "test_output": ("context", "original"),
+}
+
+
+@dataclass(frozen=True)
+class CACOptions:
+    """Every switch of the method. Defaults follow the paper; official-code choices are options."""
+
+    tau: float = 15.0  # cosine scale, Eqs. (3)/(6)
+    lambda_kl: float = 1.0  # weight of L_KL in Eq. (8)
+    loss_ce: float = 1.0  # weight of L^ce (original p)
+    loss_ce_p: float = 1.0  # weight of L_p^ce (context-aware p_p)
+    loss_ce_y: float = 1.0  # weight of L_y^ce (oracle p_y)
+    kl_entropy: bool = True  # Eq. (10) entropy weighting
+    kl_classwise: bool = True  # Eq. (11) per-class averaging
+    kl_entropy_source: str = "oracle"  # Table 3 (1)/(2): entropy from p_y, p_p or p
+    kl_target_mix: float = 0.0  # official code: 0.5 * softmax(p_y) + 0.5 * one-hot
+    original: str = "dot"  # Table 4: the original classifier, dot or cosine
+    context: str = "cos"  # Table 4: context classifier, cos / dot / none (no CAC branch)
+    design_y: str = "proj_concat"  # Table 5: how A_y is formed (cac.designs.DESIGNS)
+    design_p: str = "proj_concat"  # Table 5: how A_p is formed
+    projector_hidden_ratio: float = 0.5  # hidden width of theta as a fraction of d (§4.1: d/2)
+    oracle_pool: str = "image"  # official code pools C_y over the whole batch ("batch")
+    oracle_absent: str = "zero"  # official code fills absent classes of C_y from detached C
+    test_output: str = "context"  # test-time output: p_p ("context") or p ("original")
+
+    def __post_init__(self) -> None:
+        for key, allowed in _CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"cac.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        for key in ("design_y", "design_p"):
+            if getattr(self, key) not in DESIGNS:
+                raise ValueError(f"cac.{key} must be one of {sorted(DESIGNS)}, got {getattr(self, key)!r}")
+        if not self.tau > 0:
+            raise ValueError(f"cac.tau must be > 0, got {self.tau}")
+        for key in ("lambda_kl", "loss_ce", "loss_ce_p", "loss_ce_y"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"cac.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.kl_target_mix <= 1.0:
+            raise ValueError(f"cac.kl_target_mix must be in [0, 1], got {self.kl_target_mix}")
+        if not self.projector_hidden_ratio > 0:
+            raise ValueError(f"cac.projector_hidden_ratio must be > 0, got {self.projector_hidden_ratio}")
+
+    @classmethod
+    def from_dict(cls, cfg: Optional[Mapping] = None) -> "CACOptions":
+        cfg = dict(cfg or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"unknown cac option(s) {unknown}; known: {sorted(known)}")
+        return cls(**cfg)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def has_context(self) -> bool:
+        return self.context != "none"
+
+    @property
+    def needs_oracle(self) -> bool:
+        """p_y is needed in training when its CE or the distillation from it is on."""
+        return self.has_context and (self.loss_ce_y > 0 or self.lambda_kl > 0)
+
+
+class CACOutputs(NamedTuple):
+    p: Tensor  # original classifier, [B, N, h, w]
+    p_p: Optional[Tensor]  # context-aware classifier (estimated), Eq. (6)
+    p_y: Optional[Tensor]  # oracle context-aware classifier, Eq. (3)
+
+
+def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest-neighbour resize of a ``[B, H, W]`` label map (ignored pixels stay ignored)."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    return F.interpolate(labels.unsqueeze(1).float(), size=size, mode="nearest").squeeze(1).to(labels.dtype)
+
+
+class ContextAwareClassifier(nn.Module):
+    """Projectors theta_y / theta_p and the three classifiers p, p_p, p_y of Fig. 5."""
+
+    def __init__(self, dim: int, num_classes: int, options: CACOptions | Mapping | None = None,
+                 ignore_index: int = 255) -> None:
+        super().__init__()
+        self.options = options if isinstance(options, CACOptions) else CACOptions.from_dict(options)
+        self.dim, self.num_classes, self.ignore_index = dim, num_classes, ignore_index
+        o = self.options
+        self.proj_y = self._projector(o.design_y) if o.needs_oracle else None
+        self.proj_p = self._projector(o.design_p) if o.has_context else None
+
+    def _projector(self, design: str) -> Optional[Projector]:
+        in_dim = DESIGNS[design].projector_in(self.dim)
+        return None if in_dim is None else Projector(in_dim, self.dim, self.options.projector_hidden_ratio)
+
+    # -- the pieces -------------------------------------------------------------------------
+    def original_logits(self, feats: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """p = f C^T (+ b), or tau * cos(f, C) for Table 4's cosine original classifier."""
+        if self.options.original == "cos":
+            return cosine_logits(feats, weight, self.options.tau)
+        return F.conv2d(feats, weight[:, :, None, None].to(feats.dtype), None if bias is None else bias.to(feats.dtype))
+
+    def context_logits(self, feats: Tensor, classifier: Tensor) -> Tensor:
+        """Eqs. (3)/(6): tau * cos(f, A) (or f A^T for Table 4's "Context (Dot)")."""
+        if self.options.context == "dot":
+            return dot_logits(feats, classifier)
+        return cosine_logits(feats, classifier, self.options.tau)
+
+    def oracle_prototypes(self, feats: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
+        """C_y of Eq. (1), per image or pooled over the batch, absent rows zero or from C."""
+        b = feats.shape[0]
+        if self.options.oracle_pool == "batch":
+            d, h, w = feats.shape[1:]
+            stacked = feats.transpose(0, 1).reshape(1, d, b * h, w)
+            protos, present = mask_pool(stacked, labels.reshape(1, b * h, w), self.num_classes, self.ignore_index)
+            protos, present = protos.expand(b, -1, -1), present.expand(b, -1)
+        else:
+            protos, present = mask_pool(feats, labels, self.num_classes, self.ignore_index)
+        if self.options.oracle_absent == "classifier":
+            fill = weight.detach().to(protos.dtype).unsqueeze(0).expand_as(protos)
+            protos = torch.where(present.unsqueeze(-1), protos, fill)
+        return protos
+
+    def form(self, design: str, protos: Tensor, weight: Tensor, proj: Optional[nn.Module]) -> Tensor:
+        """A_* = design(C_*, C) — Eqs. (2)/(5) for the default design."""
+        cls = weight.to(protos.dtype).unsqueeze(0)
+        return DESIGNS[design].form(protos, cls, proj)
+
+    # -- the whole classifier -----------------------------------------------------------------
+    def forward(self, feats: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None) -> CACOutputs:
+        """``feats [B,D,h,w]``, ``weight [N,D]``; ``labels [B,H,W]`` (any size) enable the oracle."""
+        p = self.original_logits(feats, weight, bias)
+        if not self.options.has_context:
+            return CACOutputs(p, None, None)
+        a_p = self.form(self.options.design_p, soft_pool(feats, p), weight, self.proj_p)
+        p_p = self.context_logits(feats, a_p)
+        p_y = None
+        if labels is not None and self.options.needs_oracle:
+            lab = resize_labels(labels, feats.shape[-2:])
+            c_y = self.oracle_prototypes(feats, lab, weight)
+            p_y = self.context_logits(feats, self.form(self.options.design_y, c_y, weight, self.proj_y))
+        return CACOutputs(p, p_p, p_y)
+
+    def predict(self, feats: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        """Test-time output: p_p (the paper), or p when ``test_output='original'``."""
+        out = self.forward(feats, weight, bias)
+        return out.p_p if (out.p_p is not None and self.options.test_output == "context") else out.p
+
+
+def cac_losses(out: CACOutputs, labels: Tensor, options: CACOptions,
+               ce: Callable[[Tensor], Mapping[str, Tensor]], ignore_index: int = 255) -> dict[str, Tensor]:
+    """The terms of Eq. (8), each already weighted; summing the ``loss*`` entries gives L.
+
+    ``ce(logits)`` is the head's own segmentation loss (returns a dict of named terms), so a head's
+    loss configuration (class weights, OHEM, extra terms) carries over to p, p_p and p_y alike.
+    Terms with weight 0 are not computed.
+    """
+    losses: dict[str, Tensor] = {}
+
+    def add(prefix: str, logits: Optional[Tensor], weight: float) -> None:
+        if logits is None or weight == 0:
+            return
+        tag = f"_{prefix}" if prefix else ""
+        for key, value in ce(logits).items():
+            if key.startswith("loss"):
+                losses[f"loss{tag}{key[4:]}"] = value * weight
+            else:
+                losses[f"{key}{tag}"] = value
+
+    add("", out.p, options.loss_ce)
+    add("ctx", out.p_p, options.loss_ce_p)
+    add("oracle", out.p_y, options.loss_ce_y)
+    if options.lambda_kl > 0 and out.p_p is not None and out.p_y is not None:
+        source = {"oracle": None, "estimated": out.p_p, "original": out.p}[options.kl_entropy_source]
+        kl = entropy_kl_loss(
+            out.p_p, out.p_y, resize_labels(labels, out.p_p.shape[-2:]),
+            entropy=options.kl_entropy, classwise=options.kl_classwise, ignore_index=ignore_index,
+            entropy_from=source, target_mix=options.kl_target_mix,
+        )
+        losses["loss_kl"] = kl * options.lambda_kl
+    return losses

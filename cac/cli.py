@@ -1,0 +1,139 @@
+"""``cac-exp``: the command line. Every user-facing error is one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Optional
+
+from .errors import CacError
+
+__all__ = ["main"]
+
+
+def _cmd_run(args) -> int:
+    from .runner import run_spec
+
+    return run_spec(args.spec, preset=args.preset, rows=args.rows, seeds=args.seeds,
+                    tracking_uri=args.tracking_uri, dry_run=args.dry_run, launcher=args.launcher)
+
+
+def _cmd_config(args) -> int:
+    from .config import dump_config
+    from .runner import make_unit
+    from .spec import load_spec
+
+    spec = load_spec(args.spec)
+    unit = make_unit(spec, spec.row(args.row), args.seed, args.preset)
+    print(dump_config(unit.cfg, args.out), end="")
+    return 0
+
+
+def _cmd_params(args) -> int:
+    from .params import count_spec_params
+
+    rows = count_spec_params(args.spec, preset=args.preset)
+    if args.json:
+        print(json.dumps([{"row": r["row"], "params": r["params"]} for r in rows]))
+    else:
+        print(f"{'row':<26} {'params':>14} {'M':>9} {'paper M':>8}")
+        for r in rows:
+            paper = "" if r["paper"] is None else f"{r['paper']:.2f}"
+            print(f"{r['row']:<26} {r['params']:>14,} {r['params'] / 1e6:>9.2f} {paper:>8}")
+    return 0
+
+
+def _cmd_results(args) -> int:
+    from .results import print_tracked
+
+    return print_tracked(args.spec, preset=args.preset, tracking_uri=args.tracking_uri)
+
+
+def _cmd_demo(args) -> int:
+    from .results import print_tracked
+    from .runner import run_spec
+
+    spec = "ablations/table3.yaml"
+    code = run_spec(spec, preset="quick", tracking_uri=args.tracking_uri)
+    print()
+    print_tracked(spec, preset="quick", tracking_uri=args.tracking_uri)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cac-exp", description="Context-Aware Classifier experiments")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="train a spec's rows x seeds, tracked in MLflow")
+    p.add_argument("spec")
+    p.add_argument("--preset", default="quick")
+    p.add_argument("--rows", help='comma-separated row labels, e.g. "(a),(f)"')
+    p.add_argument("--seeds", type=int, help="run seeds 0..N-1 instead of the spec's")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
+    p.add_argument("--launcher", default="none", choices=["none", "pytorch"])
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("config", help="print a row's resolved mmengine config")
+    p.add_argument("spec")
+    p.add_argument("--row", required=True)
+    p.add_argument("--preset", default="quick")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="also write it to this file")
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("params", help="parameter count of each row (no data, no weights)")
+    p.add_argument("spec")
+    p.add_argument("--preset", default="paper")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_params)
+
+    p = sub.add_parser("results", help="print a spec's tracked results (mean ± std per row)")
+    p.add_argument("spec")
+    p.add_argument("--preset", default="quick")
+    p.add_argument("--tracking-uri")
+    p.set_defaults(func=_cmd_results)
+
+    p = sub.add_parser("demo", help="run ablations/table3.yaml at the quick preset and print its table")
+    p.add_argument("--tracking-uri")
+    p.set_defaults(func=_cmd_demo)
+
+    for register in _plugins():
+        register(sub)
+    return parser
+
+
+def _plugins() -> list[Callable]:
+    """Subcommands that live with their subsystem (data, sweep, ...)."""
+    from .data.cli import register as data_register
+
+    out = [data_register]
+    try:
+        from .sweep import register as sweep_register
+    except ImportError:
+        pass
+    else:
+        out.append(sweep_register)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CacError as err:
+        print(f"cac-exp: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cac-exp: interrupted; finished runs are kept, unfinished ones resume next time", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""From (model, preset, CAC options, overrides, seed) to one resolved mmengine Config.
+
+The config is plain data: ``cac-exp config`` prints it as a file that mmseg's stock
+``tools/train.py`` trains unchanged (``custom_imports`` brings in the plug-in and the dataset).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from .errors import CacError
+from .presets import Preset, get_preset
+from .zoo import get_model, load_base_config, mmseg_config_dir
+
+__all__ = ["add_cac", "resolve_config", "config_hash", "set_by_path", "decode_heads"]
+
+
+def decode_heads(model: dict) -> list[dict]:
+    """The decode head configs of a segmentor (one, or the stages of a cascade)."""
+    head = model["decode_head"]
+    return list(head) if isinstance(head, (list, tuple)) else [head]
+
+
+def add_cac(model: dict, options: Optional[Mapping] = None) -> dict:
+    """Wrap the segmentor's final decode head in ``CACHead`` (the last stage of a cascade)."""
+    model = copy.deepcopy(model)
+    wrap = lambda head: dict(type="CACHead", head=head, cac=dict(options or {}))  # noqa: E731
+    if isinstance(model["decode_head"], (list, tuple)):
+        model["decode_head"] = [*model["decode_head"][:-1], wrap(model["decode_head"][-1])]
+    else:
+        model["decode_head"] = wrap(model["decode_head"])
+    return model
+
+
+def set_num_classes(model: dict, num_classes: int) -> None:
+    for head in decode_heads(model):
+        head["num_classes"] = num_classes
+    aux = model.get("auxiliary_head")
+    for head in (aux if isinstance(aux, (list, tuple)) else [aux] if aux else []):
+        head["num_classes"] = num_classes
+
+
+def set_by_path(cfg: dict, dotted: str, value: Any) -> None:
+    """``set_by_path(cfg, 'model.decode_head.channels', 64)``; list items by index (``stages.0``)."""
+    keys = dotted.split(".")
+    node = cfg
+    for key in keys[:-1]:
+        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _to_plain(obj: Any) -> Any:
+    """mmengine ConfigDicts and tuples to plain dicts and lists, so configs compare and hash stably."""
+    if isinstance(obj, Mapping):
+        return {str(k): _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _dataset_swap(cfg: dict, base_dataset_file: str) -> None:
+    """Replace the data part of a shipped config with another of mmseg's dataset bases."""
+    from mmengine.config import Config
+
+    data = Config.fromfile(str(mmseg_config_dir() / "_base_" / "datasets" / base_dataset_file)).to_dict()
+    for key in ("dataset_type", "data_root", "crop_size", "train_pipeline", "test_pipeline", "img_ratios",
+                "tta_pipeline", "train_dataloader", "val_dataloader", "test_dataloader", "val_evaluator",
+                "test_evaluator"):
+        if key in data:
+            cfg[key] = data[key]
+
+
+def resolve_config(
+    model: str,
+    preset: str | Preset,
+    *,
+    cac: Optional[Mapping] | bool = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+    seed: int = 0,
+    dataset: Optional[str] = None,
+    work_dir: Optional[str] = None,
+) -> dict:
+    """The resolved config as a plain dict.
+
+    ``cac``: ``None``/``False`` = the plain model, ``True`` or a dict of ``CACOptions`` = +CAC.
+    ``overrides``: dotted keys into the config (``model.decode_head.channels: 64``), applied last.
+    ``dataset``: for the ``paper`` preset, ``ade20k`` (the shipped configs) or ``cocostuff``.
+    """
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    entry = get_model(model)
+    cfg = _to_plain(load_base_config(entry).to_dict())
+    dataset = dataset or "ade20k"
+    if preset.embedded:
+        preset.apply_embedded(cfg)
+    elif dataset == "cocostuff":
+        _dataset_swap(cfg, "coco-stuff164k.py")
+        set_num_classes(cfg["model"], 171)
+    elif dataset != "ade20k":
+        raise CacError(f"unknown dataset {dataset!r} for the paper preset; use ade20k or cocostuff")
+    if cac:
+        cfg["model"] = add_cac(cfg["model"], {} if cac is True else cac)
+    for key, value in (overrides or {}).items():
+        try:
+            set_by_path(cfg, key, copy.deepcopy(value))
+        except (KeyError, IndexError, ValueError, TypeError) as err:
+            raise CacError(f"cannot set override {key!r}: {err}") from None
+    imports = ["cac"] + [m for m in cfg.get("custom_imports", {}).get("imports", []) if m != "cac"]
+    cfg["custom_imports"] = dict(imports=imports, allow_failed_imports=False)
+    cfg["randomness"] = dict(seed=seed, deterministic=False)
+    cfg["default_scope"] = "mmseg"
+    if work_dir:
+        cfg["work_dir"] = work_dir
+    return cfg
+
+
+def config_hash(cfg: Mapping) -> str:
+    """A stable short hash of what a run trains (its work_dir and launcher excluded)."""
+    payload = {k: v for k, v in _to_plain(cfg).items() if k not in ("work_dir", "launcher", "resume", "load_from")}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def dump_config(cfg: Mapping, path: Optional[Path] = None) -> str:
+    """The config as mmengine config file text (and written to ``path`` if given)."""
+    from mmengine.config import Config
+
+    text = Config(dict(cfg)).pretty_text
+    if path is not None:
+        Path(path).write_text(text)
+    return text

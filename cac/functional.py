@@ -1,0 +1,179 @@
+"""The paper's equations as pure PyTorch functions (no mmseg import).
+
+Shapes follow the paper: features ``f`` are ``[B, D, H, W]``, logits ``[B, N, H, W]``, labels
+``[B, H, W]`` with ``ignore_index`` marking unlabelled pixels. Every function is vectorised over
+images and classes, never produces NaN for absent classes or fully ignored images, and returns the
+dtype it was given (reductions that could overflow in half precision are carried out in float32).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "mask_pool",
+    "soft_pool",
+    "cosine_logits",
+    "dot_logits",
+    "pixel_entropy",
+    "entropy_kl_loss",
+]
+
+_EPS = 1e-6
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: at least float32, so half-precision reductions cannot overflow."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _valid_labels(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    """Bool mask of pixels whose label is a real class (neither ignored nor out of range)."""
+    return (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
+
+
+def mask_pool(
+    feats: Tensor, labels: Tensor, num_classes: int, ignore_index: int = 255
+) -> tuple[Tensor, Tensor]:
+    """Masked average pooling, Eq. (1): ``C_y[b, k] = mean of f[b, :, i] over pixels with y_i = k``.
+
+    Returns ``(protos [B, N, D], present [B, N] bool)``; rows of absent classes are zero.
+    Implemented with one ``index_add`` over ``B*N`` bins so no one-hot map is materialised.
+    """
+    b, d, h, w = feats.shape
+    if labels.shape != (b, h, w):
+        raise ValueError(f"labels must be [B,H,W]={(b, h, w)}, got {tuple(labels.shape)}")
+    flat = feats.permute(0, 2, 3, 1).reshape(b * h * w, d).to(_acc_dtype(feats.dtype))
+    lab = labels.reshape(b, h * w).long()
+    valid = _valid_labels(lab, num_classes, ignore_index)
+    # Each valid pixel goes to bin (image, class); invalid pixels go to an extra dump bin.
+    bins = torch.arange(b, device=feats.device).unsqueeze(1) * num_classes + lab.clamp(0, num_classes - 1)
+    dump = b * num_classes
+    bins = torch.where(valid, bins, torch.full_like(bins, dump)).reshape(-1)
+    sums = flat.new_zeros(dump + 1, d).index_add_(0, bins, flat)[:dump]
+    counts = torch.bincount(bins, minlength=dump + 1)[:dump].to(sums.dtype)
+    protos = sums / counts.clamp_min(1.0).unsqueeze(1)
+    present = (counts > 0).reshape(b, num_classes)
+    return protos.reshape(b, num_classes, d).to(feats.dtype), present
+
+
+def soft_pool(feats: Tensor, logits: Tensor) -> Tensor:
+    """Soft prototypes, Eq. (4): ``C_p = softmax(p)^T f / sum_j softmax(p)``, per image.
+
+    ``feats [B, D, H, W]``, ``logits [B, N, H', W']`` (resized to the features if needed).
+    Returns ``[B, N, D]``.
+    """
+    b, d, h, w = feats.shape
+    if logits.shape[-2:] != (h, w):
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+    prob = logits.flatten(2).softmax(dim=1)  # [B, N, HW]
+    # Normalise the soft masks before the product so the sum over pixels cannot overflow in fp16.
+    mass = prob.sum(dim=2, keepdim=True, dtype=_acc_dtype(prob.dtype)).clamp_min(_EPS)
+    weights = (prob / mass.to(prob.dtype))
+    return torch.bmm(weights, feats.flatten(2).transpose(1, 2))
+
+
+def _batched_weights(weights: Tensor, batch: int) -> Tensor:
+    if weights.dim() == 2:
+        return weights.unsqueeze(0).expand(batch, -1, -1)
+    if weights.dim() != 3 or weights.shape[0] != batch:
+        raise ValueError(f"weights must be [N,D] or [B={batch},N,D], got {tuple(weights.shape)}")
+    return weights
+
+
+def cosine_logits(feats: Tensor, weights: Tensor, tau: float) -> Tensor:
+    """Cosine classifier, Eqs. (3) and (6): ``tau * eta(f) @ eta(A)^T``.
+
+    ``weights`` is a shared ``[N, D]`` classifier or one per image ``[B, N, D]``. The feature norm
+    is applied after the product, so the normalised feature map is never materialised.
+    """
+    b, d, h, w = feats.shape
+    a = F.normalize(_batched_weights(weights, b), dim=-1, eps=_EPS)
+    f = feats.flatten(2)  # [B, D, HW]
+    inv_norm = f.norm(dim=1, keepdim=True, dtype=_acc_dtype(f.dtype)).clamp_min(_EPS).reciprocal()
+    logits = torch.bmm(a.to(f.dtype), f) * (inv_norm * tau).to(f.dtype)
+    return logits.reshape(b, -1, h, w)
+
+
+def dot_logits(feats: Tensor, weights: Tensor) -> Tensor:
+    """Plain dot-product classifier ``f @ A^T`` for shared or per-image weights (Table 4, "Dot")."""
+    b, d, h, w = feats.shape
+    a = _batched_weights(weights, b).to(feats.dtype)
+    return torch.bmm(a, feats.flatten(2)).reshape(b, -1, h, w)
+
+
+def pixel_entropy(logits: Tensor) -> Tensor:
+    """Per-pixel entropy of ``softmax(logits)`` over classes, Eq. (9). ``[B,N,H,W] -> [B,H,W]``."""
+    logp = logits.to(_acc_dtype(logits.dtype)).log_softmax(dim=1)
+    return -(logp.exp() * logp).sum(dim=1)
+
+
+def entropy_kl_loss(
+    student: Tensor,
+    teacher: Tensor,
+    labels: Tensor,
+    *,
+    entropy: bool = True,
+    classwise: bool = True,
+    ignore_index: int = 255,
+    entropy_from: Tensor | None = None,
+    target_mix: float = 0.0,
+) -> Tensor:
+    """Distillation loss from the oracle ``teacher`` (p_y) to the ``student`` (p_p).
+
+    Cross-entropy form ``l_i = -sum_j softmax(teacher)_ij log softmax(student)_ij`` per pixel, then
+
+    - ``entropy=False, classwise=False``: Eq. (7), the mean of ``l_i`` over valid pixels;
+    - ``entropy=True,  classwise=False``: Eq. (10), weighted by the teacher's entropy ``H_i`` (Eq. 9);
+    - ``entropy=False, classwise=True``: per class ``k`` the mean over pixels with ``y_i = k``,
+      averaged over the classes present in ``labels``;
+    - ``entropy=True,  classwise=True``: Eq. (11).
+
+    Sums run over all valid pixels of the batch. The teacher (and the entropy weights) get no
+    gradient. ``entropy_from`` takes the entropy from other logits (Table 3 rows (1)/(2): p_p or p).
+    ``target_mix`` mixes the target with the one-hot label, as the official code does (0.5).
+    Labels must be at the logits' resolution.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ")
+    b, n, h, w = student.shape
+    if labels.shape != (b, h, w):
+        raise ValueError(f"labels must be [B,H,W]={(b, h, w)}, got {tuple(labels.shape)}")
+    lab = labels.long()
+    valid = _valid_labels(lab, n, ignore_index)
+    safe_lab = torch.where(valid, lab, torch.zeros_like(lab))
+
+    log_s = student.to(_acc_dtype(student.dtype)).log_softmax(dim=1)
+    with torch.no_grad():
+        t = teacher.detach().to(log_s.dtype).softmax(dim=1)
+    per_pixel = -(t * log_s).sum(dim=1)  # [B, H, W]
+    if target_mix:
+        nll = -log_s.gather(1, safe_lab.unsqueeze(1)).squeeze(1)
+        per_pixel = (1.0 - target_mix) * per_pixel + target_mix * nll
+
+    if entropy:
+        with torch.no_grad():
+            src = teacher if entropy_from is None else entropy_from
+            weight = pixel_entropy(src.detach())
+    else:
+        weight = torch.ones_like(per_pixel)
+    weight = weight * valid.to(weight.dtype)
+
+    if not classwise:
+        loss = (weight * per_pixel).sum() / weight.sum().clamp_min(_EPS)
+    else:
+        num = per_pixel.new_zeros(n).index_add_(0, safe_lab.flatten(), (weight * per_pixel).flatten())
+        den = per_pixel.new_zeros(n).index_add_(0, safe_lab.flatten(), weight.flatten())
+        present = _present_classes(safe_lab, valid, n)
+        per_class = num / den.clamp_min(_EPS)
+        loss = (per_class * present).sum() / present.sum().clamp_min(1)
+    return loss.to(student.dtype)
+
+
+def _present_classes(labels: Tensor, valid: Tensor, num_classes: int) -> Tensor:
+    """Bool ``[N]``: classes with at least one valid pixel, without a host sync."""
+    counts = torch.zeros(num_classes, device=labels.device).index_add_(
+        0, labels.flatten(), valid.flatten().float()
+    )
+    return counts > 0

@@ -1,0 +1,104 @@
+"""One MMSegmentation plug-in that adds CAC to any decode head.
+
+Every ``BaseDecodeHead`` ends its ``forward`` with ``self.cls_seg(features)``. ``CACHead`` builds the
+wrapped head, makes its ``cls_seg`` hand the features back unchanged, and classifies them itself with
+the head's own ``conv_seg`` as the original classifier ``C`` plus the context-aware classifier. So the
+head's feature path, its loss configuration and its ``predict_by_feat`` all stay the head's own, and
+no head is copied. Cascade heads (OCRNet) are wrapped the same way: extra forward arguments such as
+``prev_output`` pass straight through.
+
+In a plain mmseg config::
+
+    custom_imports = dict(imports=['cac'])
+    model = dict(decode_head=dict(type='CACHead', head_type='UPerHead', cac=dict(tau=15)))
+
+(``_base_`` merging supplies the head's own arguments), or ``dict(type='CACHead', head=<head cfg>)``.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from mmengine.model import BaseModule
+from mmseg.models.decode_heads.decode_head import BaseDecodeHead
+from mmseg.registry import MODELS
+from torch import Tensor
+
+from .classifier import CACOptions, CACOutputs, ContextAwareClassifier, cac_losses
+
+__all__ = ["CACHead"]
+
+
+def _features_unchanged(feat: Tensor) -> Tensor:
+    return feat
+
+
+@MODELS.register_module()
+class CACHead(BaseModule):
+    """Wrap a decode head: features from the head, classification by CAC (Fig. 5)."""
+
+    def __init__(self, head: Optional[dict] = None, cac: Optional[dict] = None,
+                 head_type: Optional[str] = None, init_cfg: Optional[dict] = None, **head_kwargs: Any) -> None:
+        super().__init__(init_cfg=init_cfg)
+        if head is None:
+            if head_type is None:
+                raise ValueError("CACHead needs `head=<decode head config>` or `head_type=<registered head>`")
+            head = dict(type=head_type, **head_kwargs)
+        elif head_type is not None or head_kwargs:
+            raise ValueError("CACHead takes either `head=` or `head_type=` with the head's arguments, not both")
+        self.head: BaseDecodeHead = MODELS.build(head)
+        if not isinstance(self.head, BaseDecodeHead):
+            raise TypeError(f"CACHead wraps BaseDecodeHead subclasses, got {type(self.head).__name__}")
+        if self.head.out_channels != self.head.num_classes or self.head.num_classes < 2:
+            raise ValueError("CACHead needs a multi-class head (out_channels == num_classes >= 2)")
+        # An instance attribute shadows the class method: the head's forward now returns features.
+        self.head.cls_seg = _features_unchanged
+        self.options = CACOptions.from_dict(cac)
+        conv = self.head.conv_seg
+        self.classifier = ContextAwareClassifier(conv.in_channels, conv.out_channels, self.options,
+                                                 ignore_index=self.head.ignore_index)
+        # What EncoderDecoder / CascadeEncoderDecoder read off their decode head.
+        self.num_classes = self.head.num_classes
+        self.out_channels = self.head.out_channels
+        self.align_corners = self.head.align_corners
+        self.ignore_index = self.head.ignore_index
+        self.threshold = getattr(self.head, "threshold", None)
+
+    # -- the classifier ``C`` is the head's conv_seg -------------------------------------------
+    def _classifier_weights(self) -> tuple[Tensor, Optional[Tensor]]:
+        conv = self.head.conv_seg
+        return conv.weight.flatten(1), conv.bias
+
+    def features(self, *inputs: Any) -> Tensor:
+        """The features f the head would classify (after its dropout, as ``cls_seg`` applies it)."""
+        feats = self.head(*inputs)
+        return self.head.dropout(feats) if self.head.dropout is not None else feats
+
+    def classify(self, feats: Tensor, labels: Optional[Tensor] = None) -> CACOutputs:
+        """p, p_p and (given labels) p_y at the features' resolution."""
+        weight, bias = self._classifier_weights()
+        return self.classifier(feats, weight, bias, labels)
+
+    def all_logits(self, *inputs: Any, labels: Optional[Tensor] = None) -> CACOutputs:
+        return self.classify(self.features(*inputs), labels)
+
+    # -- the BaseDecodeHead interface the segmentors call --------------------------------------
+    def forward(self, *inputs: Any) -> Tensor:
+        weight, bias = self._classifier_weights()
+        return self.classifier.predict(self.features(*inputs), weight, bias)
+
+    def loss(self, *args: Any) -> dict:
+        """``loss(inputs[, prev_output], batch_data_samples, train_cfg)``: the terms of Eq. (8)."""
+        *inputs, batch_data_samples, _train_cfg = args
+        labels = self.head._stack_batch_gt(batch_data_samples).squeeze(1)
+        out = self.all_logits(*inputs, labels=labels)
+        return cac_losses(out, labels, self.options,
+                          ce=lambda logits: self.head.loss_by_feat(logits, batch_data_samples),
+                          ignore_index=self.ignore_index)
+
+    def predict(self, *args: Any) -> Tensor:
+        """``predict(inputs[, prev_output], batch_img_metas, test_cfg)``."""
+        *inputs, batch_img_metas, _test_cfg = args
+        return self.head.predict_by_feat(self.forward(*inputs), batch_img_metas)
+
+    def predict_by_feat(self, seg_logits: Tensor, batch_img_metas: list) -> Tensor:
+        return self.head.predict_by_feat(seg_logits, batch_img_metas)

@@ -1,0 +1,56 @@
+"""Tracked results of a spec, read back from MLflow (the raw material of the reports)."""
+from __future__ import annotations
+
+import statistics
+from typing import Optional
+
+from .spec import Spec, load_spec
+from .tracking import find_runs, resolve_tracking_uri
+
+__all__ = ["collect", "print_tracked"]
+
+
+def collect(spec: Spec, preset: str, uri: str, metric: str = "val/mIoU") -> dict[str, dict[int, float]]:
+    """``{row label: {seed: metric}}`` from the FINISHED runs of ``spec`` at ``preset``.
+
+    Only runs whose config hash matches the spec's current row config count, so a changed row
+    never mixes with its old results.
+    """
+    from .runner import make_unit
+
+    out: dict[str, dict[int, float]] = {r.label: {} for r in spec.rows}
+    runs = find_runs(uri, spec.name, {"preset": preset}, statuses=["FINISHED"])
+    expected: dict[tuple[str, int], str] = {}
+    rows = {r.label: r for r in spec.rows}
+    for run in runs:
+        label, seed = run.data.tags.get("row"), run.data.tags.get("seed")
+        if label not in rows or seed is None or metric not in run.data.metrics:
+            continue
+        key = (label, int(seed))
+        if key not in expected:
+            expected[key] = make_unit(spec, rows[label], int(seed), preset).cfg_hash
+        if run.data.tags.get("config_hash") == expected[key]:
+            out[label][int(seed)] = run.data.metrics[metric]
+    return out
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "no runs"
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:6.2f} ± {std:4.2f} (n={len(values)})"
+
+
+def print_tracked(spec_path: str, preset: str = "quick", tracking_uri: Optional[str] = None) -> int:
+    spec = load_spec(spec_path)
+    uri = resolve_tracking_uri(tracking_uri)
+    results = collect(spec, preset, uri)
+    print(f"{spec.title} — preset {preset} (val mIoU, %; tracking {uri})")
+    print(f"{'row':>10}  {'description':<44} {'ours':>22}  {'paper':>6}")
+    for row in spec.rows:
+        paper = row.paper.get("ss") if isinstance(row.paper, dict) else row.paper
+        values = [results[row.label][s] for s in sorted(results[row.label])]
+        print(f"{row.label:>10}  {row.description[:44]:<44} {_fmt(values):>22}  "
+              f"{'' if paper is None else f'{paper:6.2f}'}")
+    return 0

@@ -1,0 +1,300 @@
+"""``cac-exp run``: a spec's rows x seeds at one preset, trained by mmengine's Runner, tracked in MLflow.
+
+Rules: a row x seed x preset whose resolved config has a FINISHED run is skipped; an unfinished one
+(crashed, killed) is resumed from its last checkpoint in the same MLflow run; a run another process is
+training right now (its work dir is locked) is left alone.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from .config import config_hash, dump_config, resolve_config
+from .errors import CacError
+from .presets import get_preset
+from .spec import Row, Spec, load_spec, select_rows
+from .tracking import RunTracker, find_runs, flatten, git_commit, resolve_tracking_uri
+
+__all__ = ["RunUnit", "plan_runs", "run_spec", "train_unit", "WORK_ROOT"]
+
+WORK_ROOT = Path(os.environ.get("CAC_WORK_DIR", "work_dirs"))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "row"
+
+
+def data_version(preset: str, dataset: str) -> str:
+    p = get_preset(preset)
+    if p.embedded:
+        from .data import context_scenes
+
+        return context_scenes.data_version(p.data)
+    return dataset
+
+
+@dataclass
+class RunUnit:
+    """One row x seed x preset: its resolved config, where it trains, and how MLflow knows it."""
+
+    spec: Spec
+    row: Row
+    seed: int
+    preset: str
+    model: str
+    cfg: dict
+    cfg_hash: str
+    work_dir: Path
+    extra_tags: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.spec.name} {self.row.label} seed={self.seed} {self.preset}"
+
+    @property
+    def tags(self) -> dict:
+        return {"spec": self.spec.name, "row": self.row.label, "seed": self.seed, "preset": self.preset,
+                "config_hash": self.cfg_hash, **self.extra_tags}
+
+    def settings(self) -> dict:
+        """The key settings, flattened: what a reader of the plan or the MLflow params wants."""
+        out = {"model": self.model, "cac": "off" if self.row.cac is None else "on", "seed": self.seed,
+               "preset": self.preset, "dataset": self.spec.dataset}
+        if self.row.cac is not None:
+            from .classifier import CACOptions
+
+            out.update({f"cac.{k}": v for k, v in CACOptions.from_dict(self.row.cac).to_dict().items()})
+        return out
+
+
+def make_unit(spec: Spec, row: Row, seed: int, preset: str, *, cac_extra: Optional[dict] = None,
+              overrides_extra: Optional[dict] = None, extra_tags: Optional[dict] = None,
+              work_root: Optional[Path] = None) -> RunUnit:
+    model = spec.model_for(row, preset)
+    cac = row.cac if row.cac is None or not cac_extra else {**row.cac, **cac_extra}
+    row = row if cac is row.cac else Row(row.label, row.description, cac, row.model, row.overrides, row.paper)
+    cfg = resolve_config(model, preset, cac=cac if cac is not None else False,
+                         overrides={**spec.overrides_for(row, preset), **(overrides_extra or {})},
+                         seed=seed, dataset=spec.dataset)
+    digest = config_hash(cfg)
+    work_dir = (work_root or WORK_ROOT) / spec.name / preset / f"{_slug(row.label)}-s{seed}-{digest[:8]}"
+    cfg["work_dir"] = str(work_dir)
+    return RunUnit(spec, row, seed, preset, model, cfg, digest, work_dir, dict(extra_tags or {}))
+
+
+def plan_runs(spec: Spec, preset: str, rows: Optional[str] = None, seeds: Optional[int] = None) -> list[RunUnit]:
+    get_preset(preset)
+    return [make_unit(spec, row, seed, preset) for row in select_rows(spec, rows)
+            for seed in spec.seeds_for(preset, seeds)]
+
+
+@contextlib.contextmanager
+def work_dir_lock(work_dir: Path) -> Iterator[bool]:
+    """Yields True if this process holds the work dir's lock (nobody else is training it)."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(work_dir / ".lock", "w")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def unit_state(unit: RunUnit, uri: str) -> tuple[str, Optional[str]]:
+    """('finished' | 'resume' | 'new', run_id) from the runs MLflow holds for this unit."""
+    runs = find_runs(uri, unit.spec.name, unit.tags)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    if finished:
+        return "finished", finished[0].info.run_id
+    open_runs = sorted((r for r in runs if r.info.status in ("RUNNING", "SCHEDULED", "KILLED", "FAILED")),
+                       key=lambda r: r.info.start_time or 0, reverse=True)
+    return ("resume", open_runs[0].info.run_id) if open_runs else ("new", None)
+
+
+def _close_stale(unit: RunUnit, uri: str, keep: str) -> None:
+    """Any other open run of the same unit is marked KILLED, so none stays RUNNING."""
+    for r in find_runs(uri, unit.spec.name, unit.tags, statuses=["RUNNING", "SCHEDULED"]):
+        if r.info.run_id != keep:
+            RunTracker(uri, r.info.run_id).finish("KILLED")
+
+
+def _is_main_process() -> bool:
+    from mmengine.dist import get_rank
+
+    return get_rank() == 0
+
+
+def _broadcast(obj):
+    from mmengine.dist import broadcast_object_list, get_world_size
+
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def train_unit(unit: RunUnit, tracker: Optional[RunTracker], *, launcher: str = "none",
+               progress: bool = True, on_runner: Optional[Callable] = None) -> dict:
+    """Train (or resume) one unit with mmengine's Runner; returns its final metrics."""
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    from .evaluation import iou_from_confusion
+    from .hooks import TrackingHook
+
+    cfg = Config(json.loads(json.dumps(unit.cfg)))
+    cfg.launcher = launcher
+    cfg.resume = (unit.work_dir / "last_checkpoint").is_file()
+    cfg.load_from = None
+    if launcher != "none":
+        cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "gloo"
+    runner = Runner.from_cfg(cfg)
+    interval = cfg.train_cfg.get("val_interval", 0) or cfg.train_cfg.get("max_iters", 0)
+    hook = TrackingHook(tracker, interval=interval, log_interval=max(1, min(10, interval)),
+                        label=f"{unit.row.label} s{unit.seed}", progress=progress and _is_main_process())
+    runner.register_hook(hook, priority="LOW")
+    if on_runner is not None:
+        on_runner(runner)
+    runner.train()
+    metrics = {k.replace("mmseg/", ""): float(v) for k, v in _last_val(runner).items()}
+    if hook.final_confusion is not None:
+        iou, miou = iou_from_confusion(hook.final_confusion)
+        metrics["per_class_iou"] = iou.tolist()
+        metrics["check_mIoU"] = miou
+    return metrics
+
+
+def _last_val(runner) -> dict:
+    """mmseg's IoUMetric results from the last validation (mIoU, mAcc, aAcc, in %)."""
+    hub = runner.message_hub
+    out = {}
+    for key in ("mIoU", "mAcc", "aAcc"):
+        with contextlib.suppress(KeyError):
+            out[key] = hub.get_scalar(f"val/{key}").current()
+    return out
+
+
+def _log_final(unit: RunUnit, tracker: RunTracker, metrics: dict, classes: list[str], seconds: float) -> None:
+    step = int(unit.cfg["train_cfg"].get("max_iters", 0))
+    final = {f"val/{k}": v for k, v in metrics.items() if k in ("mIoU", "mAcc", "aAcc")}
+    final["time/train_seconds"] = seconds
+    tracker.log_metrics(final, step)
+    out_dir = unit.work_dir / "artifacts"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = out_dir / "config.py"
+    dump_config(unit.cfg, cfg_path)
+    tracker.log_artifact(cfg_path)
+    if "per_class_iou" in metrics:
+        table = out_dir / "per_class_iou.csv"
+        rows = ["class,iou"] + [f"{c},{'' if v != v else round(v * 100, 2)}"
+                                for c, v in zip(classes, metrics["per_class_iou"])]
+        table.write_text("\n".join(rows) + "\n")
+        tracker.log_artifact(table)
+    ckpt = unit.work_dir / f"iter_{step}.pth"
+    if ckpt.is_file():
+        tracker.log_artifact(ckpt, "checkpoint")
+
+
+def run_spec(spec_path: str, preset: str = "quick", rows: Optional[str] = None, seeds: Optional[int] = None,
+             tracking_uri: Optional[str] = None, dry_run: bool = False, launcher: str = "none",
+             echo: Callable[[str], None] = print) -> int:
+    """The ``cac-exp run`` command. Returns the exit code."""
+    spec = load_spec(spec_path)
+    units = plan_runs(spec, preset, rows, seeds)
+    uri = resolve_tracking_uri(tracking_uri)
+    if launcher != "none":
+        from mmengine.dist import init_dist
+
+        init_dist(launcher, backend="gloo")
+    main = _is_main_process()
+    states = _broadcast([unit_state(u, uri) for u in units] if main else None)
+    if dry_run:
+        if main:
+            _print_plan(spec, preset, units, states, uri, echo)
+        return 0
+    failures = 0
+    for unit, (state, run_id) in zip(units, states):
+        if state == "finished":
+            if main:
+                echo(f"skip  {unit.name}: FINISHED run {run_id} has this config")
+            continue
+        failures += 0 if _run_one(unit, state, run_id, uri, launcher, echo, main) else 1
+    if main and failures:
+        echo(f"{failures} of {len(units)} runs failed (see above); finished runs are kept")
+    return 1 if failures else 0
+
+
+def _run_one(unit: RunUnit, state: str, run_id: Optional[str], uri: str, launcher: str,
+             echo: Callable[[str], None], main: bool) -> bool:
+    from .hooks import NonFiniteLossError
+
+    with work_dir_lock(unit.work_dir) as locked:
+        locked = _broadcast(locked) if launcher != "none" else locked
+        if not locked:
+            if main:
+                echo(f"busy  {unit.name}: another process is training it now")
+            return True
+        tracker = None
+        if main:
+            if state == "resume":
+                tracker = RunTracker(uri, run_id)
+                tracker.reopen()
+                echo(f"resume {unit.name} (run {run_id})")
+            else:
+                tracker = RunTracker.open(uri, unit.spec.name, unit.tags, unit.name)
+            _close_stale(unit, uri, keep=tracker.run_id)
+            tracker.set_tags({"git_commit": git_commit(), "data_version": data_version(unit.preset, unit.spec.dataset),
+                              "model": unit.model, "description": unit.row.description})
+            tracker.log_params({**{f"setting.{k}": v for k, v in unit.settings().items()},
+                                **flatten(unit.cfg.get("model", {}), "cfg.model.")})
+        t0 = time.time()
+        try:
+            metrics = train_unit(unit, tracker, launcher=launcher)
+        except NonFiniteLossError as err:
+            if tracker:
+                tracker.finish("FAILED")
+            echo(f"error {unit.name}: {err}")
+            return False
+        except BaseException:
+            if tracker:  # interrupted or crashed: left resumable (KILLED), never RUNNING
+                tracker.finish("KILLED")
+            raise
+        seconds = time.time() - t0
+        if main:
+            from .data import context_scenes
+
+            classes = list(context_scenes.CLASSES) if unit.cfg.get("dataset_type") == "ContextScenesDataset" else []
+            _log_final(unit, tracker, metrics, classes, seconds)
+            tracker.finish("FINISHED")
+            echo(f"done  {unit.name}: val mIoU {metrics.get('mIoU', float('nan')):.2f} in {seconds:.0f}s "
+                 f"(run {tracker.run_id})")
+        return True
+
+
+def _print_plan(spec: Spec, preset: str, units: list[RunUnit], states: list, uri: str,
+                echo: Callable[[str], None]) -> None:
+    echo(f"spec {spec.path} ({spec.title})")
+    echo(f"preset {preset}; tracking {uri}; {len(units)} runs")
+    for unit, (state, run_id) in zip(units, states):
+        what = {"finished": f"skip (FINISHED run {run_id})", "resume": f"resume run {run_id}",
+                "new": "train"}[state]
+        settings = unit.settings()
+        keys = ("model", "cac", "cac.tau", "cac.lambda_kl", "cac.loss_ce", "cac.loss_ce_p", "cac.loss_ce_y",
+                "cac.kl_entropy", "cac.kl_classwise", "cac.kl_entropy_source", "cac.original", "cac.context",
+                "cac.design_y", "cac.design_p")
+        brief = " ".join(f"{k.replace('cac.', '')}={settings[k]}" for k in keys if k in settings)
+        echo(f"  {unit.row.label:>8} seed={unit.seed} [{unit.cfg_hash[:8]}] {what}: {brief}")

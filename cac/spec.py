@@ -1,0 +1,260 @@
+"""Experiment specs: a YAML file of rows (the paper's labels) over one base model, strictly validated.
+
+Schema (unknown keys are refused everywhere)::
+
+    title: "Table 3: designs for the KL loss"     # required
+    model: upernet-swin-t | {paper: upernet-swin-t, bench: fcn-slim-r18, quick: fcn-slim-r18}
+    dataset: ade20k | cocostuff                    # the paper preset's data (default ade20k)
+    baseline: "(a)"                                # the row Δ is measured against
+    seeds: 3 | [0, 1, 2]                           # default 3 -> [0, 1, 2]
+    cac: {tau: 15, lambda_kl: 1, ...}              # CAC options shared by all +CAC rows
+    overrides: {"model.decode_head.channels": 64}  # dotted config keys, all rows
+    presets: {quick: {seeds: 1, overrides: {...}}} # per-preset adjustments
+    rows:
+      - label: "(a)"
+        description: "w/o KL"
+        cac: false | true | {lambda_kl: 0}         # false: the plain model; a dict merges over `cac`
+        model: ...                                 # optional, as above
+        overrides: {...}
+        paper: 45.74 | {ss: .., ms: .., fps: .., params: ..}
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+
+from .classifier import CACOptions
+from .errors import CacError
+from .presets import PRESETS
+
+__all__ = ["Spec", "Row", "SpecError", "load_spec"]
+
+
+class SpecError(CacError):
+    """A spec that cannot run; the message names the file and the key."""
+
+
+_TOP = {"title", "description", "model", "dataset", "baseline", "seeds", "cac", "overrides", "presets", "rows"}
+_ROW = {"label", "description", "cac", "model", "overrides", "paper"}
+_PRESET = {"seeds", "overrides", "model"}
+_PAPER = {"ss", "ms", "fps", "params", "mem", "fps_delta", "mem_delta", "ss_cocostuff", "ms_cocostuff"}
+_DATASETS = ("ade20k", "cocostuff")
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    description: str
+    cac: Optional[dict]  # None: plain model; dict: CACOptions fields (validated)
+    model: Any
+    overrides: dict
+    paper: Any
+
+    def model_for(self, preset: str) -> str:
+        return self.model[preset] if isinstance(self.model, Mapping) else self.model
+
+
+@dataclass(frozen=True)
+class Spec:
+    path: Path
+    name: str
+    title: str
+    description: str
+    dataset: str
+    baseline: Optional[str]
+    seeds: list[int]
+    overrides: dict
+    presets: dict
+    rows: list[Row] = field(default_factory=list)
+
+    def row(self, label: str) -> Row:
+        for r in self.rows:
+            if r.label == label:
+                return r
+        raise SpecError(f"{self.path}: no row {label!r}; rows are {', '.join(r.label for r in self.rows)}")
+
+    def seeds_for(self, preset: str, n: Optional[int] = None) -> list[int]:
+        seeds = self.presets.get(preset, {}).get("seeds", self.seeds)
+        seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+        return seeds if n is None else list(range(n))
+
+    def overrides_for(self, row: Row, preset: str) -> dict:
+        return {**self.overrides, **self.presets.get(preset, {}).get("overrides", {}), **row.overrides}
+
+    def model_for(self, row: Row, preset: str) -> str:
+        model = self.presets.get(preset, {}).get("model") or row.model_for(preset)
+        if model is None:
+            raise SpecError(f"{self.path}: row {row.label} has no model for preset {preset!r}")
+        return model
+
+
+def _fail(path: Path, where: str, msg: str) -> None:
+    raise SpecError(f"{path}: {where}: {msg}" if where else f"{path}: {msg}")
+
+
+def _check_keys(path: Path, where: str, obj: Any, allowed: set[str]) -> None:
+    if not isinstance(obj, Mapping):
+        _fail(path, where, f"must be a mapping, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        _fail(path, where, f"unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _check_type(path: Path, where: str, value: Any, types: tuple, what: str) -> None:
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        _fail(path, where, f"must be {what}, got {type(value).__name__} {value!r}")
+
+
+def _check_model(path: Path, where: str, model: Any) -> None:
+    from .zoo import MODELS
+
+    names = model.values() if isinstance(model, Mapping) else [model]
+    if isinstance(model, Mapping):
+        _check_keys(path, where, model, set(PRESETS))
+    for name in names:
+        _check_type(path, where, name, (str,), "a model name")
+        if name not in MODELS:
+            _fail(path, where, f"unknown model {name!r} (known: {', '.join(sorted(MODELS))})")
+
+
+def _check_cac(path: Path, where: str, value: Any) -> Optional[dict]:
+    if value is False or value is None:
+        return None
+    if value is True:
+        return {}
+    if not isinstance(value, Mapping):
+        _fail(path, where, f"must be true, false or a mapping of CAC options, got {value!r}")
+    known = set(CACOptions.__dataclass_fields__)
+    _check_keys(path, where, value, known)
+    for key, val in value.items():
+        default = CACOptions.__dataclass_fields__[key].default
+        types = (int, float) if isinstance(default, float) else (type(default),)
+        _check_type(path, f"{where}.{key}", val, types, f"a {type(default).__name__}")
+    try:
+        CACOptions.from_dict(value)
+    except ValueError as err:
+        _fail(path, where, str(err).replace("cac.", ""))
+    return dict(value)
+
+
+def _check_overrides(path: Path, where: str, value: Any) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and k for k in value):
+        _fail(path, where, "must be a mapping of dotted config keys to values")
+    return dict(value)
+
+
+def _check_seeds(path: Path, where: str, value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, list)):
+        _fail(path, where, f"must be a count or a list of integers, got {value!r}")
+    if isinstance(value, int) and value < 1:
+        _fail(path, where, f"must be >= 1, got {value}")
+    if isinstance(value, list):
+        if not value or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value):
+            _fail(path, where, f"must be a non-empty list of non-negative integers, got {value!r}")
+        if len(set(value)) != len(value):
+            _fail(path, where, f"has duplicate seeds {value!r}")
+    return value
+
+
+def _check_paper(path: Path, where: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        _check_keys(path, where, value, _PAPER)
+        for key, val in value.items():
+            _check_type(path, f"{where}.{key}", val, (int, float), "a number")
+        return dict(value)
+    _check_type(path, where, value, (int, float), "a number or a mapping of numbers")
+    return value
+
+
+def parse_spec(data: Any, path: Path) -> Spec:
+    _check_keys(path, "", data, _TOP)
+    for key in ("title", "rows"):
+        if key not in data:
+            _fail(path, "", f"missing required key {key!r}")
+    _check_type(path, "title", data["title"], (str,), "a string")
+    dataset = data.get("dataset", "ade20k")
+    if dataset not in _DATASETS:
+        _fail(path, "dataset", f"must be one of {', '.join(_DATASETS)}, got {dataset!r}")
+    if "model" in data:
+        _check_model(path, "model", data["model"])
+    base_cac = _check_cac(path, "cac", data.get("cac", True)) or {}
+    seeds = _check_seeds(path, "seeds", data.get("seeds", 3))
+    presets = data.get("presets") or {}
+    if not isinstance(presets, Mapping):
+        _fail(path, "presets", "must be a mapping of preset names")
+    for name, adj in presets.items():
+        if name not in PRESETS:
+            _fail(path, f"presets.{name}", f"unknown preset (known: {', '.join(sorted(PRESETS))})")
+        _check_keys(path, f"presets.{name}", adj, _PRESET)
+        if "seeds" in adj:
+            _check_seeds(path, f"presets.{name}.seeds", adj["seeds"])
+        if "model" in adj:
+            _check_model(path, f"presets.{name}.model", adj["model"])
+        _check_overrides(path, f"presets.{name}.overrides", adj.get("overrides"))
+    rows_data = data["rows"]
+    if not isinstance(rows_data, list) or not rows_data:
+        _fail(path, "rows", "must be a non-empty list")
+    rows: list[Row] = []
+    for i, r in enumerate(rows_data):
+        where = f"rows[{i}]"
+        _check_keys(path, where, r, _ROW)
+        for key in ("label", "description"):
+            if key not in r:
+                _fail(path, where, f"missing required key {key!r}")
+            _check_type(path, f"{where}.{key}", r[key], (str,), "a string")
+        where = f"rows[{i}] {r['label']}"
+        if any(x.label == r["label"] for x in rows):
+            _fail(path, where, "duplicate row label")
+        model = r.get("model", data.get("model"))
+        if model is None:
+            _fail(path, where, "no model (set `model` at the top or in the row)")
+        _check_model(path, f"{where}.model", model)
+        row_cac = r.get("cac", True)
+        cac = _check_cac(path, f"{where}.cac", row_cac)
+        if cac is not None:
+            cac = {**base_cac, **cac}
+            _check_cac(path, f"{where}.cac", cac)
+        rows.append(Row(r["label"], r["description"], cac, copy.deepcopy(model),
+                        _check_overrides(path, f"{where}.overrides", r.get("overrides")),
+                        _check_paper(path, f"{where}.paper", r.get("paper"))))
+    baseline = data.get("baseline")
+    if baseline is not None and not any(r.label == baseline for r in rows):
+        _fail(path, "baseline", f"no row labelled {baseline!r}")
+    return Spec(path=path, name=path.stem, title=data["title"], description=data.get("description", ""),
+                dataset=dataset, baseline=baseline, seeds=seeds,
+                overrides=_check_overrides(path, "overrides", data.get("overrides")),
+                presets={k: dict(v) for k, v in presets.items()}, rows=rows)
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a spec; any problem is a one-line ``SpecError`` naming file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: spec file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{path}: YAML error{at}: {getattr(err, 'problem', None) or err}") from None
+    return parse_spec(data, path)
+
+
+def select_rows(spec: Spec, rows: Optional[str]) -> list[Row]:
+    """``--rows "(a),(f)"`` -> those rows in spec order; unknown labels are refused."""
+    if not rows:
+        return list(spec.rows)
+    wanted = [r.strip() for r in rows.split(",") if r.strip()]
+    labels = [r.label for r in spec.rows]
+    for w in wanted:
+        if w not in labels:
+            raise SpecError(f"{spec.path}: --rows: no row {w!r}; rows are {', '.join(labels)}")
+    return [r for r in spec.rows if r.label in wanted]

@@ -1,0 +1,217 @@
+"""cac.functional against naive per-image / per-class / per-pixel loops written here."""
+import math
+
+import pytest
+import torch
+
+from cac.functional import cosine_logits, entropy_kl_loss, mask_pool, pixel_entropy, soft_pool
+
+IGN = 255
+
+
+def _data(b=3, d=5, h=6, w=7, n=4, seed=0, ignore_frac=0.2, absent=(2,)):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(b, d, h, w, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, n, (b, h, w), generator=g)
+    for k in absent:
+        labels[labels == k] = 0
+    labels[torch.rand(b, h, w, generator=g) < ignore_frac] = IGN
+    return feats, labels
+
+
+def naive_mask_pool(feats, labels, n):
+    b, d = feats.shape[:2]
+    out = torch.zeros(b, n, d, dtype=feats.dtype)
+    present = torch.zeros(b, n, dtype=torch.bool)
+    for i in range(b):
+        for k in range(n):
+            m = labels[i] == k
+            if m.sum() > 0:
+                out[i, k] = feats[i][:, m].mean(dim=1)
+                present[i, k] = True
+    return out, present
+
+
+def naive_soft_pool(feats, logits):
+    b, d = feats.shape[:2]
+    n = logits.shape[1]
+    out = torch.zeros(b, n, d, dtype=feats.dtype)
+    for i in range(b):
+        prob = logits[i].softmax(dim=0)
+        for k in range(n):
+            wk = prob[k]
+            out[i, k] = (feats[i] * wk).sum(dim=(1, 2)) / wk.sum()
+    return out
+
+
+def naive_cosine(feats, weights, tau):
+    b, d, h, w = feats.shape
+    n = weights.shape[-2]
+    out = torch.zeros(b, n, h, w, dtype=feats.dtype)
+    for i in range(b):
+        wi = weights if weights.dim() == 2 else weights[i]
+        for k in range(n):
+            for y in range(h):
+                for x in range(w):
+                    out[i, k, y, x] = tau * torch.nn.functional.cosine_similarity(feats[i, :, y, x], wi[k], dim=0)
+    return out
+
+
+def naive_kl(student, teacher, labels, entropy, classwise, entropy_from=None, mix=0.0):
+    b, n, h, w = student.shape
+    terms = []  # (class, weight, loss) per valid pixel
+    for i in range(b):
+        for y in range(h):
+            for x in range(w):
+                lab = int(labels[i, y, x])
+                if lab == IGN:
+                    continue
+                t = teacher[i, :, y, x].softmax(0)
+                ls = student[i, :, y, x].log_softmax(0)
+                loss = -(t * ls).sum()
+                if mix:
+                    loss = (1 - mix) * loss + mix * (-ls[lab])
+                src = teacher if entropy_from is None else entropy_from
+                ps = src[i, :, y, x].softmax(0)
+                hent = -(ps * ps.log()).sum() if entropy else torch.tensor(1.0, dtype=student.dtype)
+                terms.append((lab, hent, loss))
+    if not terms:
+        return torch.tensor(0.0, dtype=student.dtype)
+    if not classwise:
+        return sum(wt * l for _, wt, l in terms) / sum(wt for _, wt, _ in terms)
+    per_class = []
+    for k in range(n):
+        sel = [(wt, l) for c, wt, l in terms if c == k]
+        if sel:
+            per_class.append(sum(wt * l for wt, l in sel) / sum(wt for wt, _ in sel))
+    return sum(per_class) / len(per_class)
+
+
+def test_mask_pool_matches_loop_with_ignored_and_absent():
+    feats, labels = _data()
+    labels[1] = IGN  # a wholly ignored image
+    protos, present = mask_pool(feats, labels, 4, IGN)
+    ref, ref_present = naive_mask_pool(feats, labels, 4)
+    assert torch.equal(present, ref_present)
+    assert not present[1].any() and not present[:, 2].any()
+    torch.testing.assert_close(protos, ref)
+    assert torch.isfinite(protos).all() and (protos[1] == 0).all()
+
+
+def test_mask_pool_ignores_out_of_range_labels():
+    feats, labels = _data(ignore_frac=0.0)
+    labels[0, 0, 0] = 9  # not a class and not ignore_index: must not be pooled anywhere
+    protos, _ = mask_pool(feats, labels, 4, IGN)
+    labels[0, 0, 0] = IGN
+    ref, _ = naive_mask_pool(feats, labels, 4)
+    torch.testing.assert_close(protos, ref)
+
+
+def test_soft_pool_matches_loop():
+    feats, _ = _data()
+    logits = torch.randn(3, 4, 6, 7, dtype=torch.float64) * 3
+    torch.testing.assert_close(soft_pool(feats, logits), naive_soft_pool(feats, logits))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_cosine_logits_matches_loop(shared):
+    feats, _ = _data(b=2, h=3, w=4)
+    weights = torch.randn(4, 5, dtype=torch.float64) if shared else torch.randn(2, 4, 5, dtype=torch.float64)
+    torch.testing.assert_close(cosine_logits(feats, weights, 15.0), naive_cosine(feats, weights, 15.0))
+
+
+def test_cosine_logits_zero_feature_is_finite():
+    feats = torch.zeros(1, 5, 2, 2)
+    out = cosine_logits(feats, torch.randn(3, 5), 10.0)
+    assert torch.isfinite(out).all() and (out == 0).all()
+
+
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("classwise", [False, True])
+def test_entropy_kl_loss_matches_loop(entropy, classwise):
+    _, labels = _data(b=2, h=4, w=5)
+    g = torch.Generator().manual_seed(1)
+    student = torch.randn(2, 4, 4, 5, generator=g, dtype=torch.float64)
+    teacher = torch.randn(2, 4, 4, 5, generator=g, dtype=torch.float64) * 2
+    got = entropy_kl_loss(student, teacher, labels, entropy=entropy, classwise=classwise, ignore_index=IGN)
+    ref = naive_kl(student, teacher, labels, entropy, classwise)
+    torch.testing.assert_close(got, ref)
+
+
+def test_entropy_kl_loss_entropy_source_and_target_mix():
+    _, labels = _data(b=2, h=4, w=5)
+    g = torch.Generator().manual_seed(2)
+    student, teacher, other = (torch.randn(2, 4, 4, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    got = entropy_kl_loss(student, teacher, labels, entropy_from=other, target_mix=0.5)
+    ref = naive_kl(student, teacher, labels, True, True, entropy_from=other, mix=0.5)
+    torch.testing.assert_close(got, ref)
+
+
+def test_eq7_is_plain_mean_of_soft_cross_entropy():
+    """With entropy and class-wise off, the loss is exactly Eq. (7) over the valid pixels."""
+    student, teacher = torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2)
+    labels = torch.zeros(1, 2, 2, dtype=torch.long)
+    want = -(teacher.softmax(1) * student.log_softmax(1)).sum(1).mean()
+    got = entropy_kl_loss(student, teacher, labels, entropy=False, classwise=False)
+    torch.testing.assert_close(got, want)
+
+
+def test_teacher_gets_no_gradient_student_does():
+    _, labels = _data(b=2, h=4, w=5)
+    student = torch.randn(2, 4, 4, 5, requires_grad=True)
+    teacher = torch.randn(2, 4, 4, 5, requires_grad=True)
+    entropy_kl_loss(student, teacher, labels).backward()
+    assert teacher.grad is None
+    assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+def test_all_ignored_batch_gives_zero_not_nan_and_backprops():
+    student = torch.randn(2, 4, 3, 3, requires_grad=True)
+    teacher = torch.randn(2, 4, 3, 3)
+    labels = torch.full((2, 3, 3), IGN)
+    for entropy in (False, True):
+        for classwise in (False, True):
+            loss = entropy_kl_loss(student, teacher, labels, entropy=entropy, classwise=classwise)
+            assert torch.isfinite(loss) and loss.item() == 0.0
+            loss.backward()
+            assert torch.isfinite(student.grad).all()
+
+
+def test_one_hot_teacher_zero_entropy_is_finite():
+    """A saturated teacher has zero entropy everywhere: Eq. (10)/(11) must not divide by zero."""
+    teacher = torch.full((1, 3, 2, 2), -1e4)
+    teacher[:, 0] = 1e4
+    loss = entropy_kl_loss(torch.randn(1, 3, 2, 2), teacher, torch.zeros(1, 2, 2, dtype=torch.long))
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_preserves_dtype_and_agrees(dtype):
+    feats, labels = _data(d=8, h=16, w=16)
+    logits = torch.randn(3, 4, 16, 16, dtype=torch.float64)
+    f_lo, l_lo = feats.to(dtype), logits.to(dtype)
+    protos, _ = mask_pool(f_lo, labels, 4, IGN)
+    sp = soft_pool(f_lo, l_lo)
+    cl = cosine_logits(f_lo, torch.randn(4, 8).to(dtype), 15.0)
+    kl = entropy_kl_loss(l_lo, l_lo.flip(1), labels)
+    for out in (protos, sp, cl, kl):
+        assert out.dtype == dtype and torch.isfinite(out).all()
+    tol = dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(protos.double(), naive_mask_pool(f_lo.double(), labels, 4)[0], **tol)
+    torch.testing.assert_close(sp.double(), naive_soft_pool(f_lo.double(), l_lo.double()), **tol)
+    ref = entropy_kl_loss(l_lo.double(), l_lo.flip(1).double(), labels)
+    torch.testing.assert_close(kl.double(), ref, **tol)
+
+
+def test_soft_pool_large_image_no_overflow_in_fp16():
+    """Summing soft masks over ~70k pixels overflows float16 unless carried out in float32."""
+    feats = torch.ones(1, 4, 256, 280, dtype=torch.float16) * 3
+    logits = torch.zeros(1, 2, 256, 280, dtype=torch.float16)
+    out = soft_pool(feats, logits)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), torch.full((1, 2, 4), 3.0))
+
+
+def test_pixel_entropy_uniform_is_log_n():
+    ent = pixel_entropy(torch.zeros(1, 7, 2, 2))
+    torch.testing.assert_close(ent, torch.full((1, 2, 2), math.log(7)))
