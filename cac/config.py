@@ -104,7 +104,7 @@ def resolve_config(
         set_num_classes(cfg["model"], 171)
     elif dataset != "ade20k":
         raise CacError(f"unknown dataset {dataset!r} for the paper preset; use ade20k or cocostuff")
-    if cac:
+    if cac is not None and cac is not False:  # an empty dict is +CAC with the paper's defaults
         cfg["model"] = add_cac(cfg["model"], {} if cac is True else cac)
     for key, value in (overrides or {}).items():
         try:

@@ -17,17 +17,19 @@ def build_model(model_cfg: dict) -> torch.nn.Module:
 
     import cac  # noqa: F401  (registers CACHead)
 
-    register_all_modules(init_default_scope=False)
-    return MODELS.build(model_cfg)
+    from mmengine.config import ConfigDict
+
+    register_all_modules(init_default_scope=True)
+    return MODELS.build(ConfigDict(model_cfg))  # attribute access (test_cfg.mode) needs ConfigDict
 
 
 def count_params(model_cfg: dict) -> int:
     """All parameters of the segmentor, auxiliary heads included (as mmseg's model cards count them).
 
-    Built on the meta device, so even UperNet + Swin-L costs no memory.
+    Built on the CPU with random init (Swin's constructor calls ``.item()``, so the meta device
+    cannot be used); the model is freed right after counting.
     """
-    with torch.device("meta"):
-        model = build_model(model_cfg)
+    model = build_model(model_cfg)
     return sum(p.numel() for p in model.parameters())
 
 

@@ -1,0 +1,112 @@
+"""``cac-exp data ...``: generate context-scenes, prepare and verify the real datasets."""
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+from typing import Callable
+
+from cac.errors import CacError
+
+from . import context_scenes
+from .real import REAL_DATASETS, default_real_root, prepare_ade20k, prepare_cocostuff, verify
+
+__all__ = ["register"]
+
+
+def _one_line_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Report a bad argument (ValueError) like any other user error: one line, exit code 2."""
+    @functools.wraps(handler)
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except ValueError as exc:
+            raise CacError(str(exc)) from None
+    return wrapped
+
+
+def _expected(args: argparse.Namespace) -> dict[str, int] | None:
+    """The ``--expected-train/--expected-val`` overrides, if any were given."""
+    counts = {split: n for split, n in (("train", args.expected_train), ("val", args.expected_val))
+              if n is not None}
+    return counts or None
+
+
+def _summary(title: str, report: dict) -> str:
+    """One line such as ``ADE20K ready at ROOT: 20,210 train / 2,000 val images with annotations``."""
+    return (f"{title} ready at {report['root']}: {report['train']['images']:,} train / "
+            f"{report['val']['images']:,} val images with annotations")
+
+
+@_one_line_errors
+def _cmd_context_scenes(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else context_scenes.default_root(args.preset)
+    meta = context_scenes.generate(out, seed=args.seed, preset=args.preset)
+    counts = meta["counts"]
+    print(f"{meta['data_version']} (seed {meta['seed']}) at {out}: {counts['train']:,} train / "
+          f"{counts['val']:,} val images, {len(meta['classes'])} classes, {len(meta['scenes'])} scenes")
+    return 0
+
+
+@_one_line_errors
+def _cmd_ade20k(args: argparse.Namespace) -> int:
+    root = prepare_ade20k(args.archive, args.out, expected=_expected(args))
+    print(_summary("ADE20K", verify("ade20k", root, _expected(args))))
+    return 0
+
+
+@_one_line_errors
+def _cmd_cocostuff(args: argparse.Namespace) -> int:
+    root = prepare_cocostuff(args.train_zip, args.val_zip, args.annotations_zip, args.out,
+                             expected=_expected(args), nproc=args.nproc)
+    print(_summary("COCO-Stuff 164K", verify("cocostuff", root, _expected(args))))
+    return 0
+
+
+@_one_line_errors
+def _cmd_verify(args: argparse.Namespace) -> int:
+    root = Path(args.root) if args.root else default_real_root(args.name)
+    title = {"ade20k": "ADE20K", "cocostuff": "COCO-Stuff 164K"}[args.name]
+    print(_summary(title, verify(args.name, root, _expected(args))))
+    return 0
+
+
+def _add_expected(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--expected-train", type=int, help="override the official training count")
+    parser.add_argument("--expected-val", type=int, help="override the official validation count")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``data`` and its sub-commands to the ``cac-exp`` parser; each sets ``func``."""
+    data = subparsers.add_parser("data", help="generate context-scenes; prepare/verify ADE20K, COCO-Stuff")
+    sub = data.add_subparsers(dest="data_command", required=True)
+
+    p = sub.add_parser("context-scenes", help="generate the embedded benchmark (seconds)")
+    p.add_argument("--out", help="target folder (default: data/context-scenes/<preset>, "
+                                 "or $CAC_DATA_ROOT/context-scenes/<preset>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="quick", choices=list(context_scenes.PRESETS))
+    p.set_defaults(func=_cmd_context_scenes)
+
+    p = sub.add_parser("ade20k", help="unpack ADEChallengeData2016.zip into mmseg's layout and verify")
+    p.add_argument("--archive", required=True, help="the official ADEChallengeData2016.zip")
+    p.add_argument("--out", help="data folder; the dataset goes to OUT/ade/ADEChallengeData2016 "
+                                 "(default: data/ or $CAC_DATA_ROOT)")
+    _add_expected(p)
+    p.set_defaults(func=_cmd_ade20k)
+
+    p = sub.add_parser("cocostuff", help="unpack COCO 2017 images, convert stuffthingmaps, verify")
+    p.add_argument("--train-zip", required=True, help="the official train2017.zip")
+    p.add_argument("--val-zip", required=True, help="the official val2017.zip")
+    p.add_argument("--annotations-zip", required=True, help="stuffthingmaps_trainval2017.zip")
+    p.add_argument("--out", help="data folder; the dataset goes to OUT/coco_stuff164k "
+                                 "(default: data/ or $CAC_DATA_ROOT)")
+    p.add_argument("--nproc", type=int, default=2, help="processes for the label conversion")
+    _add_expected(p)
+    p.set_defaults(func=_cmd_cocostuff)
+
+    p = sub.add_parser("verify", help="check a prepared real dataset's image and annotation counts")
+    p.add_argument("name", choices=list(REAL_DATASETS))
+    p.add_argument("--root", help="the dataset's data_root (default: mmseg's, under data/)")
+    _add_expected(p)
+    p.set_defaults(func=_cmd_verify)

@@ -1,0 +1,103 @@
+"""CACHead wraps real mmseg decode heads (FCN, DeepLabV3+, OCR in a cascade, UperNet) on CPU."""
+import copy
+
+import pytest
+import torch
+from mmengine.structures import PixelData
+from mmseg.structures import SegDataSample
+
+from cac.config import add_cac, set_num_classes
+from cac.head import CACHead
+from cac.params import build_model
+from cac.presets import _replace_norm, _strip_pretrained
+from cac.zoo import get_model, load_base_config
+
+NUM_CLASSES = 6
+SIZE = 64
+
+
+def _cpu_model_cfg(name: str, cac=True) -> dict:
+    cfg = load_base_config(get_model(name)).to_dict()
+    model = _strip_pretrained(_replace_norm(copy.deepcopy(cfg["model"]), "SyncBN", "BN"))
+    set_num_classes(model, NUM_CLASSES)
+    model["data_preprocessor"].pop("size", None)
+    return add_cac(model, {} if cac is True else cac) if cac else model
+
+
+def _batch(b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(b, 3, SIZE, SIZE, generator=g)
+    samples = []
+    for _ in range(b):
+        s = SegDataSample()
+        lab = torch.randint(0, NUM_CLASSES, (1, SIZE, SIZE), generator=g)
+        lab[:, :4] = 255
+        s.gt_sem_seg = PixelData(data=lab)
+        s.set_metainfo(dict(img_shape=(SIZE, SIZE), ori_shape=(SIZE, SIZE), pad_shape=(SIZE, SIZE)))
+        samples.append(s)
+    return inputs, samples
+
+
+def _final_head(model):
+    head = model.decode_head
+    return head[-1] if isinstance(head, torch.nn.ModuleList) else head
+
+
+@pytest.mark.parametrize("name", ["fcn-mv2", "deeplabv3plus-mv2", "ocrnet-hr18", "upernet-swin-t"])
+def test_train_and_predict_step_with_cac(name):
+    torch.manual_seed(0)
+    model = build_model(_cpu_model_cfg(name))
+    head = _final_head(model)
+    assert isinstance(head, CACHead)
+    model.train()
+    inputs, samples = _batch()
+    losses = model.loss(inputs, samples)
+    final = "decode_1." if name.startswith("ocrnet") else "decode."  # cascade stages are numbered
+    keys = {k[len(final):] for k in losses if k.startswith(final)}
+    assert {"loss_ce", "loss_ctx_ce", "loss_oracle_ce", "loss_kl"} <= keys
+    total = sum(v for k, v in losses.items() if "loss" in k)
+    assert torch.isfinite(total)
+    total.backward()
+    for proj in (head.classifier.proj_p, head.classifier.proj_y):
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in proj.parameters())
+    assert head.head.conv_seg.weight.grad is not None
+
+    model.eval()
+    with torch.no_grad():
+        preds = model.predict(inputs, samples)
+    assert len(preds) == 2
+    assert preds[0].seg_logits.data.shape == (NUM_CLASSES, SIZE, SIZE)
+    assert preds[0].pred_sem_seg.data.max() < NUM_CLASSES
+    # The test-time output is the context-aware prediction p_p: compare with the head's own pieces.
+    with torch.no_grad():
+        feats = model.extract_feat(inputs)
+        args = (feats,) if not isinstance(model.decode_head, torch.nn.ModuleList) else \
+            (feats, model.decode_head[0].forward(feats))
+        out = head.all_logits(*args)
+        torch.testing.assert_close(head.forward(*args), out.p_p)
+
+
+def test_head_type_form_merges_like_base_config_inheritance():
+    """`dict(type='CACHead', head_type='FCNHead', **head kwargs)` = what `_base_` merging yields."""
+    model = _cpu_model_cfg("fcn-mv2", cac=False)
+    head_kwargs = {k: v for k, v in model["decode_head"].items() if k != "type"}
+    model["decode_head"] = dict(type="CACHead", head_type="FCNHead", cac=dict(tau=10.0), **head_kwargs)
+    seg = build_model(model)
+    assert isinstance(seg.decode_head, CACHead) and seg.decode_head.options.tau == 10.0
+    assert type(seg.decode_head.head).__name__ == "FCNHead"
+
+
+def test_plain_head_unchanged_and_cac_adds_only_projectors():
+    plain = build_model(_cpu_model_cfg("fcn-mv2", cac=False))
+    wrapped = build_model(_cpu_model_cfg("fcn-mv2"))
+    n_plain = sum(p.numel() for p in plain.parameters())
+    n_cac = sum(p.numel() for p in wrapped.parameters())
+    d = plain.decode_head.conv_seg.in_channels
+    assert n_cac - n_plain == 2 * (2 * d * (d // 2) + d // 2 + (d // 2) * d + d)
+
+
+def test_bad_wrapping_is_refused():
+    with pytest.raises(ValueError, match="head_type"):
+        CACHead()
+    with pytest.raises(ValueError, match="not both"):
+        CACHead(head=dict(type="FCNHead"), head_type="FCNHead")
