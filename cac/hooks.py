@@ -85,9 +85,10 @@ class TrackingHook(Hook):
                          if "loss_" in k)
         line = (f"\r  {self.label} [{'#' * fill}{'.' * (width - fill)}] {step}/{runner.max_iters} "
                 f"eta {eta:4.0f}s loss={loss:.3f} {terms}")
-        sys.stderr.write(line[:200].ljust(80))
-        if step == runner.max_iters:
-            sys.stderr.write("\n")
+        if sys.stderr.isatty():
+            sys.stderr.write(line[:200].ljust(80) + ("\n" if step == runner.max_iters else ""))
+        elif step % self.log_interval == 0 or step == runner.max_iters:
+            sys.stderr.write(line[1:200] + "\n")  # logs and pipes get one line per log interval
         sys.stderr.flush()
 
     # -- the three classifiers on val and a fixed train subset ------------------------------------

@@ -160,6 +160,7 @@ def train_unit(unit: RunUnit, tracker: Optional[RunTracker], *, launcher: str = 
     cfg.launcher = launcher
     cfg.resume = (unit.work_dir / "last_checkpoint").is_file()
     cfg.load_from = None
+    cfg.log_level = os.environ.get("CAC_LOG_LEVEL", "WARNING")  # the progress bar replaces mmengine's INFO lines
     if launcher != "none":
         cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "gloo"
     runner = Runner.from_cfg(cfg)
@@ -262,6 +263,12 @@ def _run_one(unit: RunUnit, state: str, run_id: Optional[str], uri: str, launche
             tracker.log_params({**{f"setting.{k}": v for k, v in unit.settings().items()},
                                 **flatten(unit.cfg.get("model", {}), "cfg.model.")})
         t0 = time.time()
+        preset = get_preset(unit.preset)
+        if preset.embedded and main:  # deterministic; generated once where the preset expects it
+            from .data import context_scenes
+
+            context_scenes.ensure(preset.data)
+        _broadcast(None) if launcher != "none" else None  # other ranks wait for the data
         try:
             metrics = train_unit(unit, tracker, launcher=launcher)
         except NonFiniteLossError as err:
