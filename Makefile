@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test data clean-venv
+.PHONY: setup demo test data repro clean-venv
 
 setup: $(STAMP)
 
@@ -32,3 +32,7 @@ demo: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The DVC pipeline (data -> tables -> report) with the venv's tools on PATH.
+repro: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro

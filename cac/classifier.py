@@ -152,6 +152,11 @@ class ContextAwareClassifier(nn.Module):
         cls = weight.to(protos.dtype).unsqueeze(0)
         return DESIGNS[design].form(protos, cls, proj)
 
+    def context_classifier(self, feats: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        """A_p of Eq. (5) per image, ``[B, N, D]`` (for inspection, e.g. the t-SNE of Fig. 7)."""
+        p = self.original_logits(feats, weight, bias)
+        return self.form(self.options.design_p, soft_pool(feats, p), weight, self.proj_p)
+
     # -- the whole classifier -----------------------------------------------------------------
     def forward(self, feats: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None) -> CACOutputs:

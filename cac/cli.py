@@ -47,7 +47,7 @@ def _cmd_params(args) -> int:
 def _cmd_results(args) -> int:
     from .results import print_tracked
 
-    return print_tracked(args.spec, preset=args.preset, tracking_uri=args.tracking_uri)
+    return print_tracked(args.spec, preset=args.preset, tracking_uri=args.tracking_uri, out=args.out)
 
 
 def _cmd_demo(args) -> int:
@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--preset", default="quick")
     p.add_argument("--tracking-uri")
+    p.add_argument("--out", help="also write the per-row, per-seed values as JSON")
     p.set_defaults(func=_cmd_results)
 
     p = sub.add_parser("demo", help="run ablations/table3.yaml at the quick preset and print its table")
@@ -107,15 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _plugins() -> list[Callable]:
     """Subcommands that live with their subsystem (data, sweep, ...)."""
     from .data.cli import register as data_register
+    from .sweep import register as sweep_register
 
-    out = [data_register]
-    try:
-        from .sweep import register as sweep_register
-    except ImportError:
-        pass
-    else:
-        out.append(sweep_register)
-    return out
+    return [data_register, sweep_register]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

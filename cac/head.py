@@ -78,6 +78,11 @@ class CACHead(BaseModule):
         weight, bias = self._classifier_weights()
         return self.classifier(feats, weight, bias, labels)
 
+    def context_weights(self, *inputs: Any) -> Tensor:
+        """The context-aware classifier A_p of each image, ``[B, N, D]`` (Fig. 7's stars)."""
+        weight, bias = self._classifier_weights()
+        return self.classifier.context_classifier(self.features(*inputs), weight, bias)
+
     def all_logits(self, *inputs: Any, labels: Optional[Tensor] = None) -> CACOutputs:
         return self.classify(self.features(*inputs), labels)
 

@@ -41,8 +41,9 @@ class TrackingHook(Hook):
     priority = "LOW"
 
     def __init__(self, tracker=None, interval: int = 0, log_interval: int = 10, train_subset: int = 32,
-                 label: str = "", progress: bool = True) -> None:
+                 label: str = "", progress: bool = True, on_eval=None) -> None:
         self.tracker, self.interval, self.log_interval = tracker, interval, log_interval
+        self.on_eval = on_eval  # called as on_eval(step, metrics), e.g. to report to an Optuna trial
         self.train_subset, self.label, self.progress = train_subset, label, progress
         self._t0 = 0.0
         self._last: dict[str, float] = {}
@@ -116,6 +117,8 @@ class TrackingHook(Hook):
                 self.final_confusion = self._test_time_confusion(runner, confs)
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, step)
+        if self.on_eval is not None:
+            self.on_eval(step, metrics)
 
     @staticmethod
     def _test_time_confusion(runner, confs: dict) -> torch.Tensor:

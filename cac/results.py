@@ -42,10 +42,18 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:6.2f} ± {std:4.2f} (n={len(values)})"
 
 
-def print_tracked(spec_path: str, preset: str = "quick", tracking_uri: Optional[str] = None) -> int:
+def print_tracked(spec_path: str, preset: str = "quick", tracking_uri: Optional[str] = None,
+                  out: Optional[str] = None) -> int:
     spec = load_spec(spec_path)
     uri = resolve_tracking_uri(tracking_uri)
     results = collect(spec, preset, uri)
+    if out:  # a small DVC-trackable record of what the table stands on
+        import json
+        from pathlib import Path
+
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({"spec": spec.name, "preset": preset, "val/mIoU": results},
+                                        indent=1, sort_keys=True) + "\n")
     print(f"{spec.title} — preset {preset} (val mIoU, %; tracking {uri})")
     print(f"{'row':>10}  {'description':<44} {'ours':>22}  {'paper':>6}")
     for row in spec.rows:

@@ -131,6 +131,18 @@ def _close_stale(unit: RunUnit, uri: str, keep: str) -> None:
             RunTracker(uri, r.info.run_id).finish("KILLED")
 
 
+def _ensure_data(unit: RunUnit, preset) -> None:
+    """Generated data is made on demand (deterministic); real data must be there, or one clear line."""
+    if preset.embedded:
+        from .data import context_scenes
+
+        context_scenes.ensure(preset.data)
+        return
+    from .data.real import verify
+
+    verify(unit.spec.dataset, unit.cfg.get("data_root"))
+
+
 def _is_main_process() -> bool:
     from mmengine.dist import get_rank
 
@@ -148,7 +160,7 @@ def _broadcast(obj):
 
 
 def train_unit(unit: RunUnit, tracker: Optional[RunTracker], *, launcher: str = "none",
-               progress: bool = True, on_runner: Optional[Callable] = None) -> dict:
+               progress: bool = True, on_eval: Optional[Callable] = None) -> dict:
     """Train (or resume) one unit with mmengine's Runner; returns its final metrics."""
     from mmengine.config import Config
     from mmengine.runner import Runner
@@ -166,10 +178,9 @@ def train_unit(unit: RunUnit, tracker: Optional[RunTracker], *, launcher: str = 
     runner = Runner.from_cfg(cfg)
     interval = cfg.train_cfg.get("val_interval", 0) or cfg.train_cfg.get("max_iters", 0)
     hook = TrackingHook(tracker, interval=interval, log_interval=max(1, min(10, interval)),
-                        label=f"{unit.row.label} s{unit.seed}", progress=progress and _is_main_process())
+                        label=f"{unit.row.label} s{unit.seed}", progress=progress and _is_main_process(),
+                        on_eval=on_eval)
     runner.register_hook(hook, priority="LOW")
-    if on_runner is not None:
-        on_runner(runner)
     runner.train()
     metrics = {k.replace("mmseg/", ""): float(v) for k, v in _last_val(runner).items()}
     if hook.final_confusion is not None:
@@ -215,6 +226,10 @@ def run_spec(spec_path: str, preset: str = "quick", rows: Optional[str] = None, 
              echo: Callable[[str], None] = print) -> int:
     """The ``cac-exp run`` command. Returns the exit code."""
     spec = load_spec(spec_path)
+    if spec.task == "benchmark":
+        from .benchmark import run_benchmark
+
+        return run_benchmark(spec, preset, rows=rows, tracking_uri=tracking_uri, dry_run=dry_run, echo=echo)
     units = plan_runs(spec, preset, rows, seeds)
     uri = resolve_tracking_uri(tracking_uri)
     if launcher != "none":
@@ -233,22 +248,28 @@ def run_spec(spec_path: str, preset: str = "quick", rows: Optional[str] = None, 
             if main:
                 echo(f"skip  {unit.name}: FINISHED run {run_id} has this config")
             continue
-        failures += 0 if _run_one(unit, state, run_id, uri, launcher, echo, main) else 1
+        failures += 0 if execute_unit(unit, state, run_id, uri, launcher=launcher, echo=echo) is not False else 1
     if main and failures:
         echo(f"{failures} of {len(units)} runs failed (see above); finished runs are kept")
     return 1 if failures else 0
 
 
-def _run_one(unit: RunUnit, state: str, run_id: Optional[str], uri: str, launcher: str,
-             echo: Callable[[str], None], main: bool) -> bool:
+def execute_unit(unit: RunUnit, state: str, run_id: Optional[str], uri: str, *, launcher: str = "none",
+                 echo: Callable[[str], None] = print, on_eval: Optional[Callable] = None,
+                 tags: Optional[dict] = None):
+    """Train one unit in a new or reopened MLflow run. Returns its final metrics, None when another
+    process holds it, or False when it failed (non-finite loss). Other exceptions (interrupts, an
+    Optuna prune) mark the run KILLED — resumable — and propagate."""
     from .hooks import NonFiniteLossError
+
+    main = _is_main_process()
 
     with work_dir_lock(unit.work_dir) as locked:
         locked = _broadcast(locked) if launcher != "none" else locked
         if not locked:
             if main:
                 echo(f"busy  {unit.name}: another process is training it now")
-            return True
+            return None
         tracker = None
         if main:
             if state == "resume":
@@ -259,18 +280,16 @@ def _run_one(unit: RunUnit, state: str, run_id: Optional[str], uri: str, launche
                 tracker = RunTracker.open(uri, unit.spec.name, unit.tags, unit.name)
             _close_stale(unit, uri, keep=tracker.run_id)
             tracker.set_tags({"git_commit": git_commit(), "data_version": data_version(unit.preset, unit.spec.dataset),
-                              "model": unit.model, "description": unit.row.description})
+                              "model": unit.model, "description": unit.row.description, **(tags or {})})
             tracker.log_params({**{f"setting.{k}": v for k, v in unit.settings().items()},
                                 **flatten(unit.cfg.get("model", {}), "cfg.model.")})
         t0 = time.time()
         preset = get_preset(unit.preset)
-        if preset.embedded and main:  # deterministic; generated once where the preset expects it
-            from .data import context_scenes
-
-            context_scenes.ensure(preset.data)
+        if main:
+            _ensure_data(unit, preset)
         _broadcast(None) if launcher != "none" else None  # other ranks wait for the data
         try:
-            metrics = train_unit(unit, tracker, launcher=launcher)
+            metrics = train_unit(unit, tracker, launcher=launcher, on_eval=on_eval)
         except NonFiniteLossError as err:
             if tracker:
                 tracker.finish("FAILED")
@@ -289,7 +308,7 @@ def _run_one(unit: RunUnit, state: str, run_id: Optional[str], uri: str, launche
             tracker.finish("FINISHED")
             echo(f"done  {unit.name}: val mIoU {metrics.get('mIoU', float('nan')):.2f} in {seconds:.0f}s "
                  f"(run {tracker.run_id})")
-        return True
+        return metrics
 
 
 def _print_plan(spec: Spec, preset: str, units: list[RunUnit], states: list, uri: str,

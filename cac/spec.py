@@ -3,6 +3,8 @@
 Schema (unknown keys are refused everywhere)::
 
     title: "Table 3: designs for the KL loss"     # required
+    task: train | benchmark                        # benchmark: Table 6 timing/memory, no training
+    benchmark: {sizes: [512], warmup: 3, repeats: 10, batch_size: 1, device: auto}
     model: upernet-swin-t | {paper: upernet-swin-t, bench: fcn-slim-r18, quick: fcn-slim-r18}
     dataset: ade20k | cocostuff                    # the paper preset's data (default ade20k)
     baseline: "(a)"                                # the row Δ is measured against
@@ -38,9 +40,14 @@ class SpecError(CacError):
     """A spec that cannot run; the message names the file and the key."""
 
 
-_TOP = {"title", "description", "model", "dataset", "baseline", "seeds", "cac", "overrides", "presets", "rows"}
+_TOP = {"title", "description", "task", "model", "dataset", "baseline", "seeds", "cac", "overrides", "presets",
+        "benchmark", "rows"}
 _ROW = {"label", "description", "cac", "model", "overrides", "paper"}
-_PRESET = {"seeds", "overrides", "model"}
+_PRESET = {"seeds", "overrides", "model", "benchmark"}
+_TASKS = ("train", "benchmark")
+_BENCH = {"sizes": (list, "a non-empty list of positive image sizes"), "warmup": (int, "an integer >= 0"),
+          "repeats": (int, "an integer >= 1"), "batch_size": (int, "an integer >= 1"),
+          "device": (str, "auto, cpu or cuda")}
 _PAPER = {"ss", "ms", "fps", "params", "mem", "fps_delta", "mem_delta", "ss_cocostuff", "ms_cocostuff"}
 _DATASETS = ("ade20k", "cocostuff")
 
@@ -70,6 +77,11 @@ class Spec:
     overrides: dict
     presets: dict
     rows: list[Row] = field(default_factory=list)
+    task: str = "train"  # "benchmark": timing and memory (Table 6) instead of training
+    benchmark: dict = field(default_factory=dict)
+
+    def benchmark_for(self, preset: str) -> dict:
+        return {**self.benchmark, **self.presets.get(preset, {}).get("benchmark", {})}
 
     def row(self, label: str) -> Row:
         for r in self.rows:
@@ -162,6 +174,21 @@ def _check_seeds(path: Path, where: str, value: Any) -> Any:
     return value
 
 
+def _check_benchmark(path: Path, where: str, value: Any) -> dict:
+    if value is None:
+        return {}
+    _check_keys(path, where, value, set(_BENCH))
+    for key, val in value.items():
+        typ, what = _BENCH[key]
+        _check_type(path, f"{where}.{key}", val, (typ,), what)
+        ok = {"sizes": lambda v: bool(v) and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v),
+              "warmup": lambda v: v >= 0, "repeats": lambda v: v >= 1, "batch_size": lambda v: v >= 1,
+              "device": lambda v: v in ("auto", "cpu", "cuda")}[key](val)
+        if not ok:
+            _fail(path, f"{where}.{key}", f"must be {what}, got {val!r}")
+    return dict(value)
+
+
 def _check_paper(path: Path, where: str, value: Any) -> Any:
     if value is None:
         return None
@@ -180,6 +207,10 @@ def parse_spec(data: Any, path: Path) -> Spec:
         if key not in data:
             _fail(path, "", f"missing required key {key!r}")
     _check_type(path, "title", data["title"], (str,), "a string")
+    task = data.get("task", "train")
+    if task not in _TASKS:
+        _fail(path, "task", f"must be one of {', '.join(_TASKS)}, got {task!r}")
+    benchmark = _check_benchmark(path, "benchmark", data.get("benchmark"))
     dataset = data.get("dataset", "ade20k")
     if dataset not in _DATASETS:
         _fail(path, "dataset", f"must be one of {', '.join(_DATASETS)}, got {dataset!r}")
@@ -199,6 +230,7 @@ def parse_spec(data: Any, path: Path) -> Spec:
         if "model" in adj:
             _check_model(path, f"presets.{name}.model", adj["model"])
         _check_overrides(path, f"presets.{name}.overrides", adj.get("overrides"))
+        _check_benchmark(path, f"presets.{name}.benchmark", adj.get("benchmark"))
     rows_data = data["rows"]
     if not isinstance(rows_data, list) or not rows_data:
         _fail(path, "rows", "must be a non-empty list")
@@ -231,7 +263,7 @@ def parse_spec(data: Any, path: Path) -> Spec:
     return Spec(path=path, name=path.stem, title=data["title"], description=data.get("description", ""),
                 dataset=dataset, baseline=baseline, seeds=seeds,
                 overrides=_check_overrides(path, "overrides", data.get("overrides")),
-                presets={k: dict(v) for k, v in presets.items()}, rows=rows)
+                presets={k: dict(v) for k, v in presets.items()}, rows=rows, task=task, benchmark=benchmark)
 
 
 def load_spec(path: str | Path) -> Spec:

@@ -40,6 +40,17 @@ def _summary(title: str, report: dict) -> str:
 
 @_one_line_errors
 def _cmd_context_scenes(args: argparse.Namespace) -> int:
+    from cac.presets import get_preset
+
+    if args.preset not in context_scenes.PRESETS:  # e.g. the pipeline's `preset: paper`
+        preset = get_preset(args.preset)
+        if preset.embedded:
+            raise CacError(f"preset {args.preset!r} names no context-scenes size")
+        print(f"preset {args.preset!r} trains on the real datasets (cac-exp data ade20k / cocostuff); "
+              "no context-scenes data to generate")
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+        return 0
     out = Path(args.out) if args.out else context_scenes.default_root(args.preset)
     meta = context_scenes.generate(out, seed=args.seed, preset=args.preset)
     counts = meta["counts"]
@@ -85,7 +96,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="target folder (default: data/context-scenes/<preset>, "
                                  "or $CAC_DATA_ROOT/context-scenes/<preset>)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preset", default="quick", choices=list(context_scenes.PRESETS))
+    p.add_argument("--preset", default="quick",
+                   help=f"{' | '.join(context_scenes.PRESETS)} (a non-embedded preset such as paper: nothing to do)")
     p.set_defaults(func=_cmd_context_scenes)
 
     p = sub.add_parser("ade20k", help="unpack ADEChallengeData2016.zip into mmseg's layout and verify")

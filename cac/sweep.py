@@ -1,0 +1,331 @@
+"""``cac-exp sweep``: Optuna over CAC options (tau, lambda_kl, ...), every trial one tracked run.
+
+A sweep spec names a base spec and row, the search space, the objective, sampler and pruner::
+
+    title: "tau and lambda_kl"
+    spec: ../ablations/table2.yaml      # relative to this file
+    row: "(f)"
+    seed: 0
+    objective: {metric: val/mIoU_pp, direction: maximize}
+    search_space:
+      tau: {type: float, low: 1.0, high: 30.0, log: true}
+      lambda_kl: {type: float, low: 0.01, high: 10.0, log: true}
+      design_p: {type: categorical, choices: [proj_concat, proj_sum]}
+    sampler: {type: tpe, seed: 0}
+    pruner: {type: median, n_startup_trials: 3, n_warmup_steps: 1}
+
+Trials run through the same runner as ``cac-exp run`` (same skip/resume rules: a trial whose
+config already has a FINISHED run reuses it). Storage: a SQLite file by default, or any Optuna
+storage URL (``postgresql://``, ``mysql://``, ``journal:///path/to/file``) so several processes work
+on one study; a trial whose process died is retried by the next process with the same parameters,
+and its training resumes from the last checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+
+from .classifier import CACOptions
+from .errors import CacError
+from .spec import Spec, SpecError, load_spec
+
+__all__ = ["SweepSpec", "load_sweep", "run_sweep", "register"]
+
+_TOP = {"title", "description", "spec", "row", "seed", "study", "objective", "search_space", "sampler", "pruner"}
+_PARAM = {"type", "low", "high", "log", "choices", "step"}
+_SAMPLERS = ("tpe", "random")
+_PRUNERS = ("median", "none")
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    path: Path
+    title: str
+    base: Spec
+    row: str
+    seed: int
+    study: str
+    metric: str
+    direction: str
+    space: dict
+    sampler: dict
+    pruner: dict
+
+
+def _fail(path: Path, where: str, msg: str) -> None:
+    raise SpecError(f"{path}: {where}: {msg}")
+
+
+def _check_param(path: Path, name: str, cfg: Any) -> dict:
+    where = f"search_space.{name}"
+    if not isinstance(cfg, dict):
+        _fail(path, where, "must be a mapping with type and range")
+    unknown = sorted(set(cfg) - _PARAM)
+    if unknown:
+        _fail(path, where, f"unknown key {unknown[0]!r} (allowed: {', '.join(sorted(_PARAM))})")
+    kind = cfg.get("type")
+    if kind in ("float", "int"):
+        lo, hi = cfg.get("low"), cfg.get("high")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)) or not lo < hi:
+            _fail(path, where, f"needs numbers low < high, got low={lo!r} high={hi!r}")
+        if cfg.get("log") and lo <= 0:
+            _fail(path, where, f"a log range needs low > 0, got {lo}")
+        if name == "tau" and lo <= 0:
+            _fail(path, where, f"tau must be > 0, got low={lo}")
+        if name == "lambda_kl" and lo < 0:
+            _fail(path, where, f"lambda_kl must be >= 0, got low={lo}")
+    elif kind == "categorical":
+        if not isinstance(cfg.get("choices"), list) or not cfg["choices"]:
+            _fail(path, where, "needs a non-empty list `choices`")
+    else:
+        _fail(path, where, f"type must be float, int or categorical, got {kind!r}")
+    if not name.startswith("cfg.") and name not in CACOptions.__dataclass_fields__:
+        _fail(path, where, f"unknown CAC option {name!r} (or use cfg.<dotted config key>)")
+    return dict(cfg)
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: sweep spec file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: YAML error: {getattr(err, 'problem', None) or err}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: must be a mapping")
+    unknown = sorted(set(data) - _TOP)
+    if unknown:
+        raise SpecError(f"{path}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(_TOP))})")
+    for key in ("title", "spec", "row", "search_space"):
+        if key not in data:
+            raise SpecError(f"{path}: missing required key {key!r}")
+    base = load_spec((path.parent / data["spec"]).resolve())
+    base.row(data["row"])
+    objective = data.get("objective") or {}
+    metric, direction = objective.get("metric", "val/mIoU_pp"), objective.get("direction", "maximize")
+    if direction not in ("maximize", "minimize"):
+        _fail(path, "objective.direction", f"must be maximize or minimize, got {direction!r}")
+    space = data["search_space"]
+    if not isinstance(space, dict) or not space:
+        _fail(path, "search_space", "must be a non-empty mapping")
+    space = {k: _check_param(path, k, v) for k, v in space.items()}
+    sampler = dict(data.get("sampler") or {"type": "tpe"})
+    if sampler.get("type", "tpe") not in _SAMPLERS:
+        _fail(path, "sampler.type", f"must be one of {', '.join(_SAMPLERS)}")
+    pruner = dict(data.get("pruner") or {"type": "median"})
+    if pruner.get("type", "median") not in _PRUNERS:
+        _fail(path, "pruner.type", f"must be one of {', '.join(_PRUNERS)}")
+    seed = data.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        _fail(path, "seed", f"must be a non-negative integer, got {seed!r}")
+    return SweepSpec(path, data["title"], base, data["row"], seed, str(data.get("study", path.stem)), metric,
+                     direction, space, sampler, pruner)
+
+
+# -- Optuna -----------------------------------------------------------------------------------------
+def resolve_storage(url: Optional[str]):
+    """A storage for ``url``: SQLite file by default, ``journal:///file`` for a journal file, else RDB."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+    url = url or f"sqlite:///{Path.cwd() / 'optuna.db'}"
+    if url.startswith("journal://"):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal://"):])), url
+    # A heartbeat lets another process notice a dead trial and retry it with the same parameters.
+    return RDBStorage(url, heartbeat_interval=_HEARTBEAT, grace_period=2 * _HEARTBEAT,
+                      failed_trial_callback=RetryFailedTrialCallback(max_retry=3)), url
+
+
+_HEARTBEAT = int(os.environ.get("CAC_SWEEP_HEARTBEAT", "10"))  # seconds; a dead trial is retried after 2x
+
+
+def _sampler(cfg: dict):
+    import optuna
+
+    kind, seed = cfg.get("type", "tpe"), cfg.get("seed")
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(cfg.get("n_startup_trials", 5)))
+
+
+def _pruner(cfg: dict):
+    import optuna
+
+    if cfg.get("type", "median") == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=int(cfg.get("n_startup_trials", 3)),
+                                       n_warmup_steps=int(cfg.get("n_warmup_steps", 0)))
+
+
+def suggest(trial, space: dict) -> dict:
+    """Sample one point of the search space from an Optuna trial."""
+    out = {}
+    for name, cfg in space.items():
+        if cfg["type"] == "float":
+            out[name] = trial.suggest_float(name, cfg["low"], cfg["high"], log=bool(cfg.get("log")))
+        elif cfg["type"] == "int":
+            out[name] = trial.suggest_int(name, int(cfg["low"]), int(cfg["high"]), log=bool(cfg.get("log")))
+        else:
+            out[name] = trial.suggest_categorical(name, cfg["choices"])
+    return out
+
+
+def _counted(study) -> int:
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def run_sweep(path: str, trials: int, preset: str = "quick", storage: Optional[str] = None,
+              tracking_uri: Optional[str] = None, echo: Callable[[str], None] = print,
+              report_dir: str = "reports") -> int:
+    import optuna
+
+    from .runner import execute_unit, make_unit, unit_state
+    from .tracking import find_runs, resolve_tracking_uri
+
+    if trials < 1:
+        raise CacError(f"--trials must be >= 1, got {trials}")
+    sweep = load_sweep(path)
+    uri = resolve_tracking_uri(tracking_uri)
+    store, url = resolve_storage(storage)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=sweep.study, storage=store, load_if_exists=True,
+                                direction=sweep.direction, sampler=_sampler(sweep.sampler),
+                                pruner=_pruner(sweep.pruner))
+    row = sweep.base.row(sweep.row)
+
+    def objective(trial) -> float:
+        params = suggest(trial, sweep.space)
+        cac_extra = {k: v for k, v in params.items() if not k.startswith("cfg.")}
+        cfg_extra = {k[4:]: v for k, v in params.items() if k.startswith("cfg.")}
+        if row.cac is None and cac_extra:
+            raise CacError(f"{sweep.path}: row {sweep.row} has no CAC; cannot sweep {sorted(cac_extra)}")
+        unit = make_unit(sweep.base, row, sweep.seed, preset, cac_extra=cac_extra, overrides_extra=cfg_extra,
+                         extra_tags={"study": sweep.study})
+        state, run_id = unit_state(unit, uri)
+        if state == "finished":  # the same configuration was trained before: reuse its result
+            run = find_runs(uri, unit.spec.name, unit.tags, statuses=["FINISHED"])[0]
+            echo(f"trial {trial.number}: reusing FINISHED run {run_id}")
+            return _objective_value(run.data.metrics, sweep.metric)
+
+        def report(step: int, metrics: dict) -> None:
+            if sweep.metric in metrics and math.isfinite(metrics[sweep.metric]):
+                trial.report(metrics[sweep.metric], step)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at step {step}")
+
+        echo(f"trial {trial.number}: {', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in params.items())}")
+        metrics = execute_unit(unit, state, run_id, uri, echo=echo, on_eval=report,
+                               tags={"trial": trial.number, "study_storage": url})
+        if metrics is None:
+            raise optuna.TrialPruned("another process is training this configuration")
+        if metrics is False:
+            raise CacError(f"trial {trial.number} failed (non-finite loss)")
+        run = find_runs(uri, unit.spec.name, unit.tags, statuses=["FINISHED"])[0]
+        return _objective_value(run.data.metrics, sweep.metric)
+
+    done = _counted(study)
+    if done >= trials:
+        echo(f"study {sweep.study} already has {done} trials (>= {trials})")
+    else:
+        stop = optuna.study.MaxTrialsCallback(trials, states=(optuna.trial.TrialState.COMPLETE,
+                                                              optuna.trial.TrialState.PRUNED))
+        study.optimize(objective, n_trials=trials - done, callbacks=[stop], catch=())
+    _report(study, sweep, Path(report_dir), echo)
+    return 0
+
+
+def _objective_value(metrics: dict, metric: str) -> float:
+    if metric not in metrics:
+        raise CacError(f"objective metric {metric!r} was not logged by the run (available: {sorted(metrics)})")
+    return float(metrics[metric])
+
+
+def _report(study, sweep: SweepSpec, out: Path, echo: Callable[[str], None]) -> None:
+    """Best parameters, a parameter-importance figure and the parameter response plot."""
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        echo(f"study {sweep.study}: no completed trials yet")
+        return
+    best = study.best_trial
+    echo(f"best trial {best.number}: {sweep.metric} = {best.value:.2f} with "
+         + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items()))
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Sweep `{sweep.study}`: {sweep.title}", "",
+             f"Objective: {sweep.direction} `{sweep.metric}`; {len(complete)} completed trials.", "",
+             f"Best trial {best.number}: **{best.value:.2f}**", "", "| parameter | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in best.params.items()]
+    (out / f"sweep_{sweep.study}.md").write_text("\n".join(lines) + "\n")
+    _plot_sweep(study, sweep, figures, complete)
+
+
+def _plot_sweep(study, sweep: SweepSpec, figures: Path, complete: list) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+
+    names = list(sweep.space)
+    if len(complete) >= 2 and len(names) >= 2:
+        try:
+            imp = optuna.importance.get_param_importances(study)
+        except (RuntimeError, ValueError):  # too few distinct trials to fit the evaluator
+            imp = {}
+        if imp:
+            fig, ax = plt.subplots(figsize=(5, 2 + 0.4 * len(imp)))
+            ax.barh(list(imp)[::-1], list(imp.values())[::-1], color="#4c72b0")
+            ax.set_xlabel("importance (fANOVA)")
+            ax.set_title(f"{sweep.study}: parameter importance")
+            fig.tight_layout()
+            for ext in ("png", "pdf"):
+                fig.savefig(figures / f"sweep_{sweep.study}_importance.{ext}")
+            plt.close(fig)
+    numeric = [n for n in names if sweep.space[n]["type"] != "categorical"]
+    values = [t.value for t in complete]
+    fig, axes = plt.subplots(1, max(1, len(numeric[:2])) + (1 if len(numeric) >= 2 else 0),
+                             figsize=(4.5 * (len(numeric[:2]) + (1 if len(numeric) >= 2 else 0)), 3.6))
+    axes = list(axes) if hasattr(axes, "__len__") else [axes]
+    for ax, name in zip(axes, numeric[:2]):
+        ax.scatter([t.params[name] for t in complete], values, c="#4c72b0")
+        ax.set_xscale("log" if sweep.space[name].get("log") else "linear")
+        ax.set_xlabel(name)
+        ax.set_ylabel(sweep.metric)
+    if len(numeric) >= 2:
+        ax = axes[-1]
+        a, b = numeric[:2]
+        sc = ax.scatter([t.params[a] for t in complete], [t.params[b] for t in complete], c=values, cmap="viridis")
+        ax.set_xscale("log" if sweep.space[a].get("log") else "linear")
+        ax.set_yscale("log" if sweep.space[b].get("log") else "linear")
+        ax.set_xlabel(a)
+        ax.set_ylabel(b)
+        fig.colorbar(sc, ax=ax, label=sweep.metric)
+    fig.suptitle(f"{sweep.study}: response")
+    fig.tight_layout()
+    for ext in ("png", "pdf"):
+        fig.savefig(figures / f"sweep_{sweep.study}_response.{ext}")
+    plt.close(fig)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("sweep", help="Optuna sweep of CAC options, every trial a tracked run")
+    p.add_argument("spec")
+    p.add_argument("--trials", type=int, required=True, help="total trials the study should reach")
+    p.add_argument("--preset", default="quick")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///optuna.db; journal:///file)")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--out", default="reports", help="where the best parameters and figures go")
+    p.set_defaults(func=lambda a: run_sweep(a.spec, a.trials, a.preset, a.storage, a.tracking_uri, report_dir=a.out))
