@@ -30,6 +30,15 @@ def _scalar(value: Any) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def _all_reduce(conf: torch.Tensor) -> torch.Tensor:
+    from mmengine.dist import all_reduce, get_world_size
+
+    if get_world_size() > 1:
+        conf = conf.clone()
+        all_reduce(conf, op="sum")
+    return conf
+
+
 @HOOKS.register_module()
 class TrackingHook(Hook):
     """Logs each loss term and lr, the three classifiers' mIoU on val and a fixed train subset every
@@ -111,6 +120,8 @@ class TrackingHook(Hook):
         metrics: dict[str, float] = {}
         for split, batches in (("val", runner.val_dataloader), ("train", self._train_subset_batches(runner))):
             confs = evaluate_classifiers(runner.model, batches, num_classes)
+            if split == "val":  # under DDP each rank saw its shard of val: sum the confusion matrices
+                confs = {k: _all_reduce(v) for k, v in sorted(confs.items())}
             for name, conf in confs.items():
                 metrics[f"{split}/mIoU_{_SHORT[name]}"] = iou_from_confusion(conf)[1]
             if split == "val" and final:

@@ -96,9 +96,13 @@ def plan_runs(spec: Spec, preset: str, rows: Optional[str] = None, seeds: Option
 
 
 @contextlib.contextmanager
-def work_dir_lock(work_dir: Path) -> Iterator[bool]:
-    """Yields True if this process holds the work dir's lock (nobody else is training it)."""
+def work_dir_lock(work_dir: Path, enabled: bool = True) -> Iterator[bool]:
+    """Yields True if this process holds the work dir's lock (nobody else is training it).
+    ``enabled=False`` (non-zero DDP ranks) yields True without locking: rank 0 decides for all."""
     work_dir.mkdir(parents=True, exist_ok=True)
+    if not enabled:
+        yield True
+        return
     fh = open(work_dir / ".lock", "w")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -143,6 +147,20 @@ def _ensure_data(unit: RunUnit, preset) -> None:
     verify(unit.spec.dataset, unit.cfg.get("data_root"))
 
 
+def _init_distributed(launcher: str) -> None:
+    """nccl through mmengine on GPUs; on CPUs gloo directly (mmengine's init would call cuda.set_device)."""
+    import torch
+
+    if torch.cuda.is_available():
+        from mmengine.dist import init_dist
+
+        init_dist(launcher, backend="nccl")
+    else:
+        import torch.distributed as dist
+
+        dist.init_process_group(backend="gloo")
+
+
 def _is_main_process() -> bool:
     from mmengine.dist import get_rank
 
@@ -174,7 +192,15 @@ def train_unit(unit: RunUnit, tracker: Optional[RunTracker], *, launcher: str = 
     cfg.load_from = None
     cfg.log_level = os.environ.get("CAC_LOG_LEVEL", "WARNING")  # the progress bar replaces mmengine's INFO lines
     if launcher != "none":
-        cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "gloo"
+        import torch
+
+        cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "nccl" if torch.cuda.is_available() else "gloo"
+        # device_ids=None lets DDP wrap CPU modules; some ablation rows leave parameters unused (e.g. theta_y
+        # without L_y^ce), which DDP must be told about.
+        cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", broadcast_buffers=False,
+                                     find_unused_parameters=True)
+        if not torch.cuda.is_available():
+            cfg.model_wrapper_cfg["device_ids"] = None
     runner = Runner.from_cfg(cfg)
     interval = cfg.train_cfg.get("val_interval", 0) or cfg.train_cfg.get("max_iters", 0)
     hook = TrackingHook(tracker, interval=interval, log_interval=max(1, min(10, interval)),
@@ -233,9 +259,7 @@ def run_spec(spec_path: str, preset: str = "quick", rows: Optional[str] = None, 
     units = plan_runs(spec, preset, rows, seeds)
     uri = resolve_tracking_uri(tracking_uri)
     if launcher != "none":
-        from mmengine.dist import init_dist
-
-        init_dist(launcher, backend="gloo")
+        _init_distributed(launcher)
     main = _is_main_process()
     states = _broadcast([unit_state(u, uri) for u in units] if main else None)
     if dry_run:
@@ -264,7 +288,7 @@ def execute_unit(unit: RunUnit, state: str, run_id: Optional[str], uri: str, *, 
 
     main = _is_main_process()
 
-    with work_dir_lock(unit.work_dir) as locked:
+    with work_dir_lock(unit.work_dir, enabled=main) as locked:
         locked = _broadcast(locked) if launcher != "none" else locked
         if not locked:
             if main:

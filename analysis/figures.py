@@ -1,0 +1,330 @@
+"""Figures from tracked runs: the oracle curves of the paper's Fig. 4 and the masks of Fig. 6, plus
+the run lookups (matched runs, configs, checkpoints, models) the t-SNE script shares.
+
+A run's model is rebuilt from the run itself: its resolved config (``artifacts/config.py`` in the
+local work dir, else the MLflow artifact) and its last checkpoint (the local ``iter_N.pth``, else the
+``checkpoint/`` artifact), so figures never depend on how the spec reads today.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on this machine
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cac.spec import Row, Spec  # noqa: E402
+
+__all__ = ["matched_runs", "full_cac_row", "metric_history", "plot_oracle_curves", "save_figure",
+           "run_work_dir", "run_config", "run_checkpoint", "load_run_model", "build_val_dataset",
+           "val_batch", "predict_masks", "colorize", "plot_masks", "oracle_curves_figure", "masks_figure",
+           "pick_seed", "evenly_spaced"]
+
+CLASSIFIERS = (("p", "original p"), ("pp", "context-aware p_p"), ("py", "oracle p_y"))
+# Fig. 4 draws the oracle in red and the original classifier in blue; p_p gets the third colour.
+COLOURS = {"original p": "tab:blue", "context-aware p_p": "tab:green", "oracle p_y": "tab:red"}
+IGNORE_INDEX = 255
+
+
+# -- which runs ------------------------------------------------------------------------------------
+def matched_runs(spec: Spec, preset: str, uri: str) -> dict[str, dict[int, object]]:
+    """``{row label: {seed: mlflow Run}}``: FINISHED runs whose config hash is the row's current one
+    (the rule ``cac.results.collect`` counts by), so a figure shows the runs the table counts."""
+    from cac.runner import make_unit
+    from cac.tracking import find_runs
+
+    rows = {r.label: r for r in spec.rows}
+    out: dict[str, dict[int, object]] = {label: {} for label in rows}
+    expected: dict[tuple[str, int], str] = {}
+    for run in find_runs(uri, spec.name, {"preset": preset}, statuses=["FINISHED"]):
+        label, seed = run.data.tags.get("row"), run.data.tags.get("seed")
+        if label not in rows or seed is None:
+            continue
+        key = (label, int(seed))
+        if key not in expected:
+            expected[key] = make_unit(spec, rows[label], int(seed), preset).cfg_hash
+        if run.data.tags.get("config_hash") == expected[key]:
+            out[label][int(seed)] = run
+    return out
+
+
+def _is_default_cac(row: Row) -> bool:
+    from cac.classifier import CACOptions
+
+    return row.cac is not None and CACOptions.from_dict(row.cac) == CACOptions()
+
+
+def full_cac_row(spec: Spec, with_runs: Optional[Iterable[str]] = None) -> Optional[Row]:
+    """The row with every CAC option at its default (the method as published); else the first +CAC
+    row. Only rows in ``with_runs`` are considered when it is given."""
+    allowed = None if with_runs is None else set(with_runs)
+    rows = [r for r in spec.rows if r.cac is not None and (allowed is None or r.label in allowed)]
+    return next((r for r in rows if _is_default_cac(r)), rows[0] if rows else None)
+
+
+def pick_seed(*seed_sets: Iterable[int], prefer: int = 0) -> Optional[int]:
+    """``prefer`` if every set has it, else the smallest seed all share (None if none)."""
+    common = set.intersection(*(set(s) for s in seed_sets)) if seed_sets else set()
+    if not common:
+        return None
+    return prefer if prefer in common else min(common)
+
+
+# -- Fig. 4: oracle curves -------------------------------------------------------------------------
+def metric_history(uri: str, runs: Mapping[int, object]):
+    """Long DataFrame ``seed, step, split, classifier, mIoU`` of ``{train,val}/mIoU_{p,pp,py}``."""
+    import mlflow
+    import pandas as pd
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    records = []
+    for seed, run in sorted(runs.items()):
+        for split in ("train", "val"):
+            for short, name in CLASSIFIERS:
+                for m in client.get_metric_history(run.info.run_id, f"{split}/mIoU_{short}"):
+                    records.append({"seed": seed, "step": int(m.step), "split": split, "classifier": name,
+                                    "mIoU": float(m.value)})
+    return pd.DataFrame.from_records(records, columns=["seed", "step", "split", "classifier", "mIoU"])
+
+
+def save_figure(fig, out_stem: Path) -> list[Path]:
+    """Write ``<stem>.png`` (150 dpi) and ``<stem>.pdf``; close the figure."""
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out_stem.with_suffix(".png"), out_stem.with_suffix(".pdf")]
+    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def plot_oracle_curves(frame, title: str):
+    """Train and val panels: mIoU over iterations per classifier, mean over seeds ± 1 sd band."""
+    import seaborn as sns
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=False)
+    n_seeds = frame["seed"].nunique() if len(frame) else 0
+    order = [name for _, name in CLASSIFIERS if name in set(frame["classifier"])]
+    for ax, split in zip(axes, ("train", "val")):
+        part = frame[frame["split"] == split]
+        if len(part):
+            sns.lineplot(data=part, x="step", y="mIoU", hue="classifier", hue_order=order, palette=COLOURS,
+                         errorbar=("sd", 1) if n_seeds > 1 else None, marker="o", ax=ax)
+        ax.set_title(f"{split} ({'subset of train images' if split == 'train' else 'val set'})")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("mIoU (%)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend() is not None and split == "train":
+            ax.get_legend().remove()
+        elif ax.get_legend() is not None:
+            ax.legend(title=None, fontsize=8)
+    band = f"mean over {n_seeds} seeds ± 1 sd" if n_seeds > 1 else f"{n_seeds} seed"
+    fig.suptitle(f"{title} ({band})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def oracle_curves_figure(spec: Spec, preset: str, uri: str, out_dir: Path,
+                         runs: Optional[Mapping[str, Mapping[int, object]]] = None) -> list[Path]:
+    """``oracle_curves_<spec>_<preset>.{png,pdf}`` from the full-CAC row's metric history.
+
+    Rows that never log p_y (no oracle branch) are skipped in favour of one that does.
+    """
+    runs = runs if runs is not None else matched_runs(spec, preset, uri)
+    with_runs = [label for label, seeds in runs.items() if seeds]
+    candidates = [full_cac_row(spec, with_runs)] + [r for r in spec.rows if r.label in with_runs and r.cac is not None]
+    for row in (r for r in candidates if r is not None):
+        frame = metric_history(uri, runs[row.label])
+        if len(frame) and (frame["classifier"] == "oracle p_y").any():
+            title = f"{spec.name} {row.label} {row.description} — preset {preset}"
+            fig = plot_oracle_curves(frame, title)
+            return save_figure(fig, out_dir / f"oracle_curves_{spec.name}_{preset}")
+    return []
+
+
+# -- a run's model and data ------------------------------------------------------------------------
+def _work_root(work_root: Optional[Path]) -> Path:
+    import cac.runner
+
+    return Path(work_root) if work_root is not None else Path(cac.runner.WORK_ROOT)
+
+
+def run_work_dir(run, work_root: Optional[Path] = None) -> Optional[Path]:
+    """The run's local work dir ``<root>/<spec>/<preset>/<row>-s<seed>-<hash8>``, if it is here."""
+    tags = run.data.tags
+    base = _work_root(work_root) / tags.get("spec", "") / tags.get("preset", "")
+    if not base.is_dir():
+        return None
+    hits = sorted(base.glob(f"*-s{tags.get('seed')}-{tags.get('config_hash', '')[:8]}"))
+    return hits[0] if hits else None
+
+
+def _artifact_dir(run) -> Path:
+    path = Path(tempfile.gettempdir()) / "cac-analysis-artifacts" / run.info.run_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_config(uri: str, run, work_root: Optional[Path] = None) -> dict:
+    """The resolved config the run trained with, as a plain dict."""
+    import mlflow
+    from mmengine.config import Config
+
+    local = run_work_dir(run, work_root)
+    path = local / "artifacts" / "config.py" if local else None
+    if path is None or not path.is_file():
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        path = Path(client.download_artifacts(run.info.run_id, "config.py", str(_artifact_dir(run))))
+    return Config.fromfile(str(path)).to_dict()
+
+
+def _iter_of(path: Path) -> int:
+    try:
+        return int(path.stem.split("_")[-1])
+    except ValueError:
+        return -1
+
+
+def run_checkpoint(uri: str, run, work_root: Optional[Path] = None) -> Path:
+    """The run's final checkpoint: local ``last_checkpoint`` / newest ``iter_N.pth``, else the artifact."""
+    import mlflow
+
+    local = run_work_dir(run, work_root)
+    if local is not None:
+        pointer = local / "last_checkpoint"
+        if pointer.is_file() and Path(pointer.read_text().strip()).is_file():
+            return Path(pointer.read_text().strip())
+        ckpts = sorted(local.glob("iter_*.pth"), key=_iter_of)
+        if ckpts:
+            return ckpts[-1]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    names = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint") if a.path.endswith(".pth")]
+    if not names:
+        raise FileNotFoundError(f"run {run.info.run_id}: no checkpoint in its work dir or its MLflow artifacts")
+    name = max(names, key=lambda n: _iter_of(Path(n)))
+    return Path(client.download_artifacts(run.info.run_id, name, str(_artifact_dir(run))))
+
+
+def load_run_model(uri: str, run, work_root: Optional[Path] = None):
+    """``(model in eval mode on the CPU, config dict)`` of a finished run."""
+    from mmengine.runner import load_checkpoint
+
+    from cac.params import build_model
+
+    cfg = run_config(uri, run, work_root)
+    model = build_model(cfg["model"])
+    load_checkpoint(model, str(run_checkpoint(uri, run, work_root)), map_location="cpu", logger="silent")
+    return model.eval(), cfg
+
+
+def build_val_dataset(cfg: Mapping):
+    """The config's val dataset (mmseg scope; ``import cac`` registers ContextScenesDataset)."""
+    import copy
+
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import DATASETS
+
+    import cac  # noqa: F401
+
+    init_default_scope("mmseg")
+    ds_cfg = copy.deepcopy(dict(cfg["val_dataloader"]["dataset"]))
+    root = ds_cfg.get("data_root")
+    if root and not Path(root).is_dir():
+        raise FileNotFoundError(f"the run's val data {root} is not on this machine")
+    return DATASETS.build(ds_cfg)
+
+
+def val_batch(dataset, indices: Sequence[int]) -> dict:
+    """An mmengine data batch of the given val items (the config's test pipeline)."""
+    from mmengine.dataset import pseudo_collate
+
+    return pseudo_collate([dataset[i] for i in indices])
+
+
+def evenly_spaced(n_items: int, k: int) -> list[int]:
+    """``k`` indices spread over ``range(n_items)``: a fixed choice, not picked by how models do."""
+    k = max(1, min(k, n_items))
+    return sorted({int(round(i * (n_items - 1) / max(k - 1, 1))) for i in range(k)}) if k > 1 else [0]
+
+
+def predict_masks(model, batch: dict) -> list[np.ndarray]:
+    """The model's test-time class map per image (``model.test_step``: p_p for a +CAC model)."""
+    import torch
+
+    with torch.no_grad():
+        samples = model.test_step(batch)
+    return [s.pred_sem_seg.data.squeeze(0).cpu().numpy().astype(np.int64) for s in samples]
+
+
+def colorize(mask: np.ndarray, palette: Sequence[Sequence[int]], ignore: int = IGNORE_INDEX) -> np.ndarray:
+    """``H x W`` class ids to ``H x W x 3`` uint8 colours; ignored (and unknown) pixels black."""
+    pal = np.zeros((256, 3), dtype=np.uint8)
+    pal[: len(palette)] = np.asarray(palette, dtype=np.uint8)[:256]
+    ids = np.where((mask >= 0) & (mask < len(palette)) & (mask != ignore), mask, 255).astype(np.int64)
+    out = pal[np.clip(ids, 0, 255)]
+    out[ids == 255] = 0
+    return out
+
+
+def plot_masks(images: Sequence[np.ndarray], gts: Sequence[np.ndarray], rows: Sequence[tuple[str, Sequence[np.ndarray]]],
+               palette: Sequence[Sequence[int]], title: str = ""):
+    """Fig. 6 layout: columns are images; rows image, ground truth, then one row per model.
+
+    Pixels ignored in the ground truth are black in every row (they are not scored).
+    """
+    n_rows, n_cols = 2 + len(rows), len(images)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.9 * n_cols, 1.9 * n_rows), squeeze=False)
+    panels = [("image", list(images)), ("ground truth", [colorize(g, palette) for g in gts])]
+    for name, preds in rows:
+        panels.append((name, [colorize(np.where(g == IGNORE_INDEX, IGNORE_INDEX, p), palette)
+                              for p, g in zip(preds, gts)]))
+    for r, (name, pics) in enumerate(panels):
+        for c, pic in enumerate(pics):
+            ax = axes[r][c]
+            ax.imshow(pic, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _read_rgb(path: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def masks_figure(spec: Spec, preset: str, uri: str, out_dir: Path, n_images: int = 4,
+                 runs: Optional[Mapping[str, Mapping[int, object]]] = None,
+                 work_root: Optional[Path] = None) -> list[Path]:
+    """``masks_<spec>_<preset>.{png,pdf}``: baseline row vs the full-CAC row, seed 0 where both have it."""
+    runs = runs if runs is not None else matched_runs(spec, preset, uri)
+    if not spec.baseline or not runs.get(spec.baseline):
+        return []
+    cac_row = full_cac_row(spec, [label for label, seeds in runs.items() if seeds and label != spec.baseline])
+    if cac_row is None:
+        return []
+    seed = pick_seed(runs[spec.baseline], runs[cac_row.label])
+    if seed is None:
+        return []
+    base_model, cfg = load_run_model(uri, runs[spec.baseline][seed], work_root)
+    cac_model, _ = load_run_model(uri, runs[cac_row.label][seed], work_root)
+    dataset = build_val_dataset(cfg)
+    batch = val_batch(dataset, evenly_spaced(len(dataset), n_images))
+    gts = [s.gt_sem_seg.data.squeeze(0).numpy().astype(np.int64) for s in batch["data_samples"]]
+    images = [_read_rgb(s.img_path) for s in batch["data_samples"]]
+    palette = dataset.metainfo.get("palette")
+    base_row = spec.row(spec.baseline)
+    rows = [(f"baseline {base_row.label}", predict_masks(base_model, batch)),
+            (f"+CAC {cac_row.label}", predict_masks(cac_model, batch))]
+    title = (f"{spec.name} (preset {preset}, seed {seed}): baseline {base_row.label} {base_row.description} "
+             f"vs {cac_row.label} {cac_row.description}")
+    return save_figure(plot_masks(images, gts, rows, palette, title), out_dir / f"masks_{spec.name}_{preset}")

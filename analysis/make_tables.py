@@ -1,0 +1,197 @@
+"""Reports from tracked runs: the paper's Tables 1-5 (Markdown, CSV, LaTeX) and Figs. 4 and 6.
+
+    python analysis/make_tables.py [--tracking-uri URI] [--spec table3] [--preset quick] [--out reports/]
+                                   [--no-figures] [--params] [--tsne]
+
+Without ``--spec`` every spec (``ablations/table{2..5}.yaml``, ``experiments/table1_*.yaml``) that has
+FINISHED runs at the preset is reported. Writes ``<out>/table{N}.{md,csv,tex}`` and, unless
+``--no-figures``, ``<out>/figures/oracle_curves_<spec>_<preset>`` and ``masks_<spec>_<preset>``
+(PNG and PDF); ``--tsne`` adds the t-SNE figures of each spec's latest +CAC run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+if __package__ in (None, ""):  # run as a file: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from analysis.tables import (ablation_csv, ablation_latex, ablation_markdown, build_ablation,  # noqa: E402
+                             build_table1, table1_csv, table1_latex, table1_markdown, table_number)
+
+__all__ = ["REPO", "spec_files", "find_spec", "report_ablation", "report_table1", "report_figures", "main"]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def spec_files(root: Path = REPO) -> list[Path]:
+    """The paper's specs in table order: Table 1 (per dataset), then Tables 2-5."""
+    return sorted((root / "experiments").glob("table1_*.yaml")) + sorted((root / "ablations").glob("table*.yaml"))
+
+
+def find_spec(name: str, root: Path = REPO) -> Path:
+    """A spec by path, or by stem among the repo's specs (``table3``, ``table1_ade20k``)."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"spec file {path} not found")
+        return path
+    known = spec_files(root)
+    for p in known:
+        if p.stem == name:
+            return p
+    raise FileNotFoundError(f"no spec {name!r}; known: {', '.join(p.stem for p in known)}")
+
+
+def _finished_count(spec, preset: str, uri: str) -> int:
+    from cac.tracking import find_runs
+
+    return len(find_runs(uri, spec.name, {"preset": preset}, statuses=["FINISHED"]))
+
+
+def _ignored_note(spec, preset: str, uri: str, results: dict) -> list[str]:
+    """Say how many FINISHED runs were not counted (config changed since, or another row set)."""
+    counted = sum(len(v) for v in results.values())
+    ignored = _finished_count(spec, preset, uri) - counted
+    if ignored <= 0:
+        return []
+    return [f"{ignored} FINISHED run(s) of `{spec.name}` at preset `{preset}` were not counted: their config "
+            "differs from the spec's current one, their row is not in the spec, or they lack `val/mIoU`."]
+
+
+def _write(out_dir: Path, stem: str, texts: dict[str, str]) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext, text in texts.items():
+        path = out_dir / f"{stem}.{ext}"
+        path.write_text(text)
+        paths.append(path)
+    return paths
+
+
+def report_ablation(spec, preset: str, uri: str, out_dir: Path) -> list[Path]:
+    """``table{N}.{md,csv,tex}`` for one spec."""
+    from cac.results import collect
+
+    results = collect(spec, preset, uri)
+    table = build_ablation(spec, results, preset, notes=_ignored_note(spec, preset, uri, results))
+    return _write(out_dir, table_number(spec.name), {"md": ablation_markdown(table, uri), "csv": ablation_csv(table),
+                                                     "tex": ablation_latex(table)})
+
+
+def _count_params(spec, preset: str) -> dict[str, float]:
+    from cac.params import count_spec_params
+
+    return {r["row"]: r["params"] / 1e6 for r in count_spec_params(str(spec.path), preset)}
+
+
+def report_table1(specs: Sequence, preset: str, uri: str, out_dir: Path, params: bool = False) -> list[Path]:
+    """``table1.{md,csv,tex}`` from the Table 1 specs (one per dataset)."""
+    from cac.results import collect
+
+    parts, notes = [], []
+    for spec in specs:
+        ss = collect(spec, preset, uri)
+        parts.append((spec, ss, collect(spec, preset, uri, "val/mIoU_ms")))
+        notes += _ignored_note(spec, preset, uri, ss)
+    counts = None
+    if params:
+        counts = _count_params(specs[0], preset)
+        notes.append(f"#params ours: counted from the resolved configs of `{specs[0].name}` at preset `{preset}` "
+                     "(the class count of the data sets the classifier size).")
+    table = build_table1(parts, preset, counts, notes)
+    return _write(out_dir, "table1", {"md": table1_markdown(table, uri), "csv": table1_csv(table),
+                                      "tex": table1_latex(table)})
+
+
+def report_figures(spec, preset: str, uri: str, fig_dir: Path, images: int = 4, tsne: bool = False,
+                   echo: Callable[[str], None] = print) -> list[Path]:
+    """Fig. 4 and Fig. 6 (and optionally the t-SNE) for a spec; a figure that cannot be made is
+    reported and skipped, so one missing checkpoint does not stop the tables."""
+    from analysis.figures import masks_figure, matched_runs, oracle_curves_figure
+
+    runs = matched_runs(spec, preset, uri)
+    paths: list[Path] = []
+    makers: list[tuple[str, Callable[[], list[Path]]]] = [
+        ("oracle curves", lambda: oracle_curves_figure(spec, preset, uri, fig_dir, runs)),
+        ("masks", lambda: masks_figure(spec, preset, uri, fig_dir, images, runs))]
+    if tsne:
+        makers.append(("t-SNE", lambda: _tsne(spec, preset, uri, fig_dir, images)))
+    for name, make in makers:
+        try:
+            made = make()
+        except Exception as err:  # noqa: BLE001 - a figure is optional; say why it is missing
+            echo(f"  {name} for {spec.name}: skipped ({type(err).__name__}: {err})")
+            continue
+        if not made:
+            echo(f"  {name} for {spec.name}: skipped (no suitable runs)")
+        paths += made
+    return paths
+
+
+def _tsne(spec, preset: str, uri: str, fig_dir: Path, images: int) -> list[Path]:
+    from tsne.make_tsne import make_tsne, pick_run
+
+    run = pick_run(uri, spec, preset)
+    return [] if run is None else make_tsne(uri, run, fig_dir, images)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tracking-uri")
+    p.add_argument("--spec", action="append",
+                   help="a spec stem (table3, table1_ade20k) or path; repeatable; default: every spec with runs")
+    p.add_argument("--preset", default="quick")
+    p.add_argument("--out", default="reports")
+    p.add_argument("--no-figures", action="store_true", help="tables only")
+    p.add_argument("--params", action="store_true", help="count Table 1 #params (slow: builds every model)")
+    p.add_argument("--tsne", action="store_true", help="also the t-SNE figures (tsne/make_tsne.py)")
+    p.add_argument("--images", type=int, default=4, help="val images in the mask and t-SNE figures")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from cac.errors import CacError
+    from cac.spec import load_spec
+    from cac.tracking import resolve_tracking_uri
+
+    args = build_parser().parse_args(argv)
+    uri = resolve_tracking_uri(args.tracking_uri)
+    out = Path(args.out)
+    explicit = bool(args.spec)
+    try:
+        specs = [load_spec(find_spec(s)) for s in args.spec] if explicit else [load_spec(p) for p in spec_files()]
+    except (FileNotFoundError, CacError) as err:  # one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    specs = [s for s in specs if s.task == "train"]
+    with_runs = {s.name for s in specs if _finished_count(s, args.preset, uri) > 0}
+    for s in specs:
+        if s.name not in with_runs:
+            print(f"{s.name}: no FINISHED runs at preset {args.preset}" + (" (table written anyway)" if explicit else
+                                                                           " (skipped)"))
+    chosen = specs if explicit else [s for s in specs if s.name in with_runs]
+    if not chosen:
+        print(f"nothing to report from {uri}")
+        return 1
+    t0 = time.time()
+    table1 = [s for s in chosen if table_number(s.name) == "table1"]
+    written: list[Path] = []
+    if table1:
+        written += report_table1(table1, args.preset, uri, out, params=args.params)
+    for spec in (s for s in chosen if table_number(s.name) != "table1"):
+        written += report_ablation(spec, args.preset, uri, out)
+    if not args.no_figures:
+        for spec in (s for s in chosen if s.name in with_runs):
+            written += report_figures(spec, args.preset, uri, out / "figures", args.images, args.tsne)
+    for path in written:
+        print(path)
+    print(f"{len(written)} files in {time.time() - t0:.0f}s (tracking {uri})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""The paper's tables rebuilt from tracked results: plain data in, Markdown / CSV / LaTeX text out.
+
+Building (``build_ablation``, ``build_table1``) takes the ``{row label: {seed: value}}`` mappings
+``cac.results.collect`` returns; rendering takes the built tables. Nothing here talks to MLflow.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+from cac.spec import Row, Spec
+
+from .stats import (Ordering, PairedCI, Summary, kendall_ordering, ordering_verdict, paired_ci,
+                    paired_differences, summarize)
+
+__all__ = ["AblationRow", "AblationTable", "Table1Row", "Table1", "paper_value", "build_ablation",
+           "build_table1", "ablation_markdown", "ablation_csv", "ablation_latex", "table1_markdown",
+           "table1_csv", "table1_latex", "fmt_summary", "fmt_delta", "table_number"]
+
+NO_RUNS = "no runs"
+DATASET_NAMES = {"ade20k": "ADE20K", "cocostuff": "COCO-Stuff 164K"}
+
+
+# -- data ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AblationRow:
+    label: str
+    description: str
+    values: dict[int, float]
+    summary: Optional[Summary]
+    delta: Optional[PairedCI]  # None for the baseline row and for rows without paired seeds
+    is_baseline: bool
+    paper: Optional[float]
+    paper_delta: Optional[float]
+
+
+@dataclass(frozen=True)
+class AblationTable:
+    name: str
+    title: str
+    preset: str
+    metric: str
+    baseline: Optional[str]
+    rows: list[AblationRow]
+    ordering: Optional[Ordering]
+    confidence: float = 0.95
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        return ordering_verdict(self.ordering)
+
+
+@dataclass(frozen=True)
+class Table1Row:
+    label: str
+    head: str
+    backbone: str
+    with_cac: bool
+    fps_paper: Optional[float]
+    params_paper: Optional[float]  # millions
+    params_ours: Optional[float]  # millions; None unless counted (--params)
+    ss: dict[str, Optional[Summary]]  # dataset -> ours, single scale
+    ms: dict[str, Optional[Summary]]  # dataset -> ours, multi scale
+    paper_ss: dict[str, Optional[float]]
+    paper_ms: dict[str, Optional[float]]
+
+
+@dataclass(frozen=True)
+class Table1:
+    preset: str
+    datasets: list[str]
+    rows: list[Table1Row]
+    orderings: dict[str, Optional[Ordering]]  # dataset -> s.s. ordering vs paper
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def verdicts(self) -> list[str]:
+        return [ordering_verdict(self.orderings[d], f"{DATASET_NAMES.get(d, d)} s.s. ordering vs paper")
+                for d in self.datasets]
+
+
+# -- building --------------------------------------------------------------------------------------
+def paper_value(row: Row, key: str = "ss") -> Optional[float]:
+    """The paper's figure of a row: the number itself, or ``paper[key]`` for Table 1 style rows."""
+    if isinstance(row.paper, Mapping):
+        value = row.paper.get(key)
+    else:
+        value = row.paper if key == "ss" else None
+    return None if value is None else float(value)
+
+
+def table_number(spec_name: str) -> str:
+    """``table3`` -> ``table3``; ``table1_ade20k`` -> ``table1``: the report file stem."""
+    return spec_name.split("_")[0]
+
+
+def build_ablation(spec: Spec, results: Mapping[str, Mapping[int, float]], preset: str,
+                   metric: str = "val/mIoU", confidence: float = 0.95,
+                   notes: Sequence[str] = ()) -> AblationTable:
+    """One row per spec row (in spec order), Δ paired by seed against ``spec.baseline``."""
+    base = spec.baseline
+    base_values = dict(results.get(base, {})) if base else {}
+    base_paper = paper_value(spec.row(base)) if base else None
+    rows = []
+    for row in spec.rows:
+        values = dict(results.get(row.label, {}))
+        is_base = row.label == base
+        delta = None
+        if base and not is_base and values:
+            delta = paired_ci(paired_differences(values, base_values), confidence)
+        paper = paper_value(row)
+        paper_delta = None if (paper is None or base_paper is None or not base) else paper - base_paper
+        rows.append(AblationRow(row.label, row.description, values,
+                                summarize([values[s] for s in sorted(values)]), delta, is_base, paper,
+                                paper_delta))
+    ordering = kendall_ordering({r.label: r.summary.mean for r in rows if r.summary},
+                                {r.label: r.paper for r in rows if r.paper is not None})
+    return AblationTable(spec.name, spec.title, preset, metric, base, rows, ordering, confidence, list(notes))
+
+
+def build_table1(parts: Sequence[tuple[Spec, Mapping, Mapping]], preset: str,
+                 params: Optional[Mapping[str, float]] = None, notes: Sequence[str] = ()) -> Table1:
+    """Table 1 from ``(spec, s.s. results, m.s. results)`` per dataset; rows matched by label.
+
+    ``params`` maps a row label to our parameter count in millions (counted only on request).
+    """
+    from cac.zoo import MODELS
+
+    datasets = [spec.dataset for spec, _, _ in parts]
+    labels: list[str] = []
+    by_label: dict[str, Row] = {}
+    for spec, _, _ in parts:
+        for row in spec.rows:
+            if row.label not in by_label:
+                labels.append(row.label)
+                by_label[row.label] = row
+    rows = []
+    for label in labels:
+        row = by_label[label]
+        model = _paper_model(row)
+        entry = MODELS.get(model)
+        ss, ms, pss, pms = {}, {}, {}, {}
+        for spec, res_ss, res_ms in parts:
+            d = spec.dataset
+            srow = next((r for r in spec.rows if r.label == label), None)
+            vals_ss, vals_ms = res_ss.get(label, {}), res_ms.get(label, {})
+            ss[d] = summarize([vals_ss[s] for s in sorted(vals_ss)])
+            ms[d] = summarize([vals_ms[s] for s in sorted(vals_ms)])
+            pss[d] = paper_value(srow, "ss") if srow else None
+            pms[d] = paper_value(srow, "ms") if srow else None
+        rows.append(Table1Row(label, entry.head if entry else model, entry.backbone if entry else "",
+                              row.cac is not None, paper_value(row, "fps"), paper_value(row, "params"),
+                              (params or {}).get(label), ss, ms, pss, pms))
+    orderings = {d: kendall_ordering({r.label: r.ss[d].mean for r in rows if r.ss.get(d)},
+                                     {r.label: r.paper_ss[d] for r in rows if r.paper_ss.get(d) is not None})
+                 for d in datasets}
+    return Table1(preset, datasets, rows, orderings, list(notes))
+
+
+def _paper_model(row: Row) -> str:
+    """The model the paper's Table 1 row names (Head / Backbone come from its zoo entry)."""
+    if isinstance(row.model, Mapping):
+        return row.model.get("paper") or next(iter(row.model.values()))
+    return row.model
+
+
+# -- cell formatting -------------------------------------------------------------------------------
+def _num(value: Optional[float], signed: bool = False, digits: int = 2) -> str:
+    if value is None or not math.isfinite(value):
+        return "—"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def fmt_summary(summary: Optional[Summary]) -> str:
+    """``46.10 ± 0.32 (n=3)``, ``46.10 (n=1)`` or ``no runs``."""
+    if summary is None:
+        return NO_RUNS
+    if summary.n < 2:
+        return f"{summary.mean:.2f} (n=1)"
+    return f"{summary.mean:.2f} ± {summary.std:.2f} (n={summary.n})"
+
+
+def fmt_delta(row: AblationRow, confidence: float = 0.95) -> str:
+    """``+0.52 [-0.10, +1.14] (3 pairs)``; ``n/a`` where fewer than 2 seeds pair with the baseline."""
+    if row.is_baseline:
+        return "baseline"
+    if row.summary is None:
+        return "—"
+    d = row.delta
+    if d is None:
+        return "n/a (0 pairs)"
+    if not d.has_interval:
+        return f"{_num(d.mean, True)} (CI n/a, {d.n_pairs} pair)"
+    return f"{_num(d.mean, True)} [{_num(d.low, True)}, {_num(d.high, True)}] ({d.n_pairs} pairs)"
+
+
+def _paper_delta(row: AblationRow) -> str:
+    return "baseline" if row.is_baseline else _num(row.paper_delta, True)
+
+
+def _comparability(preset: str) -> Optional[str]:
+    if preset == "paper":
+        return None
+    return (f"The paper's figures are UperNet + Swin-T on ADE20K; ours at preset `{preset}` come from a "
+            "smaller model on other data, so compare orderings and the signs of Δ, not the levels.")
+
+
+# -- Markdown --------------------------------------------------------------------------------------
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def ablation_markdown(table: AblationTable, tracking_uri: str = "") -> str:
+    pct = round(table.confidence * 100)
+    base = table.baseline
+    lines = [f"# {table.title}", "",
+             f"Ours: `{table.metric}` (%) at preset `{table.preset}`, mean ± sample std over seeds (n)."
+             + (f" Tracking: `{tracking_uri}`." if tracking_uri else "")]
+    if base:
+        lines.append(f"Δ: row − baseline {base}, the mean of per-seed differences over the seeds both rows "
+                     f"have, with a {pct}% t-interval (n/a with fewer than 2 pairs).")
+    note = _comparability(table.preset)
+    if note:
+        lines.append(note)
+    lines += ["", f"| Row | Description | Ours mIoU | Δ vs {base or '—'} [{pct}% CI] | Paper mIoU | Paper Δ |",
+              "|---|---|---|---|---|---|"]
+    for r in table.rows:
+        lines.append(f"| {r.label} | {_md_escape(r.description)} | {fmt_summary(r.summary)} | "
+                     f"{fmt_delta(r, table.confidence)} | {_num(r.paper)} | {_paper_delta(r)} |")
+    lines += ["", table.verdict[0].upper() + table.verdict[1:] + "."]
+    lines += [f"\n{n}" for n in table.notes]
+    return "\n".join(lines) + "\n"
+
+
+def table1_markdown(table: Table1, tracking_uri: str = "") -> str:
+    lines = ["# Table 1: Performance comparison (s.s. / m.s. mIoU, %)", "",
+             f"Ours at preset `{table.preset}` (mean ± sample std over seeds, n); s.s. is `val/mIoU`, m.s. "
+             "`val/mIoU_ms` where it was evaluated. fps is the paper's (RTX 2080Ti, 512×512); #params in "
+             "millions." + (f" Tracking: `{tracking_uri}`." if tracking_uri else "")]
+    note = _comparability(table.preset)
+    if note:
+        lines.append(note.replace("UperNet + Swin-T on ADE20K", "the listed models on ADE20K / COCO-Stuff"))
+    head = ["Head", "Backbone", "fps (paper)", "#params ours", "#params paper"]
+    for d in table.datasets:
+        name = DATASET_NAMES.get(d, d)
+        head += [f"{name} s.s. ours", f"{name} s.s. paper", f"{name} m.s. ours", f"{name} m.s. paper"]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table.rows:
+        cells = [("+ Ours" if r.with_cac else r.head), r.backbone, _num(r.fps_paper),
+                 _num(r.params_ours) + ("M" if r.params_ours is not None else ""),
+                 _num(r.params_paper) + ("M" if r.params_paper is not None else "")]
+        for d in table.datasets:
+            cells += [fmt_summary(r.ss[d]), _num(r.paper_ss[d]),
+                      "—" if r.ss[d] is not None and r.ms[d] is None else fmt_summary(r.ms[d]), _num(r.paper_ms[d])]
+        lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
+    lines.append("")
+    lines += [v[0].upper() + v[1:] + "." for v in table.verdicts]
+    lines += [f"\n{n}" for n in table.notes]
+    return "\n".join(lines) + "\n"
+
+
+# -- CSV -------------------------------------------------------------------------------------------
+def _csv_num(value: Optional[float]) -> str:
+    return "" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
+def ablation_csv(table: AblationTable) -> str:
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["row", "description", "status", "n", "seeds", "mean", "std", "delta", "delta_ci_low",
+                "delta_ci_high", "n_pairs", "paper", "paper_delta", "is_baseline"])
+    for r in table.rows:
+        s, d = r.summary, r.delta
+        w.writerow([r.label, r.description, "ok" if s else NO_RUNS, s.n if s else 0,
+                    " ".join(str(k) for k in sorted(r.values)), _csv_num(s.mean if s else None),
+                    _csv_num(s.std if s else None), _csv_num(d.mean if d else None),
+                    _csv_num(d.low if d else None), _csv_num(d.high if d else None), d.n_pairs if d else 0,
+                    _csv_num(r.paper), _csv_num(r.paper_delta), int(r.is_baseline)])
+    return out.getvalue()
+
+
+def table1_csv(table: Table1) -> str:
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["row", "head", "backbone", "cac", "dataset", "status", "n", "ss_mean", "ss_std", "ms_mean",
+                "ms_std", "paper_ss", "paper_ms", "fps_paper", "params_ours_m", "params_paper_m"])
+    for r in table.rows:
+        for d in table.datasets:
+            ss, ms = r.ss[d], r.ms[d]
+            w.writerow([r.label, r.head, r.backbone, int(r.with_cac), d, "ok" if ss else NO_RUNS,
+                        ss.n if ss else 0, _csv_num(ss.mean if ss else None), _csv_num(ss.std if ss else None),
+                        _csv_num(ms.mean if ms else None), _csv_num(ms.std if ms else None),
+                        _csv_num(r.paper_ss[d]), _csv_num(r.paper_ms[d]), _csv_num(r.fps_paper),
+                        _csv_num(r.params_ours), _csv_num(r.params_paper)])
+    return out.getvalue()
+
+
+# -- LaTeX -----------------------------------------------------------------------------------------
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def tex_escape(text: str) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in text).replace("±", r"$\pm$").replace("—", "--")
+
+
+def ablation_latex(table: AblationTable) -> str:
+    pct = round(table.confidence * 100)
+    lines = [r"\begin{table}[t]", r"\centering",
+             rf"\caption{{{tex_escape(table.title)} (ours: preset {tex_escape(table.preset)}; "
+             rf"$\Delta$ vs {tex_escape(table.baseline or '--')} paired by seed, {pct}\% t-interval)}}",
+             r"\begin{tabular}{llllrr}", r"\toprule",
+             rf"Row & Description & Ours & $\Delta$ [{pct}\% CI] & Paper & Paper $\Delta$ \\", r"\midrule"]
+    for r in table.rows:
+        cells = [r.label, r.description, fmt_summary(r.summary), fmt_delta(r, table.confidence), _num(r.paper),
+                 _paper_delta(r)]
+        lines.append(" & ".join(tex_escape(c) for c in cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", rf"\par\smallskip\footnotesize {tex_escape(table.verdict)}.",
+              r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def table1_latex(table: Table1) -> str:
+    n = len(table.datasets)
+    lines = [r"\begin{table*}[t]", r"\centering",
+             rf"\caption{{Table 1 (ours: preset {tex_escape(table.preset)}; fps is the paper's)}}",
+             r"\begin{tabular}{llrrr" + "llll" * n + "}", r"\toprule"]
+    top = ["", "", "", "", ""] + [rf"\multicolumn{{4}}{{c}}{{{tex_escape(DATASET_NAMES.get(d, d))}}}"
+                                  for d in table.datasets]
+    lines.append(" & ".join(top) + r" \\")
+    sub = ["Head", "Backbone", "fps", "#params ours", "#params paper"] + ["s.s. ours", "s.s. paper",
+                                                                        "m.s. ours", "m.s. paper"] * n
+    lines += [" & ".join(tex_escape(c) for c in sub) + r" \\", r"\midrule"]
+    for r in table.rows:
+        cells = [("+ Ours" if r.with_cac else r.head), r.backbone, _num(r.fps_paper), _num(r.params_ours),
+                 _num(r.params_paper)]
+        for d in table.datasets:
+            cells += [fmt_summary(r.ss[d]), _num(r.paper_ss[d]),
+                      "—" if r.ss[d] is not None and r.ms[d] is None else fmt_summary(r.ms[d]), _num(r.paper_ms[d])]
+        lines.append(" & ".join(tex_escape(c) for c in cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [rf"\par\footnotesize {tex_escape(v)}." for v in table.verdicts]
+    lines.append(r"\end{table*}")
+    return "\n".join(lines) + "\n"

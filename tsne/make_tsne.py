@@ -1,0 +1,190 @@
+"""t-SNE of a trained +CAC model (the paper's Fig. 7), plus the Fig. 1 view of one class across images.
+
+    python tsne/make_tsne.py --run-id RUN [--tracking-uri URI] [--images 4] [--out reports/figures]
+    python tsne/make_tsne.py --spec table3 [--preset quick]   # the latest FINISHED +CAC run of a spec
+
+Writes ``tsne_<spec>_<preset>_<row>_s<seed>.{png,pdf}`` (dots: pixel features coloured by class; large
+circles: the original classifier C; stars: each image's context-aware classifier A_p) and
+``..._fig1.{png,pdf}`` (one class's features, a colour per image; other classes grey).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+if __package__ in (None, ""):  # run as a file: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tsne.embed import IGNORE_INDEX, Points, choose_images, head_view, joint_points, tsne_2d  # noqa: E402
+
+__all__ = ["pick_run", "make_tsne", "plot_classifiers", "plot_one_class", "main"]
+
+IMAGE_COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink",
+                 "tab:olive")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "row"
+
+
+def pick_run(uri: str, spec, preset: str):
+    """The latest FINISHED run of the spec's full-CAC row at ``preset``, else of any +CAC row with a
+    context-aware classifier; None if there is none."""
+    from cac.classifier import CACOptions
+    from cac.tracking import find_runs
+
+    from analysis.figures import full_cac_row
+
+    ctx_rows = {r.label for r in spec.rows if r.cac is not None and CACOptions.from_dict(r.cac).has_context}
+    runs = [r for r in find_runs(uri, spec.name, {"preset": preset}, statuses=["FINISHED"])
+            if r.data.tags.get("row") in ctx_rows]
+    if not runs:
+        return None
+    full = full_cac_row(spec, {r.data.tags["row"] for r in runs})
+    preferred = [r for r in runs if full is not None and r.data.tags["row"] == full.label] or runs
+    return max(preferred, key=lambda r: r.info.start_time or 0)
+
+
+def _label_maps(dataset, limit: int = 200) -> list[np.ndarray]:
+    from PIL import Image
+
+    n = min(len(dataset), limit)
+    return [np.asarray(Image.open(dataset.get_data_info(i)["seg_map_path"])) for i in range(n)]
+
+
+def _class_colour(palette: Sequence[Sequence[int]], c: int) -> tuple:
+    return tuple(np.asarray(palette[c], dtype=float) / 255.0)
+
+
+def plot_classifiers(xy: np.ndarray, pts: Points, palette: Sequence[Sequence[int]], names: Sequence[str],
+                     title: str):
+    """Fig. 7: features as dots by class, C as large circles, A_p of each image as stars."""
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    colours = np.array([_class_colour(palette, c) for c in pts.cls])
+    feat, clf, ctx = (pts.kind == k for k in (Points.FEATURE, Points.CLASSIFIER, Points.CONTEXT))
+    ax.scatter(xy[feat, 0], xy[feat, 1], c=colours[feat], s=9, alpha=0.55, linewidths=0)
+    ax.scatter(xy[clf, 0], xy[clf, 1], c=colours[clf], s=260, marker="o", edgecolors="black", linewidths=1.5)
+    ax.scatter(xy[ctx, 0], xy[ctx, 1], c=colours[ctx], s=300, marker="*", edgecolors="black", linewidths=0.8)
+    handles = [Line2D([], [], marker="o", ls="", color=_class_colour(palette, c), label=names[c])
+               for c in sorted(set(pts.cls.tolist()))]
+    handles += [Line2D([], [], marker="o", ls="", mfc="white", mec="black", ms=12, label="classifier C"),
+                Line2D([], [], marker="*", ls="", mfc="white", mec="black", ms=14, label="context-aware A_p"),
+                Line2D([], [], marker=".", ls="", color="grey", label="pixel features")]
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_one_class(xy: np.ndarray, pts: Points, cls: int, name: str, images: Sequence[np.ndarray], title: str):
+    """Fig. 1: features of ``cls`` coloured by image (thumbnails framed in the same colour), others grey."""
+    k = len(images)
+    fig = plt.figure(figsize=(8.5, max(4.0, 1.6 * k)))
+    grid = fig.add_gridspec(k, 2, width_ratios=[1, 4])
+    feat = pts.kind == Points.FEATURE
+    ax = fig.add_subplot(grid[:, 1])
+    other = feat & (pts.cls != cls)
+    ax.scatter(xy[other, 0], xy[other, 1], c="lightgrey", s=9, linewidths=0, label="other classes")
+    for b in range(k):
+        sel = feat & (pts.cls == cls) & (pts.image == b)
+        ax.scatter(xy[sel, 0], xy[sel, 1], c=IMAGE_COLOURS[b % len(IMAGE_COLOURS)], s=14, linewidths=0,
+                   label=f"{name}, image {b + 1}")
+        thumb = fig.add_subplot(grid[b, 0])
+        thumb.imshow(images[b], interpolation="nearest")
+        thumb.set_xticks([])
+        thumb.set_yticks([])
+        for side in thumb.spines.values():
+            side.set_edgecolor(IMAGE_COLOURS[b % len(IMAGE_COLOURS)])
+            side.set_linewidth(3)
+    ax.legend(fontsize=7, frameon=False)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def make_tsne(uri: str, run, out_dir: Path, n_images: int = 4, per_class: int = 100, random_state: int = 0,
+              work_root: Optional[Path] = None) -> list[Path]:
+    """Both t-SNE figures of one finished +CAC run; returns the written files."""
+    from PIL import Image
+
+    from analysis.figures import build_val_dataset, load_run_model, save_figure, val_batch
+
+    model, cfg = load_run_model(uri, run, work_root)
+    dataset = build_val_dataset(cfg)
+    cls, indices = choose_images(_label_maps(dataset), n_images)
+    view = head_view(model, val_batch(dataset, indices))
+    pts = joint_points(view, per_class=per_class, seed=random_state)
+    xy = tsne_2d(pts.vectors, random_state=random_state)
+    names = list(dataset.metainfo["classes"])
+    palette = dataset.metainfo["palette"]
+    tags = run.data.tags
+    stem = out_dir / f"tsne_{_slug(tags.get('spec', 'run'))}_{tags.get('preset', '')}_{_slug(tags.get('row', ''))}" \
+                     f"_s{tags.get('seed', '')}"
+    what = (f"{tags.get('spec', '')} {tags.get('row', '')} seed {tags.get('seed', '')} (preset {tags.get('preset', '')},"
+            f" run {run.info.run_id[:8]}), {len(indices)} val images")
+    paths = save_figure(plot_classifiers(xy, pts, palette, names, f"t-SNE: {what}"), stem)
+    images = [np.asarray(Image.open(dataset.get_data_info(i)["img_path"]).convert("RGB")) for i in indices]
+    paths += save_figure(plot_one_class(xy, pts, cls, names[cls], images,
+                                        f"t-SNE of '{names[cls]}' features across images: {what}"),
+                         stem.with_name(stem.name + "_fig1"))
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run-id", help="a FINISHED +CAC run")
+    which.add_argument("--spec", help="a spec stem (table3) or path: use its latest FINISHED +CAC run")
+    p.add_argument("--preset", default="quick", help="with --spec (default quick)")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--images", type=int, default=4, help="val images to embed (default 4)")
+    p.add_argument("--per-class", type=int, default=100, help="pixels per class per image (default 100)")
+    p.add_argument("--random-state", type=int, default=0)
+    p.add_argument("--out", default="reports/figures")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import mlflow
+
+    from cac.tracking import resolve_tracking_uri
+
+    args = build_parser().parse_args(argv)
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if args.run_id:
+        run = mlflow.MlflowClient(tracking_uri=uri).get_run(args.run_id)
+    else:
+        from analysis.make_tables import find_spec
+        from cac.spec import load_spec
+
+        spec = load_spec(find_spec(args.spec))
+        run = pick_run(uri, spec, args.preset)
+        if run is None:
+            print(f"no FINISHED +CAC run of {spec.name} at preset {args.preset} in {uri}", file=sys.stderr)
+            return 1
+    if run.info.status != "FINISHED":
+        print(f"run {run.info.run_id} is {run.info.status}, not FINISHED", file=sys.stderr)
+        return 1
+    for path in make_tsne(uri, run, Path(args.out), args.images, args.per_class, args.random_state):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
