@@ -18,7 +18,7 @@ from .stats import (Ordering, PairedCI, Summary, kendall_ordering, ordering_verd
 
 __all__ = ["AblationRow", "AblationTable", "Table1Row", "Table1", "paper_value", "build_ablation",
            "build_table1", "ablation_markdown", "ablation_csv", "ablation_latex", "table1_markdown",
-           "table1_csv", "table1_latex", "fmt_summary", "fmt_delta", "table_number"]
+           "table1_csv", "table1_latex", "fmt_summary", "fmt_delta", "table_number", "paper_model", "tex_escape"]
 
 NO_RUNS = "no runs"
 DATASET_NAMES = {"ade20k": "ADE20K", "cocostuff": "COCO-Stuff 164K"}
@@ -141,7 +141,7 @@ def build_table1(parts: Sequence[tuple[Spec, Mapping, Mapping]], preset: str,
     rows = []
     for label in labels:
         row = by_label[label]
-        model = _paper_model(row)
+        model = paper_model(row)
         entry = MODELS.get(model)
         ss, ms, pss, pms = {}, {}, {}, {}
         for spec, res_ss, res_ms in parts:
@@ -161,7 +161,7 @@ def build_table1(parts: Sequence[tuple[Spec, Mapping, Mapping]], preset: str,
     return Table1(preset, datasets, rows, orderings, list(notes))
 
 
-def _paper_model(row: Row) -> str:
+def paper_model(row: Row) -> str:
     """The model the paper's Table 1 row names (Head / Backbone come from its zoo entry)."""
     if isinstance(row.model, Mapping):
         return row.model.get("paper") or next(iter(row.model.values()))
@@ -202,11 +202,11 @@ def _paper_delta(row: AblationRow) -> str:
     return "baseline" if row.is_baseline else _num(row.paper_delta, True)
 
 
-def _comparability(preset: str) -> Optional[str]:
+def _comparability(preset: str, what: str = " and the signs of Δ") -> Optional[str]:
     if preset == "paper":
         return None
     return (f"The paper's figures are UperNet + Swin-T on ADE20K; ours at preset `{preset}` come from a "
-            "smaller model on other data, so compare orderings and the signs of Δ, not the levels.")
+            f"smaller model on other data, so compare orderings{what}, not the levels.")
 
 
 # -- Markdown --------------------------------------------------------------------------------------
@@ -239,9 +239,9 @@ def ablation_markdown(table: AblationTable, tracking_uri: str = "") -> str:
 def table1_markdown(table: Table1, tracking_uri: str = "") -> str:
     lines = ["# Table 1: Performance comparison (s.s. / m.s. mIoU, %)", "",
              f"Ours at preset `{table.preset}` (mean ± sample std over seeds, n); s.s. is `val/mIoU`, m.s. "
-             "`val/mIoU_ms` where it was evaluated. fps is the paper's (RTX 2080Ti, 512×512); #params in "
+             "`val/mIoU_ms` where it was evaluated (— where not). fps is the paper's (RTX 2080Ti, 512×512); #params in "
              "millions." + (f" Tracking: `{tracking_uri}`." if tracking_uri else "")]
-    note = _comparability(table.preset)
+    note = _comparability(table.preset, " and the gains of + Ours")
     if note:
         lines.append(note.replace("UperNet + Swin-T on ADE20K", "the listed models on ADE20K / COCO-Stuff"))
     head = ["Head", "Backbone", "fps (paper)", "#params ours", "#params paper"]
@@ -304,8 +304,13 @@ _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#
         "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 
 
+# Symbols the specs and verdicts use, as math so that pdflatex needs no Unicode setup.
+_TEX_SYMBOLS = {"±": r"$\pm$", "—": "--", "−": "-", "τ": r"$\tau$", "θ": r"$\theta$", "⊕": r"$\oplus$",
+                "Δ": r"$\Delta$", "†": r"$^\dagger$", "×": r"$\times$"}
+
+
 def tex_escape(text: str) -> str:
-    return "".join(_TEX.get(ch, ch) for ch in text).replace("±", r"$\pm$").replace("—", "--")
+    return "".join(_TEX.get(ch) or _TEX_SYMBOLS.get(ch, ch) for ch in text)
 
 
 def ablation_latex(table: AblationTable) -> str:

@@ -190,7 +190,7 @@ def train_unit(unit: RunUnit, tracker: Optional[RunTracker], *, launcher: str = 
     cfg.launcher = launcher
     cfg.resume = (unit.work_dir / "last_checkpoint").is_file()
     cfg.load_from = None
-    cfg.log_level = os.environ.get("CAC_LOG_LEVEL", "WARNING")  # the progress bar replaces mmengine's INFO lines
+    cfg.log_level = os.environ.get("CAC_LOG_LEVEL", "ERROR")  # the progress bar replaces mmengine's INFO lines
     if launcher != "none":
         import torch
 

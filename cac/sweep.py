@@ -147,10 +147,14 @@ def resolve_storage(url: Optional[str]):
 _HEARTBEAT = int(os.environ.get("CAC_SWEEP_HEARTBEAT", "10"))  # seconds; a dead trial is retried after 2x
 
 
-def _sampler(cfg: dict):
+def _sampler(cfg: dict, offset: int = 0):
+    """The spec's sampler. The seed is offset by the trials the study already holds, so a process
+    that joins or continues a study does not replay the points the first one drew (deterministic
+    for one process; workers started on an empty study at the same instant would coincide)."""
     import optuna
 
     kind, seed = cfg.get("type", "tpe"), cfg.get("seed")
+    seed = None if seed is None else int(seed) + offset
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(cfg.get("n_startup_trials", 5)))
@@ -200,8 +204,8 @@ def run_sweep(path: str, trials: int, preset: str = "quick", storage: Optional[s
     store, url = resolve_storage(storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=sweep.study, storage=store, load_if_exists=True,
-                                direction=sweep.direction, sampler=_sampler(sweep.sampler),
-                                pruner=_pruner(sweep.pruner))
+                                direction=sweep.direction, pruner=_pruner(sweep.pruner))
+    study.sampler = _sampler(sweep.sampler, offset=len(study.get_trials(deepcopy=False)))
     row = sweep.base.row(sweep.row)
 
     def objective(trial) -> float:
@@ -227,7 +231,7 @@ def run_sweep(path: str, trials: int, preset: str = "quick", storage: Optional[s
         echo(f"trial {trial.number}: {', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in params.items())}")
         metrics = execute_unit(unit, state, run_id, uri, echo=echo, on_eval=report,
                                tags={"trial": trial.number, "study_storage": url})
-        if metrics is None:
+        if metrics is None:  # the same point is being trained by another worker right now
             raise optuna.TrialPruned("another process is training this configuration")
         if metrics is False:
             raise CacError(f"trial {trial.number} failed (non-finite loss)")

@@ -24,10 +24,33 @@ def resolve_tracking_uri(uri: Optional[str] = None) -> str:
     return uri
 
 
+_READY: set[str] = set()
+
+
 def _client(uri: str):
     import mlflow
 
+    if uri.startswith("sqlite:///") and uri not in _READY:
+        _init_sqlite_store(uri)
     return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def _init_sqlite_store(uri: str) -> None:
+    """Create/migrate a SQLite store under a file lock: two processes (parallel sweeps) racing on a
+    new database's schema would otherwise fail with 'duplicate column'."""
+    import fcntl
+
+    import mlflow
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    _READY.add(uri)
 
 
 def git_commit() -> str:

@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import mlflow
 import optuna
@@ -58,7 +59,12 @@ def test_two_processes_share_a_study_then_continue_to_new_total(workspace, sweep
     # Create the study once so both processes find it (Optuna's own race on first creation is not ours).
     optuna.create_study(study_name="sw", storage=storage, direction="maximize")
     procs = [subprocess.Popen(cmd, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for _ in range(2)]
+                              text=True)]
+    deadline = time.time() + 120  # the second worker joins once the first has started a trial
+    while time.time() < deadline and not optuna.load_study(study_name="sw", storage=storage).trials:
+        time.sleep(0.2)
+    procs.append(subprocess.Popen(cmd, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     study, done = _counted(storage)
