@@ -19,9 +19,9 @@ from typing import Callable, Optional, Sequence
 if __package__ in (None, ""):  # run as a file: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.tables import (paper_model, ablation_csv, ablation_latex, ablation_markdown,  # noqa: E402
-                             build_ablation, build_table1, table1_csv, table1_latex, table1_markdown,
-                             table_number)
+from analysis.tables import (DATASET_NAMES, ablation_csv, ablation_latex, ablation_markdown,  # noqa: E402
+                             build_ablation, build_table1, paper_model, table1_csv, table1_latex,
+                             table1_markdown, table_number)
 
 __all__ = ["REPO", "spec_files", "find_spec", "report_ablation", "report_table1", "report_figures", "main"]
 
@@ -105,9 +105,11 @@ def report_table1(specs: Sequence, preset: str, uri: str, out_dir: Path, params:
                      "listed models (Head / Backbone name the paper's model).")
     counts = None
     if params:
-        counts = _count_params(specs[0], preset)
-        notes.append(f"#params ours: counted from the resolved configs of `{specs[0].name}` at preset `{preset}` "
-                     "(the class count of the data sets the classifier size).")
+        # The column sits beside the paper's count of the paper's models, so count those (paper preset,
+        # the spec's data set's classes), whatever preset the mIoU columns come from.
+        counts = _count_params(specs[0], "paper")
+        notes.append(f"#params ours: counted from the resolved paper-preset configs of `{specs[0].name}` "
+                     f"({DATASET_NAMES.get(specs[0].dataset, specs[0].dataset)} classes).")
     table = build_table1(parts, preset, counts, notes)
     return _write(out_dir, "table1", {"md": table1_markdown(table, uri), "csv": table1_csv(table),
                                       "tex": table1_latex(table)})
@@ -121,19 +123,22 @@ def report_figures(spec, preset: str, uri: str, fig_dir: Path, images: int = 4, 
 
     runs = matched_runs(spec, preset, uri)
     paths: list[Path] = []
-    makers: list[tuple[str, Callable[[], list[Path]]]] = [
-        ("oracle curves", lambda: oracle_curves_figure(spec, preset, uri, fig_dir, runs)),
-        ("masks", lambda: masks_figure(spec, preset, uri, fig_dir, images, runs))]
+    makers: list[tuple[str, str, Callable[[], list[Path]]]] = [
+        ("oracle curves", "no +CAC row with runs that log p_y",
+         lambda: oracle_curves_figure(spec, preset, uri, fig_dir, runs)),
+        ("masks", "needs a baseline row and a +CAC row with runs of a common seed",
+         lambda: masks_figure(spec, preset, uri, fig_dir, images, runs))]
     if tsne:
-        makers.append(("t-SNE", lambda: _tsne(spec, preset, uri, fig_dir, images)))
-    for name, make in makers:
+        makers.append(("t-SNE", "no FINISHED +CAC run with a context-aware classifier",
+                       lambda: _tsne(spec, preset, uri, fig_dir, images)))
+    for name, why, make in makers:
         try:
             made = make()
         except Exception as err:  # noqa: BLE001 - a figure is optional; say why it is missing
             echo(f"  {name} for {spec.name}: skipped ({type(err).__name__}: {err})")
             continue
         if not made:
-            echo(f"  {name} for {spec.name}: skipped (no suitable runs)")
+            echo(f"  {name} for {spec.name}: skipped ({why})")
         paths += made
     return paths
 

@@ -7,6 +7,7 @@ stream), which removes the seed-to-seed variation both rows share.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
@@ -90,7 +91,9 @@ def kendall_ordering(ours: Mapping[str, float], paper: Mapping[str, float]) -> O
     labels = [k for k in ours if k in paper and _finite(ours[k]) and _finite(paper[k])]
     if len(labels) < 2:
         return None
-    res = kendalltau([ours[k] for k in labels], [paper[k] for k in labels])
+    with warnings.catch_warnings():  # constant input gives NaN, which agreement_words reports itself
+        warnings.simplefilter("ignore")
+        res = kendalltau([ours[k] for k in labels], [paper[k] for k in labels])
     return Ordering(float(res.statistic), float(res.pvalue), len(labels))
 
 

@@ -211,20 +211,24 @@ def classifier_cost(model, size: int, batch_size: int, repeats: int, device: str
     if not heads:
         return None
     head = heads[-1]
-    captured: dict[str, Any] = {}
-    hook = head.classifier.register_forward_hook(lambda m, args, out: captured.setdefault("args", args))
-    oracle_calls = []
-    oracle = [head.classifier.proj_y.register_forward_hook(lambda *a: oracle_calls.append(1))] \
-        if head.classifier.proj_y is not None else []
+    conv, cls = head.head.conv_seg, head.classifier
+    captured: list[tuple] = []
+    oracle_calls: list[int] = []
+
+    def capture(*args: Any) -> Any:  # CACHead calls classifier.predict directly: no module hook fires
+        captured.append(args)
+        return type(cls).predict(cls, *args)
+    cls.predict = capture
+    hooks = [cls.proj_y.register_forward_hook(lambda *a: oracle_calls.append(1))] if cls.proj_y is not None else []
     try:
         inference_fn(model, size, batch_size)()
     finally:
-        for h in [hook, *oracle]:
+        del cls.predict
+        for h in hooks:
             h.remove()
     if oracle_calls:
         raise CacError("the oracle projector theta_y ran at inference; p_y must be a training-only branch")
-    feats, weight, bias = captured["args"][:3]
-    conv, cls = head.head.conv_seg, head.classifier
+    feats, weight, bias = captured[-1][:3]
 
     def run_conv() -> None:
         with torch.inference_mode():
@@ -341,66 +345,71 @@ def add_deltas(results: dict[str, SizeResult], baseline: Optional[str]) -> None:
             res.delta["fps_delta_from_classifier_pct"] = (base_ms / (base_ms + extra) - 1.0) * 100
 
 
-def _paper_figures(model: str, label: str, size: int) -> Optional[tuple[float, float]]:
-    return PAPER_TABLE6.get(size, {}).get(label) if model == PAPER_MODEL else None
-
-
-def _paper_delta(size: int) -> Optional[tuple[float, float]]:
-    row = PAPER_TABLE6.get(size)
-    if not row:
-        return None
-    (fb, mb), (fo, mo) = row["Baseline"], row["Ours"]
+def _paper_delta(size: int) -> tuple[float, float]:
+    """The paper's Δ% (fps, Mem) at ``size``, from its Table 6 figures."""
+    (fb, mb), (fo, mo) = PAPER_TABLE6[size]["Baseline"], PAPER_TABLE6[size]["Ours"]
     return (fo / fb - 1) * 100, (mo / mb - 1) * 100
 
 
 def _fmt(value: Optional[float], spec: str, width: int) -> str:
-    return f"{'—':>{width}}" if value is None else f"{value:>{width}{spec}}"
+    """Right-aligned ``value`` in ``spec`` (``.2f``, ``+.2f``); a dash when there is none."""
+    if value is None:
+        return f"{'—':>{width}}"
+    sign, rest = ("+", spec[1:]) if spec.startswith("+") else ("", spec)
+    return format(value, f">{sign}{width}{rest}")
 
 
 def format_table(results: dict[int, dict[str, SizeResult]], rows: list[str], baseline: Optional[str],
                  model: str, title: str = "") -> str:
-    """Table 6's layout: fps and Mem (MB) per size for each row and Δ%, the paper's beside ours."""
+    """Table 6's layout: fps and Mem (MB) per size for each row, then Δ% against ``baseline``; for the
+    paper's model, the paper's figures beside ours."""
     sizes = sorted(results)
-    cell = 9
-    head1 = f"{'':<12}" + "".join(f"{f'{s}x{s}':^{4 * cell + 3}}|" for s in sizes)
-    head2 = f"{'Model':<12}" + "".join(
-        f"{'fps':>{cell}}{'Mem':>{cell}} |{'paper fps':>{cell + 1}}{'Mem':>{cell}}|" for _ in sizes)
+    with_paper = model == PAPER_MODEL and all(s in PAPER_TABLE6 for s in sizes)
+    w = 9
+    group = 2 * w + (2 * w + 3 if with_paper else 0)
     lines = [title] if title else []
-    lines += [head1, head2]
+    lines.append(f"{'':<12}" + "".join(f"{f'{s}x{s}':^{group}}|" for s in sizes))
+    sub = f"{'fps':>{w}}{'Mem':>{w}}" + (f" |{'paper fps':>{w}}{'Mem':>{w}}" if with_paper else "")
+    lines.append(f"{'Model':<12}" + "".join(f"{sub}|" for _ in sizes))
     for label in rows:
-        line = f"{label:<12}"
+        cells = []
         for s in sizes:
             r = results[s].get(label)
-            paper = _paper_figures(model, label, s)
-            line += (_fmt(r.fps if r else None, ".3f", cell) + _fmt(r.mem_mb if r else None, ".1f", cell) + " |"
-                     + _fmt(paper[0] if paper else None, ".2f", cell + 1)
-                     + _fmt(paper[1] if paper else None, ".0f", cell) + "|")
-        lines.append(line)
-    others = [r for r in rows if r != baseline]
-    for label in others if baseline else []:
-        name = "Δ" if len(others) == 1 else f"Δ {label}"
-        line = f"{name:<12}"
+            cell = _fmt(r.fps if r else None, ".3f", w) + _fmt(r.mem_mb if r else None, ".1f", w)
+            if with_paper:
+                paper = PAPER_TABLE6[s].get(label)
+                cell += " |" + _fmt(paper[0] if paper else None, ".2f", w) + _fmt(paper[1] if paper else None, ".0f", w)
+            cells.append(cell)
+        lines.append(f"{label:<12}" + "".join(f"{c}|" for c in cells))
+    others = [r for r in rows if r != baseline] if baseline else []
+    for label in others:
+        cells = []
         for s in sizes:
             d = results[s][label].delta if label in results[s] else {}
-            paper = _paper_delta(s) if model == PAPER_MODEL else None
-            line += (_fmt(d.get("fps_delta_pct"), "+.2f", cell - 1) + "%" + _fmt(d.get("mem_delta_pct"), "+.2f", cell - 1)
-                     + "% |" + _fmt(paper[0] if paper else None, "+.2f", cell) + "%"
-                     + _fmt(paper[1] if paper else None, "+.2f", cell - 1) + "%|")
-        lines.append(line)
-    for label in others if baseline else []:
-        parts = []
+            cell = _pct(d.get("fps_delta_pct"), w) + _pct(d.get("mem_delta_pct"), w)
+            if with_paper:
+                fps_d, mem_d = _paper_delta(s)
+                cell += " |" + _pct(fps_d, w) + _pct(mem_d, w)
+            cells.append(cell)
+        lines.append(f"{'Δ' if len(others) == 1 else 'Δ ' + label:<12}" + "".join(f"{c}|" for c in cells))
+    for label in others:
+        checks = []
         for s in sizes:
-            d = results[s][label].delta if label in results[s] else {}
-            c = results[s][label].classifier if label in results[s] else None
-            if "fps_delta_paired_pct" in d:
-                text = f"{s}: paired Δfps {d['fps_delta_paired_pct']:+.2f}%"
-                if c is not None:
-                    text += (f", classifier +{c['classifier_extra_ms']:.1f} ms"
-                             f" -> Δfps {d['fps_delta_from_classifier_pct']:+.2f}%")
-                parts.append(text)
-        if parts:
-            lines.append(f"  {label} cross-checks — " + "; ".join(parts))
+            r = results[s].get(label)
+            if r is None or "fps_delta_paired_pct" not in r.delta:
+                continue
+            text = f"{s}: paired Δfps {r.delta['fps_delta_paired_pct']:+.2f}%"
+            if r.classifier is not None:
+                text += (f"; classifier +{r.classifier['classifier_extra_ms']:.1f} ms over conv_seg"
+                         f" = Δfps {r.delta['fps_delta_from_classifier_pct']:+.2f}%")
+            checks.append(text)
+        if checks:
+            lines.append(f"cross-checks ({label}): " + " | ".join(checks))
     return "\n".join(lines)
+
+
+def _pct(value: Optional[float], width: int) -> str:
+    return f"{'—':>{width}}" if value is None else format(value, f">+{width - 1}.2f") + "%"
 
 
 def _row_params(spec: Spec, row: Row, model: str, cfg: dict, settings: BenchSettings, size: int) -> dict:

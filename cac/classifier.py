@@ -180,11 +180,12 @@ class ContextAwareClassifier(nn.Module):
 
 
 def cac_losses(out: CACOutputs, labels: Tensor, options: CACOptions,
-               ce: Callable[[Tensor], Mapping[str, Tensor]], ignore_index: int = 255) -> dict[str, Tensor]:
+               ce: Callable[[Tensor, bool], Mapping[str, Tensor]], ignore_index: int = 255) -> dict[str, Tensor]:
     """The terms of Eq. (8), each already weighted; summing the ``loss*`` entries gives L.
 
-    ``ce(logits)`` is the head's own segmentation loss (returns a dict of named terms), so a head's
-    loss configuration (class weights, OHEM, extra terms) carries over to p, p_p and p_y alike.
+    ``ce(logits, accuracy)`` is the head's own segmentation loss (a dict of named terms, plus
+    ``acc_seg`` when ``accuracy``), so a head's loss configuration (class weights, OHEM, extra terms)
+    carries over to p, p_p and p_y alike. Only p's accuracy is asked for.
     Terms with weight 0 are not computed.
     """
     losses: dict[str, Tensor] = {}
@@ -193,7 +194,7 @@ def cac_losses(out: CACOutputs, labels: Tensor, options: CACOptions,
         if logits is None or weight == 0:
             return
         tag = f"_{prefix}" if prefix else ""
-        for key, value in ce(logits).items():
+        for key, value in ce(logits, not prefix).items():
             if key.startswith("loss"):
                 losses[f"loss{tag}{key[4:]}"] = value * weight
             else:

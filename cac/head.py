@@ -21,6 +21,7 @@ from typing import Any, Optional
 from mmengine.model import BaseModule
 from mmseg.models.decode_heads.decode_head import BaseDecodeHead
 from mmseg.registry import MODELS
+import torch
 from torch import Tensor
 
 from .classifier import CACOptions, CACOutputs, ContextAwareClassifier, cac_losses
@@ -94,11 +95,32 @@ class CACHead(BaseModule):
     def loss(self, *args: Any) -> dict:
         """``loss(inputs[, prev_output], batch_data_samples, train_cfg)``: the terms of Eq. (8)."""
         *inputs, batch_data_samples, _train_cfg = args
-        labels = self.head._stack_batch_gt(batch_data_samples).squeeze(1)
+        seg_label = self.head._stack_batch_gt(batch_data_samples)
+        labels = seg_label.squeeze(1)
         out = self.all_logits(*inputs, labels=labels)
         return cac_losses(out, labels, self.options,
-                          ce=lambda logits: self.head.loss_by_feat(logits, batch_data_samples),
+                          ce=lambda logits, accuracy: self.segmentation_loss(logits, seg_label, accuracy),
                           ignore_index=self.ignore_index)
+
+    def segmentation_loss(self, logits: Tensor, seg_label: Tensor, accuracy: bool = True) -> dict:
+        """The wrapped head's own loss terms (its ``loss_decode`` list and pixel sampler), as its
+        ``loss_by_feat`` computes them; the accuracy (a top-k over all classes and pixels) only when
+        asked, since p_p and p_y don't need it logged every step."""
+        from mmseg.models.losses import accuracy as seg_accuracy
+        from mmseg.models.utils import resize
+
+        head = self.head
+        logits = resize(logits, size=seg_label.shape[2:], mode="bilinear", align_corners=head.align_corners)
+        weight = head.sampler.sample(logits, seg_label) if head.sampler is not None else None
+        label = seg_label.squeeze(1)
+        terms = head.loss_decode if isinstance(head.loss_decode, torch.nn.ModuleList) else [head.loss_decode]
+        losses: dict = {}
+        for term in terms:
+            value = term(logits, label, weight=weight, ignore_index=head.ignore_index)
+            losses[term.loss_name] = losses[term.loss_name] + value if term.loss_name in losses else value
+        if accuracy:
+            losses["acc_seg"] = seg_accuracy(logits, label, ignore_index=head.ignore_index)
+        return losses
 
     def predict(self, *args: Any) -> Tensor:
         """``predict(inputs[, prev_output], batch_img_metas, test_cfg)``."""

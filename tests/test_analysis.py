@@ -183,7 +183,7 @@ def test_make_tables_writes_tables_and_figures(in_work, tmp_path):
 
     out = tmp_path / "reports"
     assert main(["--tracking-uri", in_work.uri, "--spec", str(in_work.table3), "--spec", str(in_work.table1),
-                 "--out", str(out)]) == 0
+                 "--out", str(out), "--tsne", "--images", "2"]) == 0
     md = (out / "table3.md").read_text()
     spec = load_spec(in_work.table3)
     for row in spec.rows:
@@ -207,7 +207,8 @@ def test_make_tables_writes_tables_and_figures(in_work, tmp_path):
     assert (out / "table1.csv").is_file() and (out / "table1.tex").is_file()
 
     figs = out / "figures"
-    for name in ("oracle_curves_table3_quick", "masks_table3_quick", "oracle_curves_table1_ade20k_quick"):
+    for name in ("oracle_curves_table3_quick", "masks_table3_quick", "oracle_curves_table1_ade20k_quick",
+                 "tsne_table3_quick_e_s1", "tsne_table1_ade20k_quick_fcn-mv2+cac_s0_fig1"):
         for ext in (".png", ".pdf"):
             _assert_figure(figs / f"{name}{ext}")
 

@@ -96,9 +96,10 @@ def test_original_cos_and_context_dot_and_none():
     torch.testing.assert_close(o.p_p, torch.einsum("bnd,bdhw->bnhw", a_p, feats))
 
 
-def _ce(logits, labels):
+def _ce(logits, labels, accuracy=True):
     lab = torch.nn.functional.interpolate(labels[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0]
-    return {"loss_ce": torch.nn.functional.cross_entropy(logits, lab.long(), ignore_index=255), "acc_seg": torch.tensor(1.0)}
+    out = {"loss_ce": torch.nn.functional.cross_entropy(logits, lab.long(), ignore_index=255)}
+    return {**out, "acc_seg": torch.tensor(1.0)} if accuracy else out
 
 
 def test_eq8_terms_weights_and_skips():
@@ -106,8 +107,8 @@ def test_eq8_terms_weights_and_skips():
     opts = CACOptions(lambda_kl=2.0, loss_ce_y=0.0)
     cac = ContextAwareClassifier(D, N, opts)
     out = cac(feats, weight, bias, labels)
-    losses = cac_losses(out, labels, opts, ce=lambda x: _ce(x, labels))
-    assert set(losses) == {"loss_ce", "acc_seg", "loss_ctx_ce", "acc_seg_ctx", "loss_kl"}
+    losses = cac_losses(out, labels, opts, ce=lambda x, acc: _ce(x, labels, acc))
+    assert set(losses) == {"loss_ce", "acc_seg", "loss_ctx_ce", "loss_kl"}
     torch.testing.assert_close(losses["loss_ctx_ce"], _ce(out.p_p, labels)["loss_ce"])
     none = CACOptions(lambda_kl=0.0, loss_ce_y=0.0)
     out2 = ContextAwareClassifier(D, N, none)(feats, weight, bias, labels)
@@ -120,7 +121,7 @@ def test_gradients_reach_projectors_and_not_through_teacher_into_theta_y_when_on
     opts = CACOptions(loss_ce_y=0.0)  # Table 2 (e): L_y^ce off, KL on -> theta_y gets no gradient
     cac = ContextAwareClassifier(D, N, opts)
     out = cac(feats, weight, bias, labels)
-    loss = sum(v for k, v in cac_losses(out, labels, opts, ce=lambda x: _ce(x, labels)).items() if "loss" in k)
+    loss = sum(v for k, v in cac_losses(out, labels, opts, ce=lambda x, acc: _ce(x, labels, acc)).items() if "loss" in k)
     loss.backward()
     assert all(p.grad is None for p in cac.proj_y.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cac.proj_p.parameters())

@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tsne.embed import IGNORE_INDEX, Points, choose_images, head_view, joint_points, tsne_2d  # noqa: E402
+from tsne.embed import Points, choose_images, head_view, joint_points, tsne_2d  # noqa: E402
 
 __all__ = ["pick_run", "make_tsne", "plot_classifiers", "plot_one_class", "main"]
 
