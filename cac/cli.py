@@ -16,7 +16,8 @@ def _cmd_run(args) -> int:
     from .runner import run_spec
 
     return run_spec(args.spec, preset=args.preset, rows=args.rows, seeds=args.seeds,
-                    tracking_uri=args.tracking_uri, dry_run=args.dry_run, launcher=args.launcher)
+                    tracking_uri=args.tracking_uri, dry_run=args.dry_run, launcher=args.launcher,
+                    multiscale=args.ms)
 
 
 def _cmd_config(args) -> int:
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
     p.add_argument("--launcher", default="none", choices=["none", "pytorch"])
+    p.add_argument("--ms", action="store_true",
+                   help="also evaluate multi-scale (0.5-1.75) + flip, logged as val/mIoU_ms")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("config", help="print a row's resolved mmengine config")

@@ -73,8 +73,15 @@ class Preset:
                              pipeline=pipeline),
             )
 
+        ratios = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]  # Table 1's m.s. scales, with flips
+        tta_pipeline = [dict(type="LoadImageFromFile"), dict(type="TestTimeAug", transforms=[
+            [dict(type="Resize", scale_factor=r, keep_ratio=True) for r in ratios],
+            [dict(type="RandomFlip", prob=0.0, direction="horizontal"),
+             dict(type="RandomFlip", prob=1.0, direction="horizontal")],
+            [dict(type="LoadAnnotations")], [dict(type="PackSegInputs")]])]
         cfg.update(
-            dataset_type="ContextScenesDataset", data_root=root, crop_size=None,
+            dataset_type="ContextScenesDataset", data_root=root, crop_size=None, img_ratios=ratios,
+            tta_pipeline=tta_pipeline,
             train_pipeline=train_pipeline, test_pipeline=test_pipeline,
             train_dataloader=loader("train", train_pipeline, True, self.batch_size),
             val_dataloader=loader("val", test_pipeline, False, 16),

@@ -216,6 +216,42 @@ def train_unit(unit: RunUnit, tracker: Optional[RunTracker], *, launcher: str = 
     return metrics
 
 
+def evaluate_multiscale(unit: RunUnit, checkpoint: Path) -> float:
+    """Multi-scale (0.5-1.75) + flip mIoU of a trained unit through mmseg's SegTTAModel, as
+    mmseg's ``tools/test.py --tta`` does it (Table 1's "m.s.")."""
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    cfg = Config(json.loads(json.dumps(unit.cfg)))
+    cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+    cfg.test_dataloader.batch_size = 1  # TTA batches hold every augmented view of one image
+    cfg.tta_model = dict(type="SegTTAModel", module=cfg.model)
+    cfg.model = cfg.tta_model
+    cfg.load_from, cfg.resume = str(checkpoint), False
+    cfg.work_dir = str(unit.work_dir / "ms")
+    cfg.log_level = os.environ.get("CAC_LOG_LEVEL", "ERROR")
+    metrics = Runner.from_cfg(cfg).test()
+    return float(metrics["mIoU"])
+
+
+def _final_checkpoint(unit: RunUnit) -> Path:
+    return unit.work_dir / f"iter_{int(unit.cfg['train_cfg'].get('max_iters', 0))}.pth"
+
+
+def _add_multiscale(unit: RunUnit, uri: str, run_id: str, echo: Callable[[str], None]) -> None:
+    """Log ``val/mIoU_ms`` to a FINISHED run that lacks it (training is not redone)."""
+    tracker = RunTracker(uri, run_id)
+    if "val/mIoU_ms" in tracker.client.get_run(run_id).data.metrics:
+        return
+    ckpt = _final_checkpoint(unit)
+    if not ckpt.is_file():
+        echo(f"ms    {unit.name}: no local checkpoint {ckpt}; multi-scale evaluation skipped")
+        return
+    miou = evaluate_multiscale(unit, ckpt)
+    tracker.log_metrics({"val/mIoU_ms": miou}, int(unit.cfg["train_cfg"].get("max_iters", 0)))
+    echo(f"ms    {unit.name}: multi-scale + flip val mIoU {miou:.2f}")
+
+
 def _last_val(runner) -> dict:
     """mmseg's IoUMetric results from the last validation (mIoU, mAcc, aAcc, in %)."""
     hub = runner.message_hub
@@ -249,7 +285,7 @@ def _log_final(unit: RunUnit, tracker: RunTracker, metrics: dict, classes: list[
 
 def run_spec(spec_path: str, preset: str = "quick", rows: Optional[str] = None, seeds: Optional[int] = None,
              tracking_uri: Optional[str] = None, dry_run: bool = False, launcher: str = "none",
-             echo: Callable[[str], None] = print) -> int:
+             multiscale: bool = False, echo: Callable[[str], None] = print) -> int:
     """The ``cac-exp run`` command. Returns the exit code."""
     spec = load_spec(spec_path)
     if spec.task == "benchmark":
@@ -271,8 +307,12 @@ def run_spec(spec_path: str, preset: str = "quick", rows: Optional[str] = None, 
         if state == "finished":
             if main:
                 echo(f"skip  {unit.name}: FINISHED run {run_id} has this config")
-            continue
-        failures += 0 if execute_unit(unit, state, run_id, uri, launcher=launcher, echo=echo) is not False else 1
+        else:
+            failures += 0 if execute_unit(unit, state, run_id, uri, launcher=launcher, echo=echo) is not False else 1
+        if multiscale and main:
+            state, run_id = unit_state(unit, uri)
+            if state == "finished":
+                _add_multiscale(unit, uri, run_id, echo)
     if main and failures:
         echo(f"{failures} of {len(units)} runs failed (see above); finished runs are kept")
     return 1 if failures else 0

@@ -140,11 +140,9 @@ def resolve_storage(url: Optional[str]):
 
         return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal://"):])), url
     # A heartbeat lets another process notice a dead trial and retry it with the same parameters.
-    return RDBStorage(url, heartbeat_interval=_HEARTBEAT, grace_period=2 * _HEARTBEAT,
+    beat = int(os.environ.get("CAC_SWEEP_HEARTBEAT", "10"))  # seconds; a dead trial is retried after 2 beats
+    return RDBStorage(url, heartbeat_interval=beat, grace_period=2 * beat,
                       failed_trial_callback=RetryFailedTrialCallback(max_retry=3)), url
-
-
-_HEARTBEAT = int(os.environ.get("CAC_SWEEP_HEARTBEAT", "10"))  # seconds; a dead trial is retried after 2x
 
 
 def _sampler(cfg: dict, offset: int = 0):

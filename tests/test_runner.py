@@ -76,6 +76,13 @@ def test_run_tracks_everything_then_skips_finished(workspace, capsys):
     assert capsys.readouterr().out.count("skip") == 2
     assert len(_runs(uri)) == 2
 
+    # Multi-scale + flip evaluation is added to finished runs without retraining them.
+    assert main(["run", str(spec), "--preset", "quick", "--tracking-uri", uri, "--rows", "(f)", "--ms"]) == 0
+    assert "multi-scale + flip val mIoU" in capsys.readouterr().out
+    runs = {r.data.tags["row"]: r for r in _runs(uri)}
+    assert len(runs) == 2 and 0.0 <= runs["(f)"].data.metrics["val/mIoU_ms"] <= 100.0
+    assert "val/mIoU_ms" not in runs["(a)"].data.metrics
+
 
 def test_sigkill_then_resume_leaves_one_finished_run(workspace, capsys):
     spec = _spec(workspace, iters=40, interval=10)

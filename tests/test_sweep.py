@@ -96,3 +96,36 @@ def test_bad_sweep_spec_is_one_line(workspace, sweep_spec, capsys):
     assert main(["sweep", str(sweep_spec), "--trials", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "tau" in err
+
+
+def test_killed_trial_is_retried_with_same_params_and_resumes(workspace, sweep_spec, monkeypatch):
+    import signal
+
+    (workspace / "base.yaml").write_text(BASE.replace("max_iters: 20", "max_iters: 40"))
+    storage = f"sqlite:///{workspace}/optuna.db"
+    uri = f"sqlite:///{workspace}/mlflow.db"
+    env = {**os.environ, "CAC_WORK_DIR": str(workspace / "work_dirs"), "CAC_SWEEP_HEARTBEAT": "1"}
+    cmd = [sys.executable, "-m", "cac.cli", "sweep", str(sweep_spec), "--trials", "1", "--storage", storage,
+           "--tracking-uri", uri, "--out", str(workspace / "reports")]
+    proc = subprocess.Popen(cmd, cwd=workspace, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((workspace / "work_dirs").rglob("iter_10.pth")):
+        time.sleep(0.2)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)  # past the grace period (2 heartbeats): the trial is stale
+    monkeypatch.setenv("CAC_SWEEP_HEARTBEAT", "1")
+    assert main(["sweep", str(sweep_spec), "--trials", "1", "--storage", storage, "--tracking-uri", uri,
+                 "--out", str(workspace / "reports")]) == 0
+    study = optuna.load_study(study_name="sw", storage=storage)
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1 and states.count(optuna.trial.TrialState.COMPLETE) == 1
+    failed, done = study.trials
+    assert failed.params == done.params
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("base").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]  # the killed trial's run was resumed, not duplicated
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/mIoU_pp")]
+    assert steps[0] == 10 and steps[-1] == 40
