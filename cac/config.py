@@ -57,11 +57,13 @@ def set_by_path(cfg: dict, dotted: str, value: Any) -> None:
 
 
 def _to_plain(obj: Any) -> Any:
-    """mmengine ConfigDicts and tuples to plain dicts and lists, so configs compare and hash stably."""
+    """mmengine ConfigDicts to plain dicts (tuples stay tuples: mmseg transforms test for them)."""
     if isinstance(obj, Mapping):
         return {str(k): _to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
+    if isinstance(obj, list):
         return [_to_plain(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_plain(v) for v in obj)
     return obj
 
 
@@ -75,6 +77,20 @@ def _dataset_swap(cfg: dict, base_dataset_file: str) -> None:
                 "test_evaluator"):
         if key in data:
             cfg[key] = data[key]
+
+
+def _resolve_data_root(cfg: dict, dataset: str) -> None:
+    """mmseg's relative ``data/...`` roots become absolute, under ``$CAC_DATA_ROOT`` or the repo's data/."""
+    from .data.real import default_real_root
+
+    root = str(default_real_root(dataset))
+    cfg["data_root"] = root
+    for key in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        ds = (cfg.get(key) or {}).get("dataset")
+        while isinstance(ds, dict):  # wrappers (RepeatDataset, ConcatDataset) nest the real one
+            if "data_root" in ds:
+                ds["data_root"] = root
+            ds = ds.get("dataset")
 
 
 def resolve_config(
@@ -99,11 +115,13 @@ def resolve_config(
     dataset = dataset or "ade20k"
     if preset.embedded:
         preset.apply_embedded(cfg)
-    elif dataset == "cocostuff":
-        _dataset_swap(cfg, "coco-stuff164k.py")
-        set_num_classes(cfg["model"], 171)
-    elif dataset != "ade20k":
-        raise CacError(f"unknown dataset {dataset!r} for the paper preset; use ade20k or cocostuff")
+    else:
+        if dataset == "cocostuff":
+            _dataset_swap(cfg, "coco-stuff164k.py")
+            set_num_classes(cfg["model"], 171)
+        elif dataset != "ade20k":
+            raise CacError(f"unknown dataset {dataset!r} for the paper preset; use ade20k or cocostuff")
+        _resolve_data_root(cfg, dataset)
     if cac is not None and cac is not False:  # an empty dict is +CAC with the paper's defaults
         cfg["model"] = add_cac(cfg["model"], {} if cac is True else cac)
     for key, value in (overrides or {}).items():

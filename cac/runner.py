@@ -7,8 +7,8 @@ training right now (its work dir is locked) is left alone.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
-import json
 import os
 import re
 import time
@@ -186,7 +186,7 @@ def train_unit(unit: RunUnit, tracker: Optional[RunTracker], *, launcher: str = 
     from .evaluation import iou_from_confusion
     from .hooks import TrackingHook
 
-    cfg = Config(json.loads(json.dumps(unit.cfg)))
+    cfg = Config(copy.deepcopy(unit.cfg))  # tuples stay tuples: mmseg transforms check for them
     cfg.launcher = launcher
     cfg.resume = (unit.work_dir / "last_checkpoint").is_file()
     cfg.load_from = None
@@ -222,7 +222,7 @@ def evaluate_multiscale(unit: RunUnit, checkpoint: Path) -> float:
     from mmengine.config import Config
     from mmengine.runner import Runner
 
-    cfg = Config(json.loads(json.dumps(unit.cfg)))
+    cfg = Config(copy.deepcopy(unit.cfg))
     cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
     cfg.test_dataloader.batch_size = 1  # TTA batches hold every augmented view of one image
     cfg.tta_model = dict(type="SegTTAModel", module=cfg.model)
@@ -327,7 +327,10 @@ def execute_unit(unit: RunUnit, state: str, run_id: Optional[str], uri: str, *, 
     from .hooks import NonFiniteLossError
 
     main = _is_main_process()
-
+    if main:  # before any MLflow run is opened: a missing dataset must leave nothing behind
+        _ensure_data(unit, get_preset(unit.preset))
+    if launcher != "none":
+        _broadcast(None)  # other ranks wait for the data
     with work_dir_lock(unit.work_dir, enabled=main) as locked:
         locked = _broadcast(locked) if launcher != "none" else locked
         if not locked:
@@ -348,10 +351,6 @@ def execute_unit(unit: RunUnit, state: str, run_id: Optional[str], uri: str, *, 
             tracker.log_params({**{f"setting.{k}": v for k, v in unit.settings().items()},
                                 **flatten(unit.cfg.get("model", {}), "cfg.model.")})
         t0 = time.time()
-        preset = get_preset(unit.preset)
-        if main:
-            _ensure_data(unit, preset)
-        _broadcast(None) if launcher != "none" else None  # other ranks wait for the data
         try:
             metrics = train_unit(unit, tracker, launcher=launcher, on_eval=on_eval)
         except NonFiniteLossError as err:

@@ -39,9 +39,12 @@ def _init_sqlite_store(uri: str) -> None:
     """Create/migrate a SQLite store under a file lock: two processes (parallel sweeps) racing on a
     new database's schema would otherwise fail with 'duplicate column'."""
     import fcntl
+    import logging
 
     import mlflow
 
+    for name in ("mlflow", "alembic"):  # schema-creation chatter is not the user's business
+        logging.getLogger(name).setLevel(logging.WARNING)
     db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{db}.lock", "w") as fh:

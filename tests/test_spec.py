@@ -97,3 +97,17 @@ def test_dry_run_prints_plan(tmp_path, capsys):
 def test_load_spec_error_type(tmp_path):
     with pytest.raises(SpecError):
         load_spec(_write(tmp_path, "rows: []\ntitle: x\n"))
+
+
+def test_missing_real_dataset_is_one_line_and_tracks_nothing(tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    monkeypatch.setenv("CAC_DATA_ROOT", str(tmp_path / "nodata"))
+    uri = f"sqlite:///{tmp_path}/m.db"
+    code = main(["run", str(ROOT / "ablations" / "table3.yaml"), "--preset", "paper", "--rows", "(e)",
+                 "--tracking-uri", uri])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "ADE20K not found" in err and str(tmp_path / "nodata") in err and "cac-exp data ade20k" in err
+    exp = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("table3")
+    assert exp is None or not mlflow.MlflowClient(tracking_uri=uri).search_runs([exp.experiment_id])
