@@ -124,7 +124,7 @@ class ContextAwareClassifier(nn.Module):
         """p = f C^T (+ b), or tau * cos(f, C) for Table 4's cosine original classifier."""
         if self.options.original == "cos":
             return cosine_logits(feats, weight, self.options.tau)
-        return F.conv2d(feats, weight[:, :, None, None].to(feats.dtype), None if bias is None else bias.to(feats.dtype))
+        return dot_logits(feats, weight, bias)
 
     def context_logits(self, feats: Tensor, classifier: Tensor) -> Tensor:
         """Eqs. (3)/(6): tau * cos(f, A) (or f A^T for Table 4's "Context (Dot)")."""

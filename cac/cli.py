@@ -52,13 +52,24 @@ def _cmd_results(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .results import print_tracked
+    """Table 3 at the quick preset, then its report (Markdown/CSV/LaTeX table and figures)."""
+    from pathlib import Path
+
+    from analysis.make_tables import main as make_tables
+
     from .runner import run_spec
 
-    spec = "ablations/table3.yaml"
-    code = run_spec(spec, preset="quick", tracking_uri=args.tracking_uri)
-    print()
-    print_tracked(spec, preset="quick", tracking_uri=args.tracking_uri)
+    spec = Path(__file__).resolve().parents[1] / "ablations" / "table3.yaml"
+    code = run_spec(str(spec), preset="quick", tracking_uri=args.tracking_uri)
+    report = ["--spec", "table3", "--preset", "quick", "--out", args.out]
+    if args.tracking_uri:
+        report += ["--tracking-uri", args.tracking_uri]
+    make_tables(report)
+    table = Path(args.out) / "table3.md"
+    if table.is_file():
+        print()
+        print(table.read_text())
+        print(f"table: {table.resolve()} (also .csv, .tex); figures: {(Path(args.out) / 'figures').resolve()}")
     return code
 
 
@@ -101,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run ablations/table3.yaml at the quick preset and print its table")
     p.add_argument("--tracking-uri")
+    p.add_argument("--out", default="reports")
     p.set_defaults(func=_cmd_demo)
 
     for register in _plugins():
