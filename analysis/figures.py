@@ -263,15 +263,16 @@ def predict_masks(model, batch: dict) -> list[np.ndarray]:
 def colorize(mask: np.ndarray, palette: Sequence[Sequence[int]], ignore: int = IGNORE_INDEX) -> np.ndarray:
     """``H x W`` class ids to ``H x W x 3`` uint8 colours; ignored (and unknown) pixels black."""
     pal = np.zeros((256, 3), dtype=np.uint8)
-    pal[: len(palette)] = np.asarray(palette, dtype=np.uint8)[:256]
+    n = min(len(palette), 256)
+    pal[:n] = np.asarray(palette, dtype=np.uint8)[:n]
     ids = np.where((mask >= 0) & (mask < len(palette)) & (mask != ignore), mask, 255).astype(np.int64)
     out = pal[np.clip(ids, 0, 255)]
     out[ids == 255] = 0
     return out
 
 
-def plot_masks(images: Sequence[np.ndarray], gts: Sequence[np.ndarray], rows: Sequence[tuple[str, Sequence[np.ndarray]]],
-               palette: Sequence[Sequence[int]], title: str = ""):
+def plot_masks(images: Sequence[np.ndarray], gts: Sequence[np.ndarray],
+               rows: Sequence[tuple[str, Sequence[np.ndarray]]], palette: Sequence[Sequence[int]], title: str = ""):
     """Fig. 6 layout: columns are images; rows image, ground truth, then one row per model.
 
     Pixels ignored in the ground truth are black in every row (they are not scored).

@@ -16,8 +16,11 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-if __package__ in (None, ""):  # run as a file: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: import from the repo root, not this folder
+    # (this folder on sys.path would let its modules shadow others, e.g. tables.py vs PyTables)
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
 
 from analysis.tables import (DATASET_NAMES, ablation_csv, ablation_latex, ablation_markdown,  # noqa: E402
                              build_ablation, build_table1, paper_model, table1_csv, table1_latex,

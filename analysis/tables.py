@@ -239,8 +239,8 @@ def ablation_markdown(table: AblationTable, tracking_uri: str = "") -> str:
 def table1_markdown(table: Table1, tracking_uri: str = "") -> str:
     lines = ["# Table 1: Performance comparison (s.s. / m.s. mIoU, %)", "",
              f"Ours at preset `{table.preset}` (mean ± sample std over seeds, n); s.s. is `val/mIoU`, m.s. "
-             "`val/mIoU_ms` where it was evaluated (— where not). fps is the paper's (RTX 2080Ti, 512×512); #params in "
-             "millions." + (f" Tracking: `{tracking_uri}`." if tracking_uri else "")]
+             "`val/mIoU_ms` where it was evaluated (— where not). fps is the paper's (RTX 2080Ti, 512×512); "
+             "#params in millions." + (f" Tracking: `{tracking_uri}`." if tracking_uri else "")]
     note = _comparability(table.preset, " and the gains of + Ours")
     if note:
         lines.append(note.replace("UperNet + Swin-T on ADE20K", "the listed models on ADE20K / COCO-Stuff"))

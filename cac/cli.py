@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from typing import Callable, Optional
 
@@ -128,6 +129,11 @@ def _plugins() -> list[Callable]:
     return [data_register, sweep_register]
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM (a scheduler, `timeout`) ends like Ctrl-C: the current run is marked KILLED, resumable."""
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     import warnings
@@ -135,6 +141,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     warnings.filterwarnings("ignore")
     parser = build_parser()
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args) or 0)
     except CacError as err:

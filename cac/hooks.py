@@ -91,7 +91,7 @@ class TrackingHook(Hook):
         width = 24
         fill = int(width * step / runner.max_iters)
         loss = self._last.get("loss", float("nan"))
-        terms = " ".join(f"{k.split('.')[-1]}={v:.3f}" for k, v in self._last.items()
+        terms = " ".join(f"{k.replace('decode.', '')}={v:.3f}" for k, v in self._last.items()
                          if "loss_" in k)
         line = (f"\r  {self.label} [{'#' * fill}{'.' * (width - fill)}] {step}/{runner.max_iters} "
                 f"eta {eta:4.0f}s loss={loss:.3f} {terms}")

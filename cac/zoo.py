@@ -86,6 +86,8 @@ for _name, _head, _bb, _cfg in [
 
 
 # -- small models for the embedded presets (2 CPU cores, 64x64 crops) ----------------------------
+# A slim ResNet-18 (16 base channels, two stages, output stride 4: 16x16 features for 64x64 images)
+# with an FCN head, d = 32.
 _BN = dict(type="BN", requires_grad=True)
 _PREPROC = dict(type="SegDataPreProcessor", mean=[127.5] * 3, std=[63.75] * 3, bgr_to_rgb=True,
                 pad_val=0, seg_pad_val=255)
@@ -95,7 +97,7 @@ register_model(ModelEntry(
     model=dict(
         type="EncoderDecoder",
         data_preprocessor=_PREPROC,
-        backbone=dict(type="ResNetV1c", depth=18, num_stages=2, out_indices=(1,), strides=(1, 2),
+        backbone=dict(type="ResNetV1c", depth=18, num_stages=2, out_indices=(1,), strides=(1, 1),
                       dilations=(1, 1), base_channels=16, stem_channels=16, norm_cfg=_BN, contract_dilation=True,
                       style="pytorch"),
         decode_head=dict(type="FCNHead", in_channels=32, in_index=0, channels=32, num_convs=1, concat_input=False,

@@ -15,8 +15,11 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-if __package__ in (None, ""):  # run as a file: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: import from the repo root, not this folder
+    # (this folder on sys.path would let its modules shadow others, e.g. tables.py vs PyTables)
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
 
 import matplotlib
 
@@ -134,10 +137,9 @@ def make_tsne(uri: str, run, out_dir: Path, n_images: int = 4, per_class: int = 
     names = list(dataset.metainfo["classes"])
     palette = dataset.metainfo["palette"]
     tags = run.data.tags
-    stem = out_dir / f"tsne_{_slug(tags.get('spec', 'run'))}_{tags.get('preset', '')}_{_slug(tags.get('row', ''))}" \
-                     f"_s{tags.get('seed', '')}"
-    what = (f"{tags.get('spec', '')} {tags.get('row', '')} seed {tags.get('seed', '')} (preset {tags.get('preset', '')},"
-            f" run {run.info.run_id[:8]}), {len(indices)} val images")
+    spec, row, seed, preset = (tags.get(k, "") for k in ("spec", "row", "seed", "preset"))
+    stem = out_dir / f"tsne_{_slug(spec or 'run')}_{preset}_{_slug(row)}_s{seed}"
+    what = f"{spec} {row} seed {seed} (preset {preset}, run {run.info.run_id[:8]}), {len(indices)} val images"
     paths = save_figure(plot_classifiers(xy, pts, palette, names, f"t-SNE: {what}"), stem)
     images = [np.asarray(Image.open(dataset.get_data_info(i)["img_path"]).convert("RGB")) for i in indices]
     paths += save_figure(plot_one_class(xy, pts, cls, names[cls], images,
