@@ -18,6 +18,7 @@ matplotlib.use("Agg")  # files only; no display on this machine
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cac.results import matched_runs  # noqa: E402  (re-exported: the runs the tables count)
 from cac.spec import Row, Spec  # noqa: E402
 
 __all__ = ["matched_runs", "full_cac_row", "metric_history", "plot_oracle_curves", "save_figure",
@@ -32,27 +33,6 @@ IGNORE_INDEX = 255
 
 
 # -- which runs ------------------------------------------------------------------------------------
-def matched_runs(spec: Spec, preset: str, uri: str) -> dict[str, dict[int, object]]:
-    """``{row label: {seed: mlflow Run}}``: FINISHED runs whose config hash is the row's current one
-    (the rule ``cac.results.collect`` counts by), so a figure shows the runs the table counts."""
-    from cac.runner import make_unit
-    from cac.tracking import find_runs
-
-    rows = {r.label: r for r in spec.rows}
-    out: dict[str, dict[int, object]] = {label: {} for label in rows}
-    expected: dict[tuple[str, int], str] = {}
-    for run in find_runs(uri, spec.name, {"preset": preset}, statuses=["FINISHED"]):
-        label, seed = run.data.tags.get("row"), run.data.tags.get("seed")
-        if label not in rows or seed is None:
-            continue
-        key = (label, int(seed))
-        if key not in expected:
-            expected[key] = make_unit(spec, rows[label], int(seed), preset).cfg_hash
-        if run.data.tags.get("config_hash") == expected[key]:
-            out[label][int(seed)] = run
-    return out
-
-
 def _is_default_cac(row: Row) -> bool:
     from cac.classifier import CACOptions
 

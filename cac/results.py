@@ -7,31 +7,33 @@ from typing import Optional
 from .spec import Spec, load_spec
 from .tracking import find_runs, resolve_tracking_uri
 
-__all__ = ["collect", "print_tracked"]
+__all__ = ["matched_runs", "collect", "print_tracked"]
 
 
-def collect(spec: Spec, preset: str, uri: str, metric: str = "val/mIoU") -> dict[str, dict[int, float]]:
-    """``{row label: {seed: metric}}`` from the FINISHED runs of ``spec`` at ``preset``.
-
-    Only runs whose config hash matches the spec's current row config count, so a changed row
-    never mixes with its old results.
-    """
+def matched_runs(spec: Spec, preset: str, uri: str) -> dict[str, dict[int, object]]:
+    """``{row label: {seed: mlflow Run}}``: the FINISHED runs of ``spec`` at ``preset`` whose config
+    hash is the row's current one, so a changed row never mixes with its old results."""
     from .runner import make_unit
 
-    out: dict[str, dict[int, float]] = {r.label: {} for r in spec.rows}
-    runs = find_runs(uri, spec.name, {"preset": preset}, statuses=["FINISHED"])
-    expected: dict[tuple[str, int], str] = {}
     rows = {r.label: r for r in spec.rows}
-    for run in runs:
+    out: dict[str, dict[int, object]] = {label: {} for label in rows}
+    expected: dict[tuple[str, int], str] = {}
+    for run in find_runs(uri, spec.name, {"preset": preset}, statuses=["FINISHED"]):
         label, seed = run.data.tags.get("row"), run.data.tags.get("seed")
-        if label not in rows or seed is None or metric not in run.data.metrics:
+        if label not in rows or seed is None:
             continue
         key = (label, int(seed))
         if key not in expected:
             expected[key] = make_unit(spec, rows[label], int(seed), preset).cfg_hash
         if run.data.tags.get("config_hash") == expected[key]:
-            out[label][int(seed)] = run.data.metrics[metric]
+            out[label][int(seed)] = run
     return out
+
+
+def collect(spec: Spec, preset: str, uri: str, metric: str = "val/mIoU") -> dict[str, dict[int, float]]:
+    """``{row label: {seed: metric}}`` from :func:`matched_runs` (runs without the metric left out)."""
+    return {label: {seed: run.data.metrics[metric] for seed, run in runs.items() if metric in run.data.metrics}
+            for label, runs in matched_runs(spec, preset, uri).items()}
 
 
 def _fmt(values: list[float]) -> str:

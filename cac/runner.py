@@ -347,7 +347,8 @@ def execute_unit(unit: RunUnit, state: str, run_id: Optional[str], uri: str, *, 
                 tracker = RunTracker.open(uri, unit.spec.name, unit.tags, unit.name)
             _close_stale(unit, uri, keep=tracker.run_id)
             tracker.set_tags({"git_commit": git_commit(), "data_version": data_version(unit.preset, unit.spec.dataset),
-                              "model": unit.model, "description": unit.row.description, **(tags or {})})
+                              "model": unit.model, "description": unit.row.description,
+                              "work_dir": str(unit.work_dir.resolve()), **(tags or {})})
             tracker.log_params({**{f"setting.{k}": v for k, v in unit.settings().items()},
                                 **flatten(unit.cfg.get("model", {}), "cfg.model.")})
         t0 = time.time()

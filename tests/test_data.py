@@ -315,5 +315,8 @@ def test_cli_register(tmp_path, capsys):
                               str(tmp_path / "ade" / "ADEChallengeData2016")])
     with pytest.raises(CacError, match="found 3 of 20,210"):
         args.func(args)
-    with pytest.raises(SystemExit):
-        parser.parse_args(["data", "context-scenes", "--preset", "huge"])
+    args = parser.parse_args(["data", "context-scenes", "--preset", "huge"])
+    with pytest.raises(CacError, match="unknown preset 'huge'"):
+        args.func(args)
+    args = parser.parse_args(["data", "context-scenes", "--preset", "paper", "--out", str(tmp_path / "p")])
+    assert args.func(args) == 0 and "no context-scenes data to generate" in capsys.readouterr().out

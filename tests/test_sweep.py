@@ -44,6 +44,14 @@ def sweep_spec(workspace):
     return workspace / "sw.yaml"
 
 
+def _checkpoint_exists(root, name):
+    """True once a checkpoint file appears (directories may change while the trainer writes)."""
+    try:
+        return any(root.rglob(name))
+    except FileNotFoundError:
+        return False
+
+
 def _counted(storage):
     study = optuna.load_study(study_name="sw", storage=storage)
     ok = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -110,7 +118,7 @@ def test_killed_trial_is_retried_with_same_params_and_resumes(workspace, sweep_s
     proc = subprocess.Popen(cmd, cwd=workspace, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 240
-    while time.time() < deadline and not list((workspace / "work_dirs").rglob("iter_10.pth")):
+    while time.time() < deadline and not _checkpoint_exists(workspace / "work_dirs", "iter_10.pth"):
         time.sleep(0.2)
     time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
