@@ -43,7 +43,8 @@ from .spec import Row, Spec, select_rows
 
 __all__ = ["PAPER_TABLE6", "PAPER_TABLE6_DELTA", "MODEL_ENV", "BenchSettings", "SizeResult", "bench_settings", "bench_model_cfg",
            "build_eval_model", "make_batch", "time_interleaved", "summarise_times", "classifier_cost",
-           "probe_memory", "format_table", "run_benchmark"]
+           "probe_memory", "format_table", "run_benchmark", "PROBE_ENV", "rss_kib", "reset_peak_rss",
+           "set_flush_denormal"]
 
 MODEL_ENV = "CAC_BENCH_MODEL"
 PAPER_MODEL = "upernet-swin-t"
@@ -57,6 +58,11 @@ PAPER_TABLE6: dict[int, dict[str, tuple[float, float]]] = {
 
 # Its Δ row as printed: {size: (fps Δ%, Mem Δ%)}.
 PAPER_TABLE6_DELTA: dict[int, tuple[float, float]] = {512: (-2.05, 0.07), 1280: (-1.94, 0.07), 2560: (-2.00, 0.04)}
+
+# The memory probes run with a fixed glibc mmap threshold: every allocation above 64 KiB is its own
+# mapping, returned to the OS when freed, so the resident peak follows live tensor memory rather than
+# whatever the allocator's heap happened to keep from earlier, larger requests.
+PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONWARNINGS": "ignore"}
 
 _DEFAULTS = dict(sizes=[512, 1280, 2560], warmup=3, repeats=10, batch_size=1, device="auto")
 _MiB = 1024.0 * 1024.0
@@ -247,7 +253,8 @@ def classifier_cost(model, size: int, batch_size: int, repeats: int, device: str
 
 
 # -- memory: one model alone in a fresh process ---------------------------------------------------
-def _proc_status_kib(key: str) -> int:
+def rss_kib(key: str = "VmRSS") -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, in KiB (Linux)."""
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith(key + ":"):
@@ -255,7 +262,7 @@ def _proc_status_kib(key: str) -> int:
     raise CacError(f"/proc/self/status has no {key}")
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Reset VmHWM to the current resident set (Linux >= 4.0); False where that is not possible."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
@@ -278,12 +285,12 @@ def measure_memory(model_cfg: dict, size: int, batch_size: int, device: str) -> 
         torch.cuda.synchronize()
         return {"mem_mb": (torch.cuda.max_memory_allocated() - start) / _MiB,
                 "mem_method": "cuda max_memory_allocated (weights + activations)"}
-    before = _proc_status_kib("VmRSS")
+    before = rss_kib("VmRSS")
     model = build_eval_model(model_cfg, device)
     # Construction temporaries (Swin's init) are not inference memory: restart the peak after it.
-    exact = _reset_peak_rss()
+    exact = reset_peak_rss()
     inference_fn(model, size, batch_size)()
-    peak = _proc_status_kib("VmHWM")
+    peak = rss_kib("VmHWM")
     return {"mem_mb": (peak - before) / 1024.0, "weights_mb": _weights_bytes(model) / _MiB,
             "mem_method": "cpu peak RSS over one inference minus RSS before the build"
                           + ("" if exact else " (peak not reset after the build)")}
@@ -298,7 +305,7 @@ def probe_memory(model_cfg: dict, size: int, batch_size: int, device: str, timeo
     model's alone."""
     job = json.dumps(dict(model_cfg=model_cfg, size=size, batch_size=batch_size, device=device))
     proc = subprocess.run([sys.executable, "-m", "cac.benchmark"], input=job, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                          timeout=timeout, env={**os.environ, **PROBE_ENV})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
@@ -496,7 +503,7 @@ def run_benchmark(spec: Spec, preset: str = "quick", *, rows: Optional[str] = No
          f"warmup {settings.warmup}, repeats {settings.repeats} interleaved, batch {settings.batch_size}")
     # Random init can leave subnormal activations that x86 CPUs process ~100x slower; trained weights
     # do not, so flush them for every row alike.
-    old_flush = _set_flush_denormal(True)
+    old_flush = set_flush_denormal(True)
     try:
         built = {label: build_eval_model(cfg, settings.device) for label, cfg in cfgs.items()}
         results: dict[int, dict[str, SizeResult]] = {}
@@ -520,7 +527,7 @@ def run_benchmark(spec: Spec, preset: str = "quick", *, rows: Optional[str] = No
                      f"({res.stats['time_ms_median']:.1f} ms, spread {res.stats['time_spread_pct']:.1f}%), "
                      f"{res.mem_mb:.1f} MB{extra} (run {run_id})")
     finally:
-        _set_flush_denormal(old_flush)
+        set_flush_denormal(old_flush)
     model_names = sorted(set(models.values()))
     echo("")
     echo(format_table(results, [r.label for r in selected], base, model_names[0] if len(model_names) == 1 else "",
@@ -529,7 +536,7 @@ def run_benchmark(spec: Spec, preset: str = "quick", *, rows: Optional[str] = No
     return 0
 
 
-def _set_flush_denormal(on: bool) -> bool:
+def set_flush_denormal(on: bool) -> bool:
     """Set flush-to-zero for subnormals; returns the previous setting (False where unsupported)."""
     import torch
 
@@ -544,7 +551,7 @@ def _probe_main() -> int:
 
     warnings.filterwarnings("ignore")
     job = json.loads(sys.stdin.read())
-    _set_flush_denormal(True)
+    set_flush_denormal(True)
     out = measure_memory(job["model_cfg"], job["size"], job["batch_size"], job["device"])
     print(json.dumps(out))
     return 0

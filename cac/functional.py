@@ -28,6 +28,14 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _autocast(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (products may then run in half precision)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
 def _valid_labels(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
     """Bool mask of pixels whose label is a real class (neither ignored nor out of range)."""
     return (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
@@ -70,8 +78,9 @@ def soft_pool(feats: Tensor, logits: Tensor) -> Tensor:
     prob = logits.flatten(2).softmax(dim=1)  # [B, N, HW]
     mass = prob.sum(dim=2, keepdim=True, dtype=_acc_dtype(prob.dtype)).clamp_min(_EPS).to(prob.dtype)
     pixels = feats.flatten(2).transpose(1, 2)  # [B, HW, D], a view
-    if prob.element_size() < 4:
-        # Half precision: normalise the soft masks first, or the sum over pixels overflows fp16.
+    if prob.element_size() < 4 or feats.element_size() < 4 or _autocast(feats.device.type):
+        # The product may run in half precision: normalise the soft masks first, or the sum over
+        # pixels overflows fp16.
         return torch.bmm(prob / mass, pixels)
     # Otherwise normalise the small [B, N, D] result, not the [B, N, HW] masks (one pass fewer).
     return torch.bmm(prob, pixels) / mass

@@ -177,6 +177,24 @@ def _broadcast(obj):
     return box[0]
 
 
+def resume_checkpoint(work_dir: Path) -> Optional[Path]:
+    """The newest complete ``iter_N.pth`` in ``work_dir``, or None.
+
+    Not mmengine's ``last_checkpoint`` pointer: mmengine deletes the previous checkpoint before it
+    rewrites the pointer, so a kill in between leaves it naming a deleted file; and a kill during
+    ``torch.save`` leaves a truncated file (a checkpoint is a zip archive, so that is checked).
+    """
+    import zipfile
+
+    def iteration(p: Path) -> int:
+        return int(p.stem.split("_")[-1]) if p.stem.split("_")[-1].isdigit() else -1
+
+    for path in sorted(work_dir.glob("iter_*.pth"), key=iteration, reverse=True):
+        if zipfile.is_zipfile(path):
+            return path
+    return None
+
+
 def train_unit(unit: RunUnit, tracker: Optional[RunTracker], *, launcher: str = "none",
                progress: bool = True, on_eval: Optional[Callable] = None) -> dict:
     """Train (or resume) one unit with mmengine's Runner; returns its final metrics."""
@@ -188,8 +206,8 @@ def train_unit(unit: RunUnit, tracker: Optional[RunTracker], *, launcher: str = 
 
     cfg = Config(copy.deepcopy(unit.cfg))  # tuples stay tuples: mmseg transforms check for them
     cfg.launcher = launcher
-    cfg.resume = (unit.work_dir / "last_checkpoint").is_file()
-    cfg.load_from = None
+    ckpt = resume_checkpoint(unit.work_dir)
+    cfg.resume, cfg.load_from = ckpt is not None, None if ckpt is None else str(ckpt)
     cfg.log_level = os.environ.get("CAC_LOG_LEVEL", "ERROR")  # the progress bar replaces mmengine's INFO lines
     if launcher != "none":
         import torch

@@ -134,3 +134,16 @@ def test_stock_mmseg_train_py_trains_resolved_config(workspace):
                          cwd=workspace, env=_env(workspace), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (workspace / "stock" / "iter_10.pth").is_file()
+
+
+def test_resume_checkpoint_skips_truncated_and_ignores_stale_pointer(tmp_path):
+    import torch
+
+    from cac.runner import resume_checkpoint
+
+    assert resume_checkpoint(tmp_path) is None
+    torch.save({"a": 1}, tmp_path / "iter_10.pth")
+    torch.save({"a": 2}, tmp_path / "iter_20.pth")
+    (tmp_path / "iter_30.pth").write_bytes((tmp_path / "iter_20.pth").read_bytes()[:50])  # killed mid-save
+    (tmp_path / "last_checkpoint").write_text(str(tmp_path / "iter_5.pth"))  # a pointer to a deleted file
+    assert resume_checkpoint(tmp_path) == tmp_path / "iter_20.pth"
