@@ -35,4 +35,5 @@ clean-venv:
 
 # The DVC pipeline (data -> tables -> report) with the venv's tools on PATH.
 repro: setup
+	@echo "(real datasets: dvc repro realdata/dvc.yaml:ade20k, realdata/dvc.yaml:cocostuff)"
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
