@@ -409,7 +409,8 @@ def format_table(results: dict[int, dict[str, SizeResult]], rows: list[str], bas
                 continue
             text = f"{s}: paired Δfps {r.delta['fps_delta_paired_pct']:+.2f}%"
             if r.classifier is not None:
-                text += (f"; classifier +{r.classifier['classifier_extra_ms']:.1f} ms over conv_seg"
+                c = r.classifier
+                text += (f"; classifier {c['cac_classifier_ms']:.1f} ms vs conv_seg {c['conv_seg_ms']:.1f} ms"
                          f" = Δfps {r.delta['fps_delta_from_classifier_pct']:+.2f}%")
             checks.append(text)
         if checks:

@@ -126,11 +126,12 @@ class ContextAwareClassifier(nn.Module):
             return cosine_logits(feats, weight, self.options.tau)
         return dot_logits(feats, weight, bias)
 
-    def context_logits(self, feats: Tensor, classifier: Tensor) -> Tensor:
-        """Eqs. (3)/(6): tau * cos(f, A) (or f A^T for Table 4's "Context (Dot)")."""
+    def context_logits(self, feats: Tensor, classifier: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """Eqs. (3)/(6): tau * cos(f, A) (or f A^T for Table 4's "Context (Dot)"); ``out``: see
+        ``cosine_logits`` (used by the cosine form only)."""
         if self.options.context == "dot":
             return dot_logits(feats, classifier)
-        return cosine_logits(feats, classifier, self.options.tau)
+        return cosine_logits(feats, classifier, self.options.tau, out=out)
 
     def oracle_prototypes(self, feats: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
         """C_y of Eq. (1), per image or pooled over the batch, absent rows zero or from C."""
@@ -174,9 +175,19 @@ class ContextAwareClassifier(nn.Module):
         return CACOutputs(p, p_p, p_y)
 
     def predict(self, feats: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-        """Test-time output: p_p (the paper), or p when ``test_output='original'``."""
-        out = self.forward(feats, weight, bias)
-        return out.p_p if (out.p_p is not None and self.options.test_output == "context") else out.p
+        """Test-time output: p_p (the paper), or p when ``test_output='original'``.
+
+        Without autograd p is dead once pooled, so p_p is written into its buffer: at inference CAC
+        then allocates one full-size logit map more than the plain head (the soft masks), not three.
+        """
+        o = self.options
+        if not o.has_context or o.test_output == "original":
+            return self.original_logits(feats, weight, bias)
+        if torch.is_grad_enabled():
+            return self.forward(feats, weight, bias).p_p
+        p = self.original_logits(feats, weight, bias)
+        a_p = self.form(o.design_p, soft_pool(feats, p), weight, self.proj_p)
+        return self.context_logits(feats, a_p, out=p)
 
 
 def cac_losses(out: CACOutputs, labels: Tensor, options: CACOptions,

@@ -74,7 +74,8 @@ def test_format_table_has_paper_columns_and_deltas():
         rows = {"Baseline": SizeResult("Baseline", size, [1.0, 1.0], {"fps": 1.0, "time_ms_median": 1000.0},
                                        {"mem_mb": 800.0}),
                 "Ours": SizeResult("Ours", size, [1.01, 1.01], {"fps": 1 / 1.01, "time_ms_median": 1010.0},
-                                   {"mem_mb": 802.0}, {"classifier_extra_ms": 9.0})}
+                                   {"mem_mb": 802.0},
+                                   {"classifier_extra_ms": 9.0, "cac_classifier_ms": 34.0, "conv_seg_ms": 25.0})}
         add_deltas(rows, "Baseline")
         res[size] = rows
     assert res[512]["Ours"].delta["fps_delta_pct"] == pytest.approx(-0.990, abs=1e-3)
@@ -134,3 +135,18 @@ def test_kl_loop_agrees_with_entropy_kl_loss(classes):
     vec.backward()
     loop.backward()
     torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("options", [{}, {"original": "cos"}, {"context": "dot"}, {"test_output": "original"}])
+def test_inference_predict_reusing_buffers_matches_autograd_path(options):
+    """Without autograd, predict writes p_p into p's buffer; the values are those of forward()."""
+    from cac.classifier import ContextAwareClassifier
+
+    torch.manual_seed(0)
+    cac = ContextAwareClassifier(16, 5, options).eval()
+    feats, weight, bias = torch.randn(2, 16, 6, 7), torch.randn(5, 16), torch.randn(5)
+    want = cac(feats, weight, bias)
+    want = want.p if options.get("test_output") == "original" else want.p_p
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            torch.testing.assert_close(cac.predict(feats, weight, bias), want)
