@@ -266,18 +266,22 @@ def parse_spec(data: Any, path: Path) -> Spec:
                 presets={k: dict(v) for k, v in presets.items()}, rows=rows, task=task, benchmark=benchmark)
 
 
-def load_spec(path: str | Path) -> Spec:
-    """Read and validate a spec; any problem is a one-line ``SpecError`` naming file and key."""
-    path = Path(path)
+def read_yaml(path: Path, what: str = "spec") -> Any:
+    """A YAML file's data; a missing file or a YAML error is a one-line ``SpecError``."""
     if not path.is_file():
-        raise SpecError(f"{path}: spec file not found")
+        raise SpecError(f"{path}: {what} file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SpecError(f"{path}: YAML error{at}: {getattr(err, 'problem', None) or err}") from None
-    return parse_spec(data, path)
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a spec; any problem is a one-line ``SpecError`` naming file and key."""
+    path = Path(path)
+    return parse_spec(read_yaml(path), path)
 
 
 def select_rows(spec: Spec, rows: Optional[str]) -> list[Row]:

@@ -28,11 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import yaml
-
 from .classifier import CACOptions
 from .errors import CacError
-from .spec import Spec, SpecError, load_spec
+from .spec import Spec, SpecError, load_spec, read_yaml
 
 __all__ = ["SweepSpec", "load_sweep", "run_sweep", "register"]
 
@@ -91,12 +89,7 @@ def _check_param(path: Path, name: str, cfg: Any) -> dict:
 
 def load_sweep(path: str | Path) -> SweepSpec:
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: sweep spec file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SpecError(f"{path}: YAML error: {getattr(err, 'problem', None) or err}") from None
+    data = read_yaml(path, "sweep spec")
     if not isinstance(data, dict):
         raise SpecError(f"{path}: must be a mapping")
     unknown = sorted(set(data) - _TOP)
