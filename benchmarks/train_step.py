@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from cac.benchmark import PROBE_ENV, reset_peak_rss, rss_kib, set_flush_denormal, time_interleaved  # noqa: E402
+from cac.benchmark import (PROBE_ENV, ForeignLoad, reset_peak_rss, rss_kib, set_flush_denormal,  # noqa: E402
+                           time_interleaved)
 
 PER_IMAGE = 15
 IGNORE = 255
@@ -128,11 +129,12 @@ def bench_model(model: str, crop: int, batch: int, warmup: int, repeats: int, me
     data = make_train_batch(crop, batch)
     built = {"baseline": build_train(model, False, crop), "+CAC": build_train(model, True, crop)}
     fns = {k: step_fn(net, optim, data) for k, (net, optim) in built.items()}
-    times = time_interleaved(fns, warmup, repeats)
+    with ForeignLoad() as load:
+        times = time_interleaved(fns, warmup, repeats)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     paired = statistics.median(c / b for c, b in zip(times["+CAC"], times["baseline"]))
     out = {"model": model, "base_ms": med["baseline"], "cac_ms": med["+CAC"], "ratio": med["+CAC"] / med["baseline"],
-           "paired": paired}
+           "paired": paired, "foreign": load.cores}
     if profile:
         profile_diff(fns)
     del built, fns
@@ -164,13 +166,14 @@ def main(argv: list[str] | None = None) -> int:
           f"150 classes; warm-up {args.warmup}, median of {args.repeats} interleaved; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(f"{'model':<16} {'baseline ms':>12} {'+CAC ms':>9} {'ratio':>7} {'paired':>7} {'base MB':>9} {'+CAC MB':>9} "
-          f"{'mem ratio':>9}")
+          f"{'mem ratio':>9} {'others':>7}")
     for model in args.models:
         r = bench_model(model, args.crop, args.batch, args.warmup, args.repeats, args.mem, args.profile)
         mem = (f"{r['base_mb']:>9.1f} {r['cac_mb']:>9.1f} {r['cac_mb'] / r['base_mb']:>8.3f}x" if args.mem
                else f"{'—':>9} {'—':>9} {'—':>9}")
-        print(f"{model:<16} {r['base_ms']:>12.1f} {r['cac_ms']:>9.1f} {r['ratio']:>6.3f}x {r['paired']:>6.3f}x {mem}",
-              flush=True)
+        print(f"{model:<16} {r['base_ms']:>12.1f} {r['cac_ms']:>9.1f} {r['ratio']:>6.3f}x {r['paired']:>6.3f}x {mem} "
+              f"{r['foreign']:>7.2f}", flush=True)
+    print("others: cores' worth of CPU other processes used during the timing (> 0.25: rerun on a quiet machine)")
     return 0
 
 

@@ -15,12 +15,16 @@ Protocol, per size:
 - **memory**: each row once more, alone in a fresh subprocess, so no model's allocations hide in
   another's. CUDA: ``torch.cuda.max_memory_allocated`` over build + one inference (weights +
   activations). CPU: the peak resident set (``VmHWM``, reset after the build) over one inference,
-  minus the resident set before the model was built: weights + activations + allocator slack,
-  without the interpreter and its libraries.
-- **classifier share** (+CAC rows): the wrapped head's own ``conv_seg`` and CAC's classifier on the
-  same captured features, interleaved. The +CAC model differs from the plain one in nothing else, so
-  the extra milliseconds are all CAC adds at inference: a low-noise cross-check of the end-to-end Δ.
-  The oracle branch (``proj_y``, p_y) is checked never to run at inference.
+  minus the resident set before the model was built: weights + activations, without the interpreter
+  and its libraries. glibc's mmap threshold is fixed at 64 KiB in the probe (``PROBE_ENV``) so freed
+  tensors leave the resident set: repeated probes then agree to ~0.1 MB instead of ~20 MB.
+- **cross-checks** (+CAC rows): the *paired* Δ, the median over rounds of the time ratio within a
+  round; and the *classifier share*, the wrapped head's own ``conv_seg`` against CAC's classifier on
+  the same captured features, interleaved. The +CAC model differs from the plain one in nothing else,
+  so ``baseline + extra ms`` estimates the +CAC time. The same step checks that the oracle branch
+  (``proj_y``, p_y) never runs at inference.
+- **contention**: the CPU time other processes used during the timing, in cores (``/proc/stat``), is
+  printed and logged (``foreign_cores``); above ~0.25 the Δ are not to be trusted.
 
 Every row x size x preset is one MLflow run (experiment = spec name), tagged spec, row, preset, size,
 device and model; it holds the settings as params and fps, time_ms_median, mem_mb (+ Δ% against the
@@ -41,8 +45,9 @@ from typing import Any, Callable, Mapping, Optional
 from .errors import CacError
 from .spec import Row, Spec, select_rows
 
-__all__ = ["PAPER_TABLE6", "PAPER_TABLE6_DELTA", "MODEL_ENV", "BenchSettings", "SizeResult", "bench_settings", "bench_model_cfg",
-           "build_eval_model", "make_batch", "time_interleaved", "summarise_times", "classifier_cost",
+__all__ = ["PAPER_TABLE6", "PAPER_TABLE6_DELTA", "MODEL_ENV", "BenchSettings", "SizeResult", "ForeignLoad",
+           "bench_settings", "bench_model_cfg", "build_eval_model", "make_batch", "time_interleaved",
+           "summarise_times", "classifier_cost", "measure_size",
            "probe_memory", "format_table", "run_benchmark", "PROBE_ENV", "rss_kib", "reset_peak_rss",
            "set_flush_denormal"]
 
@@ -66,6 +71,7 @@ PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONWARNINGS": "ignore"}
 
 _DEFAULTS = dict(sizes=[512, 1280, 2560], warmup=3, repeats=10, batch_size=1, device="auto")
 _MiB = 1024.0 * 1024.0
+_BUSY_CORES = 0.25  # other processes' load (in cores) above which a timing is flagged
 
 
 # -- settings and configs -------------------------------------------------------------------------
@@ -203,6 +209,40 @@ def summarise_times(seconds: list[float], batch_size: int) -> dict[str, float]:
             "time_spread_pct": (q[2] - q[0]) / med * 100}
 
 
+def _cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds the whole machine has been busy since boot, CPU seconds this process has used)."""
+    import resource
+
+    with open("/proc/stat") as fh:
+        ticks = [int(x) for x in fh.readline().split()[1:]]
+    busy = sum(ticks[:3]) + sum(ticks[5:8])  # user nice system | irq softirq steal (not idle, iowait)
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return busy / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
+
+
+class ForeignLoad:
+    """``with ForeignLoad() as load: ...`` -> ``load.cores``: the cores' worth of CPU time other
+    processes used meanwhile (NaN where ``/proc/stat`` is missing). Interleaving spreads such load
+    over the rows, but a large one still makes small differences unmeasurable."""
+
+    cores = float("nan")
+
+    def __enter__(self) -> "ForeignLoad":
+        self._t0 = time.perf_counter()
+        try:
+            self._busy0, self._own0 = _cpu_seconds()
+        except OSError:
+            self._busy0 = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._busy0 is None:
+            return
+        busy, own = _cpu_seconds()
+        wall = time.perf_counter() - self._t0
+        self.cores = max(0.0, (busy - self._busy0) - (own - self._own0)) / wall if wall > 0 else 0.0
+
+
 def _cac_heads(model) -> list:
     from .head import CACHead
 
@@ -292,7 +332,8 @@ def measure_memory(model_cfg: dict, size: int, batch_size: int, device: str) -> 
     inference_fn(model, size, batch_size)()
     peak = rss_kib("VmHWM")
     return {"mem_mb": (peak - before) / 1024.0, "weights_mb": _weights_bytes(model) / _MiB,
-            "mem_method": "cpu peak RSS over one inference minus RSS before the build"
+            "mem_method": "cpu peak RSS over one inference minus RSS before the build (mmap threshold "
+                          + os.environ.get("MALLOC_MMAP_THRESHOLD_", "dynamic") + ")"
                           + ("" if exact else " (peak not reset after the build)")}
 
 
@@ -417,6 +458,11 @@ def format_table(results: dict[int, dict[str, SizeResult]], rows: list[str], bas
             lines.append(f"cross-checks ({label}): " + " | ".join(checks))
     if with_paper:
         lines.append("* the paper's Table 6 (RTX 2080Ti)")
+    busy = {s: max(r.stats.get("foreign_cores", 0.0) for r in results[s].values()) for s in sizes}
+    busy = {s: c for s, c in busy.items() if c > _BUSY_CORES}
+    if busy:
+        lines.append("! other processes used " + ", ".join(f"{c:.2f} cores at {s}" for s, c in busy.items())
+                     + " during the timing: rerun on a quiet machine before trusting the Δ")
     return "\n".join(lines)
 
 
@@ -475,10 +521,36 @@ def _print_plan(spec: Spec, preset: str, rows: list[Row], settings: BenchSetting
     for row in rows:
         cac = "off" if row.cac is None else ("on " + json.dumps(row.cac) if row.cac else "on")
         role = " (baseline)" if row.label == base else ""
-        echo(f"  {row.label:>10}{role}: {bench_model_name(spec, row, preset)} cac {cac}")
+        source = f" (from {MODEL_ENV})" if os.environ.get(MODEL_ENV) else ""
+        echo(f"  {row.label:>10}{role}: {bench_model_name(spec, row, preset)}{source} cac {cac}")
     n = len(rows) * len(settings.sizes)
     echo(f"  {n} runs: {n * (settings.warmup + settings.repeats)} timed-or-warm-up inferences, "
          f"{n} memory probes (fresh processes)")
+
+
+def measure_size(built: Mapping[str, Any], cfgs: Mapping[str, dict], size: int, settings: BenchSettings,
+                 baseline: Optional[str]) -> dict[str, SizeResult]:
+    """Time (interleaved), classifier share and memory of every built model at one size."""
+    fns = {label: inference_fn(m, size, settings.batch_size) for label, m in built.items()}
+    with ForeignLoad() as load:
+        times = time_interleaved(fns, settings.warmup, settings.repeats, _sync(settings.device))
+        costs = {label: classifier_cost(m, size, settings.batch_size, settings.repeats, settings.device)
+                 for label, m in built.items()}
+    results = {label: SizeResult(label, size, times[label],
+                                 {**summarise_times(times[label], settings.batch_size), "foreign_cores": load.cores},
+                                 memory=probe_memory(cfgs[label], size, settings.batch_size, settings.device),
+                                 classifier=costs[label])
+               for label in built}
+    add_deltas(results, baseline)
+    return results
+
+
+def _done_line(spec: Spec, res: SizeResult, run_id: str) -> str:
+    deltas = "".join(f", {k.replace('_pct', '')} {res.delta[k]:+.2f}%" for k in ("fps_delta_pct", "mem_delta_pct")
+                     if k in res.delta)
+    return (f"done  {spec.name} {res.row} {res.size}px: {res.fps:.3f} fps ({res.stats['time_ms_median']:.1f} ms, "
+            f"spread {res.stats['time_spread_pct']:.1f}%), {res.mem_mb:.1f} MB{deltas}; "
+            f"other processes {res.stats['foreign_cores']:.2f} cores (run {run_id})")
 
 
 def run_benchmark(spec: Spec, preset: str = "quick", *, rows: Optional[str] = None,
@@ -509,30 +581,17 @@ def run_benchmark(spec: Spec, preset: str = "quick", *, rows: Optional[str] = No
         built = {label: build_eval_model(cfg, settings.device) for label, cfg in cfgs.items()}
         results: dict[int, dict[str, SizeResult]] = {}
         for size in settings.sizes:
-            fns = {label: inference_fn(m, size, settings.batch_size) for label, m in built.items()}
-            times = time_interleaved(fns, settings.warmup, settings.repeats, _sync(settings.device))
-            results[size] = {
-                label: SizeResult(label, size, times[label], summarise_times(times[label], settings.batch_size),
-                                  classifier=classifier_cost(built[label], size, settings.batch_size,
-                                                             settings.repeats, settings.device))
-                for label in built}
-            for label in built:
-                results[size][label].memory = probe_memory(cfgs[label], size, settings.batch_size, settings.device)
-            add_deltas(results[size], base)
+            results[size] = measure_size(built, cfgs, size, settings, base)
             for row in selected:
                 res = results[size][row.label]
                 run_id = _log_run(uri, spec, row, preset, models[row.label], cfgs[row.label], settings, res)
-                extra = "".join(f", {k} {v:+.2f}%" for k, v in res.delta.items() if k in ("fps_delta_pct",
-                                                                                          "mem_delta_pct"))
-                echo(f"done  {spec.name} {row.label} {size}px: {res.fps:.3f} fps "
-                     f"({res.stats['time_ms_median']:.1f} ms, spread {res.stats['time_spread_pct']:.1f}%), "
-                     f"{res.mem_mb:.1f} MB{extra} (run {run_id})")
+                echo(_done_line(spec, res, run_id))
     finally:
         set_flush_denormal(old_flush)
-    model_names = sorted(set(models.values()))
+    names = sorted(set(models.values()))
     echo("")
-    echo(format_table(results, [r.label for r in selected], base, model_names[0] if len(model_names) == 1 else "",
-                      title=f"{spec.title} — {', '.join(model_names)}, {settings.device}, preset {preset} "
+    echo(format_table(results, [r.label for r in selected], base, names[0] if len(names) == 1 else "",
+                      title=f"{spec.title} — {', '.join(names)}, {settings.device}, preset {preset} "
                             f"(fps: images/s; Mem: MB)"))
     return 0
 

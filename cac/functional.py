@@ -99,13 +99,14 @@ def cosine_logits(feats: Tensor, weights: Tensor, tau: float, out: Tensor | None
 
     ``weights`` is a shared ``[N, D]`` classifier or one per image ``[B, N, D]``. The feature norm
     is applied after the product, so the normalised feature map is never materialised. ``out``: a
-    contiguous ``[B, N, H, W]`` buffer to write the result into (no autograd), e.g. a dead logit map.
+    contiguous ``[B, N, H, W]`` buffer to write the result into (no autograd; ignored under autocast),
+    e.g. a dead logit map.
     """
     b, d, h, w = feats.shape
     a = (F.normalize(_batched_weights(weights, b), dim=-1, eps=_EPS) * tau).to(feats.dtype)
     f = feats.flatten(2)  # [B, D, HW]
     inv_norm = _inv_channel_norm(f).to(f.dtype)
-    if out is None:
+    if out is None or _autocast(feats.device.type):  # autocast does not cast out= products
         return (torch.bmm(a, f) * inv_norm).reshape(b, -1, h, w)
     return torch.bmm(a, f, out=out.view(b, -1, h * w)).mul_(inv_norm).view(b, -1, h, w)
 
@@ -131,16 +132,17 @@ def _channel_dot(x: Tensor, y: Tensor, dtype: torch.dtype | None = None, block: 
     dtype = dtype or torch.promote_types(x.dtype, y.dtype)
     if x.device.type != "cpu":
         return (x.to(dtype) * y.to(dtype)).sum(dim=1, keepdim=True)
-    k = x.shape[1]
-    block = min(block, k)
-    full = k - k % block
+    block = min(block, x.shape[1])
     acc = x.new_zeros((x.shape[0], block, *x.shape[2:]), dtype=dtype)
-    for start in range(0, full, block):
-        acc.addcmul_(x[:, start:start + block].to(dtype), y[:, start:start + block].to(dtype))
+    tail = None
+    # split, not slicing: autograd then assembles the blocks' gradients in one full-size tensor.
+    for xb, yb in zip(x.split(block, dim=1), y.split(block, dim=1)):
+        if xb.shape[1] == block:
+            acc.addcmul_(xb.to(dtype), yb.to(dtype))
+        else:
+            tail = (xb.to(dtype) * yb.to(dtype)).sum(dim=1, keepdim=True)
     out = acc.sum(dim=1, keepdim=True)
-    if full < k:
-        out = out + (x[:, full:].to(dtype) * y[:, full:].to(dtype)).sum(dim=1, keepdim=True)
-    return out
+    return out if tail is None else out + tail
 
 
 def dot_logits(feats: Tensor, weights: Tensor, bias: Tensor | None = None) -> Tensor:

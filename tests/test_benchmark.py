@@ -54,7 +54,7 @@ def test_dry_run_prints_plan_and_model_override(monkeypatch, tmp_path):
     code = run_benchmark(load_spec(TABLE6), "bench", rows="Ours", dry_run=True,
                          tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", echo=lines.append)
     text = "\n".join(lines)
-    assert code == 0 and "sizes [512, 1280]" in text and "fcn-mv2 cac on" in text and "Baseline" not in text
+    assert code == 0 and "sizes [512, 1280]" in text and "fcn-mv2 (from CAC_BENCH_MODEL) cac on" in text and "Baseline" not in text
     assert not (tmp_path / "m.db").exists()  # a dry run opens no store
     monkeypatch.setenv("CAC_BENCH_MODEL", "no-such-model")
     with pytest.raises(CacError, match="unknown model"):
@@ -150,3 +150,16 @@ def test_inference_predict_reusing_buffers_matches_autograd_path(options):
     for mode in (torch.no_grad, torch.inference_mode):
         with mode():
             torch.testing.assert_close(cac.predict(feats, weight, bias), want)
+
+
+def test_inference_predict_under_autocast_falls_back_from_the_shared_buffer():
+    """autocast does not cast ``out=`` products: p_p must then be computed without p's buffer."""
+    from cac.classifier import ContextAwareClassifier
+
+    torch.manual_seed(0)
+    cac = ContextAwareClassifier(16, 5).eval()
+    feats, weight, bias = torch.randn(2, 16, 6, 7), torch.randn(5, 16), torch.randn(5)
+    want = cac.predict(feats, weight, bias)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cac.predict(feats, weight, bias)
+    torch.testing.assert_close(got.float(), want, atol=0.3, rtol=0.05)
