@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .classifier import CACOptions, CACOutputs, ContextAwareClassifier, cac_losses
+from .functional import resize_bilinear
 
 __all__ = ["CACHead"]
 
@@ -105,12 +106,12 @@ class CACHead(BaseModule):
     def segmentation_loss(self, logits: Tensor, seg_label: Tensor, accuracy: bool = True) -> dict:
         """The wrapped head's own loss terms (its ``loss_decode`` list and pixel sampler), as its
         ``loss_by_feat`` computes them; the accuracy (a top-k over all classes and pixels) only when
-        asked, since p_p and p_y don't need it logged every step."""
+        asked, since p_p and p_y don't need it logged every step. The upsampling to the label size is
+        ``F.interpolate``'s bilinear (mmseg's ``resize``), computed as matrix products on CPU."""
         from mmseg.models.losses import accuracy as seg_accuracy
-        from mmseg.models.utils import resize
 
         head = self.head
-        logits = resize(logits, size=seg_label.shape[2:], mode="bilinear", align_corners=head.align_corners)
+        logits = resize_bilinear(logits, seg_label.shape[2:], align_corners=head.align_corners)
         weight = head.sampler.sample(logits, seg_label) if head.sampler is not None else None
         label = seg_label.squeeze(1)
         terms = head.loss_decode if isinstance(head.loss_decode, torch.nn.ModuleList) else [head.loss_decode]

@@ -3,8 +3,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from cac.functional import cosine_logits, entropy_kl_loss, mask_pool, pixel_entropy, soft_pool
+from cac.functional import cosine_logits, entropy_kl_loss, mask_pool, pixel_entropy, resize_bilinear, soft_pool
 
 IGN = 255
 
@@ -215,3 +216,18 @@ def test_soft_pool_large_image_no_overflow_in_fp16():
 def test_pixel_entropy_uniform_is_log_n():
     ent = pixel_entropy(torch.zeros(1, 7, 2, 2))
     torch.testing.assert_close(ent, torch.full((1, 2, 2), math.log(7)))
+
+
+@pytest.mark.parametrize("shape,size,align_corners", [
+    ((2, 5, 7, 9), (33, 20), False), ((2, 5, 7, 9), (33, 20), True), ((1, 3, 10, 10), (5, 4), False),
+    ((2, 4, 1, 1), (4, 4), True), ((1, 2, 6, 6), (6, 6), False)])
+def test_resize_bilinear_equals_interpolate_values_and_gradients(shape, size, align_corners):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    ref = F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+    out = resize_bilinear(x, size, align_corners=align_corners)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(ref)
+    (g_ref,) = torch.autograd.grad(ref, x, g)
+    (g_out,) = torch.autograd.grad(out, x, g)
+    torch.testing.assert_close(g_out, g_ref, rtol=0, atol=1e-12)
