@@ -3,8 +3,8 @@
 No real data can be downloaded here, so the project makes a small benchmark where the paper's
 premise holds by construction (see ``/work/shared/notes/embedded-benchmark.md``):
 
-* every image is drawn from one of six *scene types*; a scene fixes which classes can appear
-  (co-occurrence), an illumination cast and a scene-specific shift of each class's colour;
+* every image is drawn from one of four *scene types* (12 classes in all); a scene fixes which classes
+  can appear (co-occurrence), an illumination cast and a scene-specific shift of each class's colour;
 * inside an image every class gets its own random colour offset (sigma 0.15 in RGB in [0, 1]), so the
   same class forms a different cluster in every image and one fixed classifier must straddle them;
 * classes also carry a faint texture shared with other classes (stripes, checks, grain, flat) whose
@@ -33,7 +33,7 @@ from .real import DatasetError, data_dir
 __all__ = ["GENERATOR_VERSION", "NAME", "PRESETS", "CLASSES", "PALETTE", "SCENES", "IGNORE_INDEX",
            "generate", "ensure", "data_version", "default_root", "render_image"]
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 NAME = "context-scenes"
 IGNORE_INDEX = 255
 
@@ -46,25 +46,22 @@ PRESETS: dict[str, dict] = {
 
 # name, base colour (RGB in [0, 1]), texture family. Textures are shared by several classes on
 # purpose: a unique texture per class would make the task solvable without any context.
+# Version 2 has 12 classes whose base colours lie >= 0.2 apart, median 0.63 (version 1 had 18 classes,
+# >= 0.1, median 0.45: with per-image offsets of sigma 0.15 many pairs overlapped, and the slim
+# model's mIoU after the bench schedule varied by +-3.5 across seeds; see README "context-scenes").
 _CLASS_TABLE: tuple[tuple[str, tuple[float, float, float], str], ...] = (
-    ("sky", (0.55, 0.70, 0.85), "flat"),
-    ("building", (0.60, 0.50, 0.45), "checks"),
-    ("road", (0.40, 0.40, 0.42), "grain"),
-    ("car", (0.75, 0.25, 0.25), "flat"),
-    ("person", (0.80, 0.60, 0.50), "fine"),
-    ("tree", (0.25, 0.50, 0.25), "grain"),
-    ("grass", (0.45, 0.70, 0.30), "fine"),
-    ("water", (0.20, 0.40, 0.65), "coarse"),
-    ("sand", (0.80, 0.70, 0.50), "grain"),
-    ("rock", (0.50, 0.45, 0.40), "coarse"),
-    ("snow", (0.85, 0.87, 0.90), "flat"),
-    ("wall", (0.75, 0.72, 0.62), "flat"),
-    ("floor", (0.55, 0.38, 0.25), "coarse"),
-    ("bed", (0.45, 0.35, 0.65), "fine"),
-    ("table", (0.40, 0.28, 0.18), "grain"),
-    ("window", (0.65, 0.80, 0.80), "checks"),
-    ("cabinet", (0.70, 0.55, 0.30), "coarse"),
-    ("lamp", (0.85, 0.80, 0.40), "flat"),
+    ("sky", (0.50, 0.70, 0.95), "flat"),
+    ("building", (0.65, 0.45, 0.35), "checks"),
+    ("road", (0.30, 0.30, 0.32), "grain"),
+    ("car", (0.85, 0.15, 0.15), "flat"),
+    ("person", (0.90, 0.65, 0.50), "fine"),
+    ("tree", (0.10, 0.40, 0.15), "grain"),
+    ("grass", (0.50, 0.85, 0.25), "fine"),
+    ("water", (0.10, 0.25, 0.60), "coarse"),
+    ("sand", (0.90, 0.85, 0.55), "grain"),
+    ("wall", (0.85, 0.85, 0.80), "flat"),
+    ("floor", (0.45, 0.25, 0.10), "coarse"),
+    ("bed", (0.55, 0.30, 0.70), "fine"),
 )
 
 CLASSES: tuple[str, ...] = tuple(name for name, _, _ in _CLASS_TABLE)
@@ -84,18 +81,14 @@ _TEXTURES: dict[str, tuple[float, float]] = {
 # Scene types: class -> relative frequency, and an illumination gain per RGB channel.
 SCENES: tuple[dict[str, Any], ...] = (
     {"name": "street", "illumination": (1.00, 0.98, 0.95),
-     "classes": {"sky": 3, "building": 3, "road": 3, "car": 2, "person": 2, "tree": 1, "window": 1}},
+     "classes": {"sky": 3, "building": 3, "road": 3, "car": 2, "person": 2, "tree": 1}},
     {"name": "park", "illumination": (0.95, 1.05, 0.90),
-     "classes": {"sky": 3, "tree": 3, "grass": 3, "person": 2, "water": 1, "rock": 1, "road": 1}},
+     "classes": {"sky": 3, "tree": 3, "grass": 3, "person": 2, "water": 1, "road": 1}},
     {"name": "beach", "illumination": (1.10, 1.05, 0.90),
-     "classes": {"sky": 3, "water": 3, "sand": 3, "person": 2, "rock": 1}},
-    {"name": "mountain", "illumination": (0.90, 0.97, 1.10),
-     "classes": {"sky": 3, "snow": 3, "rock": 3, "tree": 2, "person": 1, "water": 1}},
+     "classes": {"sky": 3, "water": 3, "sand": 3, "person": 2, "tree": 1}},
+    # "building": the one seen through the window
     {"name": "bedroom", "illumination": (1.00, 0.90, 0.75),
-     "classes": {"wall": 3, "floor": 3, "bed": 3, "window": 2, "lamp": 2, "person": 1, "table": 1}},
-    {"name": "kitchen", "illumination": (0.95, 1.00, 1.05),
-     "classes": {"wall": 3, "floor": 3, "table": 3, "cabinet": 3, "window": 1, "lamp": 1,
-                 "person": 1}},
+     "classes": {"wall": 3, "floor": 3, "bed": 3, "person": 1, "building": 1}},
 )
 
 # Scene-specific colour shift of each class, fixed by the version (not by the dataset seed), so
@@ -117,7 +110,7 @@ def _preset(preset: str) -> dict:
 
 
 def data_version(preset: str) -> str:
-    """Identifier of the generated data, e.g. ``context-scenes-v1-quick``, logged with every run."""
+    """Identifier of the generated data, e.g. ``context-scenes-v2-quick``, logged with every run."""
     _preset(preset)
     return f"{NAME}-v{GENERATOR_VERSION}-{preset}"
 
