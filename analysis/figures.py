@@ -134,13 +134,19 @@ def _work_root(work_root: Optional[Path]) -> Path:
 
 
 def run_work_dir(run, work_root: Optional[Path] = None) -> Optional[Path]:
-    """The run's local work dir ``<root>/<spec>/<preset>/<row>-s<seed>-<hash8>``, if it is here."""
+    """The run's local work dir ``<root>/<spec>/<preset>/<data version>/<row>-s<seed>-<hash8>`` (or,
+    for runs tracked before the data version was part of it, without that level), if it is here."""
+    from cac.runner import _slug
+
     tags = run.data.tags
     base = _work_root(work_root) / tags.get("spec", "") / tags.get("preset", "")
-    if not base.is_dir():
-        return None
-    hits = sorted(base.glob(f"*-s{tags.get('seed')}-{tags.get('config_hash', '')[:8]}"))
-    return hits[0] if hits else None
+    version = _slug(tags["data_version"]) if tags.get("data_version") else ""
+    pattern = f"*-s{tags.get('seed')}-{tags.get('config_hash', '')[:8]}"
+    for folder in ([base / version] if version else []) + [base]:
+        hits = sorted(folder.glob(pattern)) if folder.is_dir() else []
+        if hits:
+            return hits[0]
+    return None
 
 
 def _artifact_dir(run) -> Path:

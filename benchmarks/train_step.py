@@ -58,7 +58,7 @@ def make_train_batch(crop: int, batch: int, classes: int = 150, seed: int = 0) -
     for _ in range(batch):
         inputs.append(torch.randint(0, 256, (3, crop, crop), dtype=torch.uint8, generator=g))
         present = torch.randperm(classes, generator=g)[:PER_IMAGE]
-        grid = present[torch.randint(0, PER_IMAGE, (cells, cells), generator=g)]
+        grid = present[torch.randint(0, len(present), (cells, cells), generator=g)]
         label = grid.repeat_interleave(16, 0).repeat_interleave(16, 1)[:crop, :crop].clone()
         label[torch.rand(crop, crop, generator=g) < 0.1] = IGNORE
         s = SegDataSample()

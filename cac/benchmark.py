@@ -48,7 +48,7 @@ from .spec import Row, Spec, select_rows
 __all__ = ["PAPER_TABLE6", "PAPER_TABLE6_DELTA", "MODEL_ENV", "BenchSettings", "SizeResult", "ForeignLoad",
            "bench_settings", "bench_model_cfg", "build_eval_model", "make_batch", "time_interleaved",
            "summarise_times", "classifier_cost", "measure_size",
-           "probe_memory", "format_table", "run_benchmark", "PROBE_ENV", "rss_kib", "reset_peak_rss",
+           "probe_memory", "format_table", "run_benchmark", "tracked_results", "print_tracked_benchmark", "PROBE_ENV", "rss_kib", "reset_peak_rss",
            "set_flush_denormal"]
 
 MODEL_ENV = "CAC_BENCH_MODEL"
@@ -592,6 +592,48 @@ def run_benchmark(spec: Spec, preset: str = "quick", *, rows: Optional[str] = No
     echo("")
     echo(format_table(results, [r.label for r in selected], base, names[0] if len(names) == 1 else "",
                       title=f"{spec.title} — {', '.join(names)}, {settings.device}, preset {preset} "
+                            f"(fps: images/s; Mem: MB)"))
+    return 0
+
+
+def tracked_results(spec: Spec, preset: str, uri: str) -> tuple[dict[int, dict[str, SizeResult]], dict[str, str]]:
+    """The newest FINISHED run of each row at each size, rebuilt from MLflow: ``({size: {row: result}},
+    {row: model})`` (the Δ% as they were computed and logged in that run)."""
+    from .tracking import find_runs
+
+    newest: dict[tuple[str, int], Any] = {}
+    for run in find_runs(uri, spec.name, {"preset": preset, "task": "benchmark"}, statuses=["FINISHED"]):
+        key = (run.data.tags.get("row"), int(run.data.tags.get("size", 0)))
+        if key not in newest or run.info.start_time > newest[key].info.start_time:
+            newest[key] = run
+    results: dict[int, dict[str, SizeResult]] = {}
+    models: dict[str, str] = {}
+    for (label, size), run in newest.items():
+        m = run.data.metrics
+        classifier = ({k: m[k] for k in ("conv_seg_ms", "cac_classifier_ms", "classifier_extra_ms")}
+                      if "cac_classifier_ms" in m else None)
+        results.setdefault(size, {})[label] = SizeResult(
+            label, size, times_s=[],
+            stats={k: m[k] for k in ("fps", "time_ms_median", "time_ms_min", "time_spread_pct", "foreign_cores")
+                   if k in m},
+            memory={"mem_mb": m["mem_mb"]} if "mem_mb" in m else {},
+            classifier=classifier,
+            delta={k: v for k, v in m.items() if k.startswith(("fps_delta", "mem_delta"))})
+        models[label] = run.data.tags.get("model", "")
+    return results, models
+
+
+def print_tracked_benchmark(spec: Spec, preset: str, uri: str, echo: Callable[[str], None] = print) -> int:
+    """Table 6 from the tracked runs (``cac-exp results`` on a benchmark spec)."""
+    results, models = tracked_results(spec, preset, uri)
+    if not results:
+        echo(f"{spec.title} — preset {preset}: no tracked benchmark runs in {uri}")
+        return 0
+    order = [r.label for r in spec.rows if r.label in models]
+    names = sorted(set(models.values()))
+    echo(format_table(results, order, baseline_label(spec, [r for r in spec.rows if r.label in models]),
+                      names[0] if len(names) == 1 else "",
+                      title=f"{spec.title} — {', '.join(names)}, preset {preset}, tracked in {uri} "
                             f"(fps: images/s; Mem: MB)"))
     return 0
 

@@ -19,6 +19,7 @@ __all__ = [
     "pixel_entropy",
     "entropy_kl_loss",
     "resize_bilinear",
+    "upsampled_cross_entropy",
 ]
 
 _EPS = 1e-6
@@ -106,7 +107,10 @@ def cosine_logits(feats: Tensor, weights: Tensor, tau: float, out: Tensor | None
     b, d, h, w = feats.shape
     a = (F.normalize(_batched_weights(weights, b), dim=-1, eps=_EPS) * tau).to(feats.dtype)
     f = feats.flatten(2)  # [B, D, HW]
-    inv_norm = _inv_channel_norm(f).to(f.dtype)
+    inv_norm = _inv_channel_norm(f)
+    if f.dtype == torch.float16:  # 1 / eps overflows fp16 (0 * inf at zero features): scale in float32
+        return (torch.bmm(a, f).float() * inv_norm).to(f.dtype).reshape(b, -1, h, w)
+    inv_norm = inv_norm.to(f.dtype)
     if out is None or _autocast(feats.device.type):  # autocast does not cast out= products
         return (torch.bmm(a, f) * inv_norm).reshape(b, -1, h, w)
     return torch.bmm(a, f, out=out.view(b, -1, h * w)).mul_(inv_norm).view(b, -1, h, w)
@@ -276,3 +280,49 @@ def resize_bilinear(x: Tensor, size: tuple[int, int], align_corners: bool = Fals
     rows = _interp_matrix(out_h, h, align_corners, x.dtype, x.device)
     cols = _interp_matrix(out_w, w, align_corners, x.dtype, x.device)
     return torch.matmul(torch.matmul(rows, x), cols.T)
+
+
+class _UpsampledCrossEntropy(torch.autograd.Function):
+    """Per-pixel CE of bilinearly upsampled logits that saves only the low-resolution logits and the
+    per-pixel log-partition for backward; the full-size logits are recomputed there (two small
+    matrix products) instead of being kept, with their log-softmax, between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, rows: Tensor, cols: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+        z = torch.matmul(torch.matmul(rows, logits), cols.T)  # [B, N, H, W]
+        log_p = torch.log_softmax(z, dim=1)
+        valid = labels != ignore_index
+        target = torch.where(valid, labels, 0).unsqueeze(1)
+        log_partition = z[:, 0] - log_p[:, 0]  # z_k - log p_k is the same for every class k
+        loss = -log_p.gather(1, target).squeeze(1) * valid
+        ctx.save_for_backward(logits, rows, cols, log_partition, target, valid)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, rows, cols, log_partition, target, valid = ctx.saved_tensors
+        w = (grad * valid).unsqueeze(1)  # [B, 1, H, W]
+        # d loss / d z = (softmax(z) - onehot) * w, built in the recomputed z's buffer
+        g = torch.matmul(torch.matmul(rows, logits), cols.T).sub_(log_partition.unsqueeze(1)).exp_().mul_(w)
+        g.scatter_add_(1, target, -w)
+        return torch.matmul(torch.matmul(rows.T, g), cols), None, None, None, None
+
+
+def upsampled_cross_entropy(logits: Tensor, labels: Tensor, align_corners: bool = False,
+                            ignore_index: int = 255) -> Tensor:
+    """``F.cross_entropy(resize(logits, labels' size), labels, reduction='none')``: ``[B, H, W]``,
+    zero at ignored pixels.
+
+    On CPU (float32/64, no autocast) the upsample and the loss are one autograd node that keeps no
+    full-size tensor for backward: it never materialises the upsampled logits' log-softmax, nor the
+    zero-filled full-size gradient of the NLL, beyond the one buffer the backward builds its result in.
+    """
+    size = labels.shape[-2:]
+    if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.float64) or _autocast("cpu"):
+        z = logits if logits.shape[-2:] == size else F.interpolate(logits, size=size, mode="bilinear",
+                                                                    align_corners=align_corners)
+        return F.cross_entropy(z, labels.long(), reduction="none", ignore_index=ignore_index)
+    h, w = logits.shape[-2:]
+    rows = _interp_matrix(size[0], h, align_corners, logits.dtype, logits.device)
+    cols = _interp_matrix(size[1], w, align_corners, logits.dtype, logits.device)
+    return _UpsampledCrossEntropy.apply(logits, rows, cols, labels.long(), ignore_index)

@@ -25,13 +25,21 @@ import torch
 from torch import Tensor
 
 from .classifier import CACOptions, CACOutputs, ContextAwareClassifier, cac_losses
-from .functional import resize_bilinear
+from .functional import resize_bilinear, upsampled_cross_entropy
 
 __all__ = ["CACHead"]
 
 
 def _features_unchanged(feat: Tensor) -> Tensor:
     return feat
+
+
+def _plain_cross_entropy(term: torch.nn.Module) -> bool:
+    """A softmax CE term with no class weights or masks, mean-reduced: the fused path reproduces it."""
+    from mmseg.models.losses import CrossEntropyLoss
+
+    return (type(term) is CrossEntropyLoss and not term.use_sigmoid and not term.use_mask
+            and term.class_weight is None and term.reduction == "mean")
 
 
 @MODELS.register_module()
@@ -111,16 +119,31 @@ class CACHead(BaseModule):
         from mmseg.models.losses import accuracy as seg_accuracy
 
         head = self.head
-        logits = resize_bilinear(logits, seg_label.shape[2:], align_corners=head.align_corners)
-        weight = head.sampler.sample(logits, seg_label) if head.sampler is not None else None
         label = seg_label.squeeze(1)
         terms = head.loss_decode if isinstance(head.loss_decode, torch.nn.ModuleList) else [head.loss_decode]
+        if not accuracy and head.sampler is None and all(map(_plain_cross_entropy, terms)):
+            return self._plain_cross_entropy_loss(logits, label, terms)
+        logits = resize_bilinear(logits, seg_label.shape[2:], align_corners=head.align_corners)
+        weight = head.sampler.sample(logits, seg_label) if head.sampler is not None else None
         losses: dict = {}
         for term in terms:
             value = term(logits, label, weight=weight, ignore_index=head.ignore_index)
             losses[term.loss_name] = losses[term.loss_name] + value if term.loss_name in losses else value
         if accuracy:
             losses["acc_seg"] = seg_accuracy(logits, label, ignore_index=head.ignore_index)
+        return losses
+
+    def _plain_cross_entropy_loss(self, logits: Tensor, label: Tensor, terms: list) -> dict:
+        """mmseg's softmax cross-entropy (mean over pixels, or over labelled pixels with
+        ``avg_non_ignore``) from one fused upsample + CE: CAC's p_p and p_y terms add no full-size
+        tensors that live until backward."""
+        per_pixel = upsampled_cross_entropy(logits, label, self.head.align_corners, self.head.ignore_index)
+        eps = torch.finfo(torch.float32).eps  # as mmseg's weight_reduce_loss
+        losses: dict = {}
+        for term in terms:
+            count = (label != self.head.ignore_index).sum() if term.avg_non_ignore else label.numel()
+            value = term.loss_weight * (per_pixel.sum() / (count + eps))
+            losses[term.loss_name] = losses[term.loss_name] + value if term.loss_name in losses else value
         return losses
 
     def predict(self, *args: Any) -> Tensor:

@@ -12,8 +12,9 @@ __all__ = ["matched_runs", "collect", "print_tracked"]
 
 def matched_runs(spec: Spec, preset: str, uri: str) -> dict[str, dict[int, object]]:
     """``{row label: {seed: mlflow Run}}``: the FINISHED runs of ``spec`` at ``preset`` whose config
-    hash is the row's current one, so a changed row never mixes with its old results."""
-    from .runner import make_unit
+    hash and data version are the row's current ones, so a changed row (or regenerated data) never
+    mixes with its old results."""
+    from .runner import data_version, make_unit
 
     rows = {r.label: r for r in spec.rows}
     out: dict[str, dict[int, object]] = {label: {} for label in rows}
@@ -25,7 +26,8 @@ def matched_runs(spec: Spec, preset: str, uri: str) -> dict[str, dict[int, objec
         key = (label, int(seed))
         if key not in expected:
             expected[key] = make_unit(spec, rows[label], int(seed), preset).cfg_hash
-        if run.data.tags.get("config_hash") == expected[key]:
+        if run.data.tags.get("config_hash") == expected[key] and \
+                run.data.tags.get("data_version") == data_version(preset, spec.dataset):
             out[label][int(seed)] = run
     return out
 
@@ -48,6 +50,10 @@ def print_tracked(spec_path: str, preset: str = "quick", tracking_uri: Optional[
                   out: Optional[str] = None) -> int:
     spec = load_spec(spec_path)
     uri = resolve_tracking_uri(tracking_uri)
+    if spec.task == "benchmark":
+        from .benchmark import print_tracked_benchmark
+
+        return print_tracked_benchmark(spec, preset, uri)
     results = collect(spec, preset, uri)
     if out:  # a small DVC-trackable record of what the table stands on
         import json

@@ -84,9 +84,14 @@ def make_unit(spec: Spec, row: Row, seed: int, preset: str, *, cac_extra: Option
                          overrides={**spec.overrides_for(row, preset), **(overrides_extra or {})},
                          seed=seed, dataset=spec.dataset)
     digest = config_hash(cfg)
-    work_dir = (work_root or WORK_ROOT) / spec.name / preset / f"{_slug(row.label)}-s{seed}-{digest[:8]}"
+    # The data version is part of a unit's identity (its tags and its work dir): after the generator
+    # changes, an unchanged config is neither skipped as done nor resumed from the old data's checkpoint.
+    version = data_version(preset, spec.dataset)
+    work_dir = ((work_root or WORK_ROOT) / spec.name / preset / _slug(version)
+                / f"{_slug(row.label)}-s{seed}-{digest[:8]}")
     cfg["work_dir"] = str(work_dir)
-    return RunUnit(spec, row, seed, preset, model, cfg, digest, work_dir, dict(extra_tags or {}))
+    return RunUnit(spec, row, seed, preset, model, cfg, digest, work_dir,
+                   {"data_version": version, **(extra_tags or {})})
 
 
 def plan_runs(spec: Spec, preset: str, rows: Optional[str] = None, seeds: Optional[int] = None) -> list[RunUnit]:
@@ -364,7 +369,7 @@ def execute_unit(unit: RunUnit, state: str, run_id: Optional[str], uri: str, *, 
             else:
                 tracker = RunTracker.open(uri, unit.spec.name, unit.tags, unit.name)
             _close_stale(unit, uri, keep=tracker.run_id)
-            tracker.set_tags({"git_commit": git_commit(), "data_version": data_version(unit.preset, unit.spec.dataset),
+            tracker.set_tags({"git_commit": git_commit(),
                               "model": unit.model, "description": unit.row.description,
                               "work_dir": str(unit.work_dir.resolve()), **(tags or {})})
             tracker.log_params({**{f"setting.{k}": v for k, v in unit.settings().items()},

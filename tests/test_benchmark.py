@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from cac.benchmark import (PAPER_TABLE6, SizeResult, add_deltas, bench_model_cfg, bench_settings, build_eval_model,
-                           classifier_cost, format_table, run_benchmark, time_interleaved)
+                           classifier_cost, format_table, print_tracked_benchmark, run_benchmark,
+                           time_interleaved)
 from cac.errors import CacError
 from cac.functional import entropy_kl_loss
 from cac.spec import load_spec
@@ -121,6 +122,14 @@ def test_run_benchmark_logs_runs_and_prints_table6(tmp_path, monkeypatch):
     ours = by_row["Ours"].data.metrics
     assert {"fps_delta_pct", "mem_delta_pct", "classifier_extra_ms"} <= set(ours)
     assert by_row["Ours"].data.params["cac.tau"] == "15.0" and by_row["Baseline"].data.params["cac"] == "off"
+    # `cac-exp results` rebuilds the same Table 6 from the store
+    tracked = []
+    assert print_tracked_benchmark(load_spec(path), "quick", uri, echo=tracked.append) == 0
+    printed_delta = next(line for line in lines if line.startswith("Δ"))
+    assert next(line for line in "\n".join(tracked).splitlines() if line.startswith("Δ")) == printed_delta
+    empty = []
+    print_tracked_benchmark(load_spec(path), "bench", uri, echo=empty.append)
+    assert "no tracked benchmark runs" in empty[0]
 
 
 @pytest.mark.parametrize("classes", [150, 171])

@@ -121,10 +121,15 @@ def test_cosine_logits_matches_loop(shared):
     torch.testing.assert_close(cosine_logits(feats, weights, 15.0), naive_cosine(feats, weights, 15.0))
 
 
-def test_cosine_logits_zero_feature_is_finite():
-    feats = torch.zeros(1, 5, 2, 2)
-    out = cosine_logits(feats, torch.randn(3, 5), 10.0)
-    assert torch.isfinite(out).all() and (out == 0).all()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cosine_logits_zero_feature_is_finite(dtype):
+    feats = torch.zeros(1, 5, 2, 2, dtype=dtype)
+    feats[..., 0, 0] = 0.5  # one non-zero pixel keeps its value
+    weights = torch.randn(3, 5).to(dtype)
+    out = cosine_logits(feats, weights, 10.0)
+    assert out.dtype == dtype and torch.isfinite(out).all() and (out[..., 1:, :] == 0).all()
+    torch.testing.assert_close(out[..., 0, 0].float(), naive_cosine(feats.float(), weights.float(), 10.0)[..., 0, 0],
+                               rtol=1e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("entropy", [False, True])

@@ -7,7 +7,7 @@ from mmengine.structures import PixelData
 from mmseg.structures import SegDataSample
 
 from cac.config import add_cac, set_num_classes
-from cac.head import CACHead
+from cac.head import CACHead, _plain_cross_entropy
 from cac.params import build_model
 from cac.presets import _replace_norm, _strip_pretrained
 from cac.zoo import get_model, load_base_config
@@ -101,3 +101,29 @@ def test_bad_wrapping_is_refused():
         CACHead()
     with pytest.raises(ValueError, match="not both"):
         CACHead(head=dict(type="FCNHead"), head_type="FCNHead")
+
+
+@pytest.mark.parametrize("loss_decode", [
+    dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0),
+    dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=0.4, avg_non_ignore=True),
+    [dict(type="CrossEntropyLoss", loss_name="loss_ce", loss_weight=1.0),
+     dict(type="CrossEntropyLoss", loss_name="loss_ce", loss_weight=0.5, avg_non_ignore=True)],
+])
+def test_fused_cross_entropy_equals_the_heads_own_loss(loss_decode):
+    """p_p / p_y use the fused upsample + CE; values and gradients equal the head's loss_decode."""
+    cfg = _cpu_model_cfg("fcn-slim-r18")
+    cfg["decode_head"]["head"]["loss_decode"] = loss_decode
+    head = build_model(cfg).decode_head
+    terms = head.head.loss_decode if isinstance(head.head.loss_decode, torch.nn.ModuleList) else [head.head.loss_decode]
+    assert all(map(_plain_cross_entropy, terms))  # the fused path is the one under test
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, NUM_CLASSES, 16, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    seg_label = torch.randint(0, NUM_CLASSES, (2, 1, SIZE, SIZE), generator=g)
+    seg_label[:, :, :5] = 255
+    fused = head.segmentation_loss(logits, seg_label, accuracy=False)
+    stock = {k: v for k, v in head.segmentation_loss(logits, seg_label, accuracy=True).items() if k != "acc_seg"}
+    assert fused.keys() == stock.keys() == {"loss_ce"}
+    torch.testing.assert_close(fused["loss_ce"], stock["loss_ce"])
+    (g_fused,) = torch.autograd.grad(fused["loss_ce"], logits)
+    (g_stock,) = torch.autograd.grad(stock["loss_ce"], logits)
+    torch.testing.assert_close(g_fused, g_stock)

@@ -147,3 +147,28 @@ def test_resume_checkpoint_skips_truncated_and_ignores_stale_pointer(tmp_path):
     (tmp_path / "iter_30.pth").write_bytes((tmp_path / "iter_20.pth").read_bytes()[:50])  # killed mid-save
     (tmp_path / "last_checkpoint").write_text(str(tmp_path / "iter_5.pth"))  # a pointer to a deleted file
     assert resume_checkpoint(tmp_path) == tmp_path / "iter_20.pth"
+
+
+def test_new_data_version_is_neither_skipped_nor_resumed(workspace, monkeypatch):
+    """A finished run on older generated data does not count for the regenerated data."""
+    import cac.data.context_scenes as cs
+    from cac.results import matched_runs
+    from cac.runner import make_unit, unit_state
+    from cac.spec import load_spec
+    from cac.tracking import RunTracker
+
+    spec = load_spec(str(_spec(workspace)))
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    unit = make_unit(spec, spec.rows[0], 0, "quick")
+    tracker = RunTracker.open(uri, spec.name, unit.tags, unit.name)
+    tracker.finish("FINISHED")
+    assert unit_state(unit, uri) == ("finished", tracker.run_id)
+    assert set(matched_runs(spec, "quick", uri)["(a)"]) == {0}
+
+    monkeypatch.setattr(cs, "GENERATOR_VERSION", "999")
+    regenerated = make_unit(spec, spec.rows[0], 0, "quick")
+    assert regenerated.cfg_hash == unit.cfg_hash  # the same config text...
+    assert regenerated.tags["data_version"] == "context-scenes-v999-quick"
+    assert regenerated.work_dir != unit.work_dir  # ...but not the old checkpoints
+    assert unit_state(regenerated, uri) == ("new", None)
+    assert matched_runs(spec, "quick", uri)["(a)"] == {}
