@@ -129,7 +129,7 @@ def get_preset(name: str) -> Preset:
 register_preset(Preset("quick", True, data="quick", iters=100, batch_size=8, val_interval=50, lr=0.02,
                        description="CI scale: generated data, 100 iterations, seconds per run on CPU"))
 register_preset(Preset("bench", True, data="bench", iters=1600, batch_size=8, val_interval=800, lr=0.02,
-                       description="generated data (800 train / 400 val), 1600 iterations, ~40-70 s per run "
+                       description="generated data (800 train / 400 val), 1600 iterations, 40-60 s per run "
                                    "on 2 CPU cores"))
 register_preset(Preset("paper", False,
                        description="the paper's setting: the model's shipped mmseg config (ADE20K or COCO-Stuff, "

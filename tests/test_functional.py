@@ -236,3 +236,22 @@ def test_resize_bilinear_equals_interpolate_values_and_gradients(shape, size, al
     (g_ref,) = torch.autograd.grad(ref, x, g)
     (g_out,) = torch.autograd.grad(out, x, g)
     torch.testing.assert_close(g_out, g_ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])  # 8-row bands with a ragged last one / one band
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_upsampled_cross_entropy_equals_interpolate_then_ce(monkeypatch, chunk_bytes, align_corners):
+    import cac.functional as fn
+
+    monkeypatch.setattr(fn, "_CHUNK_BYTES", chunk_bytes)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 7, (2, 23, 17), generator=g)
+    labels[0, :3] = 255
+    ref = F.cross_entropy(F.interpolate(x, size=(23, 17), mode="bilinear", align_corners=align_corners), labels,
+                          reduction="none", ignore_index=255)
+    out = fn.upsampled_cross_entropy(x, labels, align_corners=align_corners, ignore_index=255)
+    torch.testing.assert_close(out, ref)
+    assert (out[0, :3] == 0).all()
+    w = torch.rand_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(out, x, w)[0], torch.autograd.grad(ref, x, w)[0])
