@@ -125,7 +125,7 @@ def test_run_benchmark_logs_runs_and_prints_table6(tmp_path, monkeypatch):
     # `cac-exp results` rebuilds the same Table 6 from the store
     tracked = []
     assert print_tracked_benchmark(load_spec(path), "quick", uri, echo=tracked.append) == 0
-    printed_delta = next(line for line in lines if line.startswith("Δ"))
+    printed_delta = next(line for line in text.splitlines() if line.startswith("Δ"))
     assert next(line for line in "\n".join(tracked).splitlines() if line.startswith("Δ")) == printed_delta
     empty = []
     print_tracked_benchmark(load_spec(path), "bench", uri, echo=empty.append)
