@@ -47,8 +47,8 @@ from .spec import Row, Spec, select_rows
 
 __all__ = ["PAPER_TABLE6", "PAPER_TABLE6_DELTA", "MODEL_ENV", "BenchSettings", "SizeResult", "ForeignLoad",
            "bench_settings", "bench_model_cfg", "build_eval_model", "make_batch", "time_interleaved",
-           "summarise_times", "classifier_cost", "measure_size",
-           "probe_memory", "format_table", "run_benchmark", "tracked_results", "print_tracked_benchmark", "PROBE_ENV", "rss_kib", "reset_peak_rss",
+           "summarise_times", "classifier_cost", "measure_size", "probe_memory", "format_table", "run_benchmark",
+           "tracked_results", "print_tracked_benchmark", "PROBE_ENV", "rss_kib", "reset_peak_rss",
            "set_flush_denormal"]
 
 MODEL_ENV = "CAC_BENCH_MODEL"

@@ -115,7 +115,8 @@ class CACHead(BaseModule):
         """The wrapped head's own loss terms (its ``loss_decode`` list and pixel sampler), as its
         ``loss_by_feat`` computes them; the accuracy (a top-k over all classes and pixels) only when
         asked, since p_p and p_y don't need it logged every step. The upsampling to the label size is
-        ``F.interpolate``'s bilinear (mmseg's ``resize``), computed as matrix products on CPU."""
+        ``F.interpolate``'s bilinear (mmseg's ``resize``), computed as matrix products on CPU. Terms
+        without accuracy whose loss is plain softmax CE take the fused upsample + CE instead."""
         from mmseg.models.losses import accuracy as seg_accuracy
 
         head = self.head
@@ -137,12 +138,12 @@ class CACHead(BaseModule):
         """mmseg's softmax cross-entropy (mean over pixels, or over labelled pixels with
         ``avg_non_ignore``) from one fused upsample + CE: CAC's p_p and p_y terms add no full-size
         tensors that live until backward."""
-        per_pixel = upsampled_cross_entropy(logits, label, self.head.align_corners, self.head.ignore_index)
+        total = upsampled_cross_entropy(logits, label, self.head.align_corners, self.head.ignore_index).sum()
         eps = torch.finfo(torch.float32).eps  # as mmseg's weight_reduce_loss
         losses: dict = {}
         for term in terms:
             count = (label != self.head.ignore_index).sum() if term.avg_non_ignore else label.numel()
-            value = term.loss_weight * (per_pixel.sum() / (count + eps))
+            value = term.loss_weight * (total / (count + eps))
             losses[term.loss_name] = losses[term.loss_name] + value if term.loss_name in losses else value
         return losses
 

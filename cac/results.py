@@ -17,6 +17,7 @@ def matched_runs(spec: Spec, preset: str, uri: str) -> dict[str, dict[int, objec
     from .runner import data_version, make_unit
 
     rows = {r.label: r for r in spec.rows}
+    version = data_version(preset, spec.dataset)
     out: dict[str, dict[int, object]] = {label: {} for label in rows}
     expected: dict[tuple[str, int], str] = {}
     for run in find_runs(uri, spec.name, {"preset": preset}, statuses=["FINISHED"]):
@@ -26,8 +27,7 @@ def matched_runs(spec: Spec, preset: str, uri: str) -> dict[str, dict[int, objec
         key = (label, int(seed))
         if key not in expected:
             expected[key] = make_unit(spec, rows[label], int(seed), preset).cfg_hash
-        if run.data.tags.get("config_hash") == expected[key] and \
-                run.data.tags.get("data_version") == data_version(preset, spec.dataset):
+        if run.data.tags.get("config_hash") == expected[key] and run.data.tags.get("data_version") == version:
             out[label][int(seed)] = run
     return out
 
