@@ -18,8 +18,8 @@ matplotlib.use("Agg")  # files only; no display on this machine
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cac.results import matched_runs  # noqa: E402  (re-exported: the runs the tables count)
-from cac.spec import Row, Spec  # noqa: E402
+from cac.exp.results import matched_runs  # noqa: E402  (re-exported: the runs the tables count)
+from cac.exp.spec import Row, Spec, slug  # noqa: E402
 
 __all__ = ["matched_runs", "full_cac_row", "metric_history", "plot_oracle_curves", "save_figure",
            "run_work_dir", "run_config", "run_checkpoint", "load_run_model", "build_val_dataset",
@@ -34,7 +34,7 @@ IGNORE_INDEX = 255
 
 # -- which runs ------------------------------------------------------------------------------------
 def _is_default_cac(row: Row) -> bool:
-    from cac.classifier import CACOptions
+    from cac.core.classifier import CACOptions
 
     return row.cac is not None and CACOptions.from_dict(row.cac) == CACOptions()
 
@@ -57,16 +57,19 @@ def pick_seed(*seed_sets: Iterable[int], prefer: int = 0) -> Optional[int]:
 
 # -- Fig. 4: oracle curves -------------------------------------------------------------------------
 def metric_history(uri: str, runs: Mapping[int, object]):
-    """Long DataFrame ``seed, step, split, classifier, mIoU`` of ``{train,val}/mIoU_{p,pp,py}``."""
+    """Long DataFrame ``seed, step, split, classifier, mIoU``: the dense curve series
+    ``curve/{train,val}_mIoU_{p,pp,py}`` where a run has it, else ``{train,val}/mIoU_{p,pp,py}``."""
     import mlflow
     import pandas as pd
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     records = []
     for seed, run in sorted(runs.items()):
+        dense = any(k.startswith("curve/") for k in run.data.metrics)
         for split in ("train", "val"):
             for short, name in CLASSIFIERS:
-                for m in client.get_metric_history(run.info.run_id, f"{split}/mIoU_{short}"):
+                key = f"curve/{split}_mIoU_{short}" if dense else f"{split}/mIoU_{short}"
+                for m in client.get_metric_history(run.info.run_id, key):
                     records.append({"seed": seed, "step": int(m.step), "split": split, "classifier": name,
                                     "mIoU": float(m.value)})
     return pd.DataFrame.from_records(records, columns=["seed", "step", "split", "classifier", "mIoU"])
@@ -128,19 +131,17 @@ def oracle_curves_figure(spec: Spec, preset: str, uri: str, out_dir: Path,
 
 # -- a run's model and data ------------------------------------------------------------------------
 def _work_root(work_root: Optional[Path]) -> Path:
-    import cac.runner
+    import cac.exp.runner
 
-    return Path(work_root) if work_root is not None else Path(cac.runner.WORK_ROOT)
+    return Path(work_root) if work_root is not None else Path(cac.exp.runner.WORK_ROOT)
 
 
 def run_work_dir(run, work_root: Optional[Path] = None) -> Optional[Path]:
     """The run's local work dir ``<root>/<spec>/<preset>/<data version>/<row>-s<seed>-<hash8>`` (or,
     for runs tracked before the data version was part of it, without that level), if it is here."""
-    from cac.runner import _slug
-
     tags = run.data.tags
     base = _work_root(work_root) / tags.get("spec", "") / tags.get("preset", "")
-    version = _slug(tags["data_version"]) if tags.get("data_version") else ""
+    version = slug(tags["data_version"]) if tags.get("data_version") else ""
     pattern = f"*-s{tags.get('seed')}-{tags.get('config_hash', '')[:8]}"
     for folder in ([base / version] if version else []) + [base]:
         hits = sorted(folder.glob(pattern)) if folder.is_dir() else []
@@ -199,7 +200,7 @@ def load_run_model(uri: str, run, work_root: Optional[Path] = None):
     """``(model in eval mode on the CPU, config dict)`` of a finished run."""
     from mmengine.runner import load_checkpoint
 
-    from cac.params import build_model
+    from cac.mmseg.params import build_model
 
     cfg = run_config(uri, run, work_root)
     model = build_model(cfg["model"])

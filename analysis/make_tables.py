@@ -1,12 +1,14 @@
-"""Reports from tracked runs: the paper's Tables 1-5 (Markdown, CSV, LaTeX) and Figs. 4 and 6.
+"""Reports from tracked runs: the paper's Tables 1-6 (Markdown, CSV, LaTeX) and Figs. 4, 6 and 7 (+ Fig. 1).
 
     python analysis/make_tables.py [--tracking-uri URI] [--spec table3] [--preset quick] [--out reports/]
-                                   [--no-figures] [--params] [--tsne]
+                                   [--no-figures] [--params] [--tsne [SPEC ...]]
 
-Without ``--spec`` every spec (``ablations/table{2..5}.yaml``, ``experiments/table1_*.yaml``) that has
-FINISHED runs at the preset is reported. Writes ``<out>/table{N}.{md,csv,tex}`` and, unless
-``--no-figures``, ``<out>/figures/oracle_curves_<spec>_<preset>`` and ``masks_<spec>_<preset>``
-(PNG and PDF); ``--tsne`` adds the t-SNE figures of each spec's latest +CAC run.
+Without ``--spec`` every spec (``ablations/table{2..6}.yaml``, ``experiments/table1_*.yaml``) that has
+FINISHED runs at the preset is reported. Writes ``<out>/table{N}.{md,csv,tex}`` (Table 6 from the
+tracked benchmark runs) and, unless ``--no-figures``, ``<out>/figures/oracle_curves_<spec>_<preset>``
+and ``masks_<spec>_<preset>`` (PNG and PDF); ``--tsne`` adds the t-SNE figures (Fig. 7 and Fig. 1
+views, with the cosine sidecar JSON) of the latest +CAC run of every reported spec, ``--tsne table3``
+of the named specs only (then a t-SNE that cannot be made is an error, exit 1).
 """
 from __future__ import annotations
 
@@ -22,36 +24,18 @@ if __package__ in (None, ""):  # run as a file: import from the repo root, not t
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))
 
+from cac.exp.spec import find_spec, spec_files  # noqa: E402
+
 from analysis.tables import (DATASET_NAMES, ablation_csv, ablation_latex, ablation_markdown,  # noqa: E402
                              build_ablation, build_table1, paper_model, table1_csv, table1_latex,
                              table1_markdown, table_number)
 
-__all__ = ["REPO", "spec_files", "find_spec", "report_ablation", "report_table1", "report_figures", "main"]
+__all__ = ["report_ablation", "report_table1", "report_table6", "report_figures", "main"]
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def spec_files(root: Path = REPO) -> list[Path]:
-    """The paper's specs in table order: Table 1 (per dataset), then Tables 2-5."""
-    return sorted((root / "experiments").glob("table1_*.yaml")) + sorted((root / "ablations").glob("table*.yaml"))
-
-
-def find_spec(name: str, root: Path = REPO) -> Path:
-    """A spec by path, or by stem among the repo's specs (``table3``, ``table1_ade20k``)."""
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") or path.is_file():
-        if not path.is_file():
-            raise FileNotFoundError(f"spec file {path} not found")
-        return path
-    known = spec_files(root)
-    for p in known:
-        if p.stem == name:
-            return p
-    raise FileNotFoundError(f"no spec {name!r}; known: {', '.join(p.stem for p in known)}")
-
+REPORTED_TASKS = ("train", "benchmark")
 
 def _finished_count(spec, preset: str, uri: str) -> int:
-    from cac.tracking import find_runs
+    from cac.exp.tracking import find_runs
 
     return len(find_runs(uri, spec.name, {"preset": preset}, statuses=["FINISHED"]))
 
@@ -78,7 +62,7 @@ def _write(out_dir: Path, stem: str, texts: dict[str, str]) -> list[Path]:
 
 def report_ablation(spec, preset: str, uri: str, out_dir: Path) -> list[Path]:
     """``table{N}.{md,csv,tex}`` for one spec."""
-    from cac.results import collect
+    from cac.exp.results import collect
 
     results = collect(spec, preset, uri)
     table = build_ablation(spec, results, preset, notes=_ignored_note(spec, preset, uri, results))
@@ -86,21 +70,52 @@ def report_ablation(spec, preset: str, uri: str, out_dir: Path) -> list[Path]:
                                                      "tex": ablation_latex(table)})
 
 
+def report_table6(spec, preset: str, uri: str, out_dir: Path) -> list[Path]:
+    """``table6.{md,csv,tex}`` from the newest tracked benchmark run of each row and size."""
+    from cac.bench.table6 import tracked_results
+    from cac.exp.tracking import find_runs
+
+    from analysis.tables import build_table6, table6_csv, table6_latex, table6_markdown
+
+    results, models = tracked_results(spec, preset, uri)
+    notes = []
+    runs = find_runs(uri, spec.name, {"preset": preset, "task": "benchmark"}, statuses=["FINISHED"])
+    devices = sorted({r.data.tags.get("device", "") for r in runs} - {""})
+    methods = sorted({r.data.tags.get("mem_method", "") for r in runs} - {""})
+    if devices:
+        notes.append(f"Measured on {', '.join(devices)}" + (f"; Mem: {'; '.join(methods)}." if methods else "."))
+    if not results:
+        notes.append(f"No tracked benchmark runs at preset `{preset}`: "
+                     f"`cac-exp run {spec.path.name} --preset {preset}` makes them.")
+    table = build_table6(spec, results, models, preset, notes)
+    return _write(out_dir, table_number(spec.name), {"md": table6_markdown(table, uri), "csv": table6_csv(table),
+                                                     "tex": table6_latex(table)})
+
+
 def _count_params(spec, preset: str) -> dict[str, float]:
-    from cac.params import count_spec_params
+    from cac.exp.param_counts import count_spec_params
 
     return {r["row"]: r["params"] / 1e6 for r in count_spec_params(str(spec.path), preset)}
 
 
 def report_table1(specs: Sequence, preset: str, uri: str, out_dir: Path, params: bool = False) -> list[Path]:
     """``table1.{md,csv,tex}`` from the Table 1 specs (one per dataset)."""
-    from cac.results import collect
+    from cac.exp.results import collect, collect_evaluations
 
     parts, notes = [], []
     for spec in specs:
-        ss = collect(spec, preset, uri)
-        parts.append((spec, ss, collect(spec, preset, uri, "val/mIoU_ms")))
+        ss, ms = collect(spec, preset, uri), collect(spec, preset, uri, "val/mIoU_ms")
         notes += _ignored_note(spec, preset, uri, ss)
+        # rows nobody trained here may have evaluated checkpoints (e.g. the official releases)
+        ev_ss, ev_ms = collect_evaluations(spec, preset, uri), collect_evaluations(spec, preset, uri, "val/mIoU_ms")
+        from_eval = [label for label in ev_ss if not ss.get(label)]
+        for label in from_eval:
+            ss[label] = ev_ss[label]
+            ms[label] = ms.get(label) or ev_ms.get(label, {})
+        if from_eval:
+            notes.append(f"{DATASET_NAMES.get(spec.dataset, spec.dataset)}: rows from evaluated checkpoints "
+                         f"(`cac-exp eval`, no training run): {', '.join(from_eval)}.")
+        parts.append((spec, ss, ms))
     swapped = sorted({spec.model_for(r, preset) for spec in specs for r in spec.rows
                       if spec.model_for(r, preset) != paper_model(r)})
     if swapped:
@@ -122,10 +137,17 @@ def report_figures(spec, preset: str, uri: str, fig_dir: Path, images: int = 4, 
                    echo: Callable[[str], None] = print) -> list[Path]:
     """Fig. 4 and Fig. 6 (and optionally the t-SNE) for a spec; a figure that cannot be made is
     reported and skipped, so one missing checkpoint does not stop the tables."""
+    return _report_figures(spec, preset, uri, fig_dir, images, tsne, echo)[0]
+
+
+def _report_figures(spec, preset: str, uri: str, fig_dir: Path, images: int, tsne: bool,
+                    echo: Callable[[str], None]) -> tuple[list[Path], list[str]]:
+    """``report_figures`` and the names of the figures it skipped."""
     from analysis.figures import masks_figure, matched_runs, oracle_curves_figure
 
     runs = matched_runs(spec, preset, uri)
     paths: list[Path] = []
+    skipped: list[str] = []
     makers: list[tuple[str, str, Callable[[], list[Path]]]] = [
         ("oracle curves", "no +CAC row with runs that log p_y",
          lambda: oracle_curves_figure(spec, preset, uri, fig_dir, runs)),
@@ -139,11 +161,13 @@ def report_figures(spec, preset: str, uri: str, fig_dir: Path, images: int = 4, 
             made = make()
         except Exception as err:  # noqa: BLE001 - a figure is optional; say why it is missing
             echo(f"  {name} for {spec.name}: skipped ({type(err).__name__}: {err})")
+            skipped.append(name)
             continue
         if not made:
             echo(f"  {name} for {spec.name}: skipped ({why})")
+            skipped.append(name)
         paths += made
-    return paths
+    return paths, skipped
 
 
 def _tsne(spec, preset: str, uri: str, fig_dir: Path, images: int) -> list[Path]:
@@ -162,26 +186,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports")
     p.add_argument("--no-figures", action="store_true", help="tables only")
     p.add_argument("--params", action="store_true", help="count Table 1 #params (slow: builds every model)")
-    p.add_argument("--tsne", action="store_true", help="also the t-SNE figures (tsne/make_tsne.py)")
+    p.add_argument("--tsne", nargs="*", metavar="SPEC",
+                   help="also the t-SNE figures (tsne/make_tsne.py): of every reported spec, or of the named ones")
     p.add_argument("--images", type=int, default=4, help="val images in the mask and t-SNE figures")
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """The command; a bad spec, preset or tracking store is one line on stderr and exit code 2."""
     from cac.errors import CacError
-    from cac.spec import load_spec
-    from cac.tracking import resolve_tracking_uri
 
     args = build_parser().parse_args(argv)
-    uri = resolve_tracking_uri(args.tracking_uri)
-    out = Path(args.out)
-    explicit = bool(args.spec)
     try:
-        specs = [load_spec(find_spec(s)) for s in args.spec] if explicit else [load_spec(p) for p in spec_files()]
+        return _main(args)
     except (FileNotFoundError, CacError) as err:  # one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
-    specs = [s for s in specs if s.task == "train"]
+
+
+def _main(args: argparse.Namespace) -> int:
+    from cac.errors import CacError
+    from cac.exp.spec import load_spec
+    from cac.exp.tracking import check_tracking_uri, resolve_tracking_uri
+    from cac.mmseg.presets import get_preset
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    get_preset(args.preset)
+    if args.images < 1:
+        raise CacError(f"--images must be >= 1, got {args.images}")
+    out = Path(args.out)
+    explicit = bool(args.spec)
+    specs = [load_spec(find_spec(s)) for s in args.spec] if explicit else [load_spec(p) for p in spec_files()]
+    specs = [s for s in specs if s.task in REPORTED_TASKS]
+    tsne_names = set(args.tsne or ())
+    unknown = tsne_names - {s.name for s in specs if s.task == "train"}
+    if unknown:
+        raise CacError(f"--tsne {' '.join(sorted(unknown))}: not a reported training spec "
+                       f"(reported: {', '.join(s.name for s in specs if s.task == 'train')})")
+    check_tracking_uri(uri)  # after the arguments: a typo in them touches no store
     with_runs = {s.name for s in specs if _finished_count(s, args.preset, uri) > 0}
     for s in specs:
         if s.name not in with_runs:
@@ -199,13 +241,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     if table1:
         written += report_table1(table1, args.preset, uri, out, params=args.params)
     for spec in (s for s in chosen if table_number(s.name) != "table1"):
-        written += report_ablation(spec, args.preset, uri, out)
+        if spec.task == "benchmark":
+            written += report_table6(spec, args.preset, uri, out)
+        else:
+            written += report_ablation(spec, args.preset, uri, out)
+    missing = []
     if not args.no_figures:
-        for spec in (s for s in chosen if s.name in with_runs):
-            written += report_figures(spec, args.preset, uri, out / "figures", args.images, args.tsne)
+        for spec in (s for s in chosen if s.name in with_runs and s.task == "train"):
+            tsne = args.tsne is not None and (not tsne_names or spec.name in tsne_names)
+            paths, skipped = _report_figures(spec, args.preset, uri, out / "figures", args.images, tsne, print)
+            written += paths
+            if spec.name in tsne_names and "t-SNE" in skipped:
+                missing.append(spec.name)
     for path in written:
         print(path)
     print(f"{len(written)} files in {time.time() - t0:.0f}s (tracking {uri})")
+    missing += sorted(tsne_names - with_runs)
+    if missing:
+        print(f"error: no t-SNE of {', '.join(missing)} (asked for by --tsne; see above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,7 +1,9 @@
 """The paper's tables rebuilt from tracked results: plain data in, Markdown / CSV / LaTeX text out.
 
 Building (``build_ablation``, ``build_table1``) takes the ``{row label: {seed: value}}`` mappings
-``cac.results.collect`` returns; rendering takes the built tables. Nothing here talks to MLflow.
+``cac.exp.results.collect`` returns; ``build_table6`` takes the ``{size: {row: SizeResult}}`` that
+``cac.bench.table6.tracked_results`` rebuilds (its Δ% as the benchmark computed and logged them).
+Rendering takes the built tables. Nothing here talks to MLflow.
 """
 from __future__ import annotations
 
@@ -11,16 +13,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
-from cac.spec import Row, Spec
+from cac.exp.spec import Row, Spec
 
-from .stats import (Ordering, PairedCI, Summary, kendall_ordering, ordering_verdict, paired_ci,
-                    paired_differences, summarize)
+from cac.exp.stats import (NO_RUNS, Ordering, PairedCI, Summary, fmt_summary, kendall_ordering, ordering_verdict,
+                           paired_ci, paired_differences, summarize)
 
 __all__ = ["AblationRow", "AblationTable", "Table1Row", "Table1", "paper_value", "build_ablation",
            "build_table1", "ablation_markdown", "ablation_csv", "ablation_latex", "table1_markdown",
-           "table1_csv", "table1_latex", "fmt_summary", "fmt_delta", "table_number", "paper_model", "tex_escape"]
+           "table1_csv", "table1_latex", "Table6Row", "Table6", "build_table6", "table6_markdown", "table6_csv",
+           "table6_latex", "fmt_summary", "fmt_delta", "table_number", "paper_model", "tex_escape"]
 
-NO_RUNS = "no runs"
 DATASET_NAMES = {"ade20k": "ADE20K", "cocostuff": "COCO-Stuff 164K"}
 
 
@@ -128,7 +130,7 @@ def build_table1(parts: Sequence[tuple[Spec, Mapping, Mapping]], preset: str,
 
     ``params`` maps a row label to our parameter count in millions (counted only on request).
     """
-    from cac.zoo import MODELS
+    from cac.mmseg.zoo import MODELS
 
     datasets = [spec.dataset for spec, _, _ in parts]
     labels: list[str] = []
@@ -173,15 +175,6 @@ def _num(value: Optional[float], signed: bool = False, digits: int = 2) -> str:
     if value is None or not math.isfinite(value):
         return "—"
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
-
-
-def fmt_summary(summary: Optional[Summary]) -> str:
-    """``46.10 ± 0.32 (n=3)``, ``46.10 (n=1)`` or ``no runs``."""
-    if summary is None:
-        return NO_RUNS
-    if summary.n < 2:
-        return f"{summary.mean:.2f} (n=1)"
-    return f"{summary.mean:.2f} ± {summary.std:.2f} (n={summary.n})"
 
 
 def fmt_delta(row: AblationRow, confidence: float = 0.95) -> str:
@@ -350,4 +343,181 @@ def table1_latex(table: Table1) -> str:
     lines += [r"\bottomrule", r"\end{tabular}"]
     lines += [rf"\par\footnotesize {tex_escape(v)}." for v in table.verdicts]
     lines.append(r"\end{table*}")
+    return "\n".join(lines) + "\n"
+
+
+# -- Table 6: inference speed and memory ------------------------------------------------------------
+Pair = tuple[Optional[float], Optional[float]]  # (fps, Mem MB) of a row, or (fps Δ%, Mem Δ%) of a Δ row
+
+
+@dataclass(frozen=True)
+class Table6Row:
+    """One line of Table 6 at every size: ours and the paper's (``None`` where there is none)."""
+
+    label: str
+    is_delta: bool
+    ours: dict[int, Pair]
+    paper: dict[int, Pair]
+
+
+@dataclass(frozen=True)
+class Table6:
+    title: str
+    preset: str
+    model: str  # our model ("" when the rows ran different models)
+    sizes: list[int]  # the columns: the sizes we measured, and the paper's when it is the paper's model
+    measured: list[int]
+    rows: list[Table6Row]
+    with_paper: bool
+    checks: list[str] = field(default_factory=list)  # the benchmark's cross-checks, as sentences
+    notes: list[str] = field(default_factory=list)
+
+
+def build_table6(spec: Spec, results: Mapping[int, Mapping], models: Mapping[str, str], preset: str,
+                 notes: Sequence[str] = ()) -> Table6:
+    """Table 6 from ``cac.bench.table6.tracked_results``: a row per spec row with runs, then a Δ row
+    per non-baseline row, each size's fps and Mem beside the paper's (for the paper's model).
+
+    Every number is one the benchmark logged; nothing is recomputed here.
+    """
+    from cac.bench.models import baseline_label, bench_model_name
+    from cac.bench.table6 import BUSY_CORES, PAPER_MODEL, PAPER_TABLE6, PAPER_TABLE6_DELTA
+
+    rows = [r for r in spec.rows if r.label in models] or list(spec.rows)
+    base = baseline_label(spec, rows)
+    names = sorted(set(models.values()))
+    model = names[0] if len(names) == 1 else ("" if names else bench_model_name(spec, rows[0], preset))
+    with_paper = model == PAPER_MODEL
+    measured = sorted(results)
+    sizes = sorted(set(measured) | (set(PAPER_TABLE6) if with_paper else set()))
+
+    def paper_pair(size: int, label: str) -> Pair:
+        fig = PAPER_TABLE6.get(size, {}).get(label) if with_paper else None
+        return (fig[0], fig[1]) if fig else (None, None)
+
+    out = []
+    for row in rows:
+        ours = {}
+        for s in sizes:
+            res = results.get(s, {}).get(row.label)
+            ours[s] = (res.fps, res.mem_mb) if res is not None else (None, None)
+        out.append(Table6Row(row.label, False, ours, {s: paper_pair(s, row.label) for s in sizes}))
+    checks = []
+    for row in (r for r in rows if r.label != base and base is not None):
+        ours, texts = {}, []
+        for s in sizes:
+            res = results.get(s, {}).get(row.label)
+            d = res.delta if res is not None else {}
+            ours[s] = (d.get("fps_delta_pct"), d.get("mem_delta_pct"))
+            if "fps_delta_paired_pct" in d:
+                text = f"{s}×{s}: paired Δfps {d['fps_delta_paired_pct']:+.2f}%"
+                if res.classifier is not None and "fps_delta_from_classifier_pct" in d:
+                    c = res.classifier
+                    text += (f"; CAC's classifier {c['cac_classifier_ms']:.1f} ms vs the head's conv_seg "
+                             f"{c['conv_seg_ms']:.1f} ms, i.e. Δfps {d['fps_delta_from_classifier_pct']:+.2f}%")
+                texts.append(text)
+        paper = {s: (PAPER_TABLE6_DELTA[s] if with_paper and s in PAPER_TABLE6_DELTA else (None, None))
+                 for s in sizes}
+        others = [r for r in rows if r.label != base]
+        out.append(Table6Row("Δ" if len(others) == 1 else f"Δ {row.label}", True, ours, paper))
+        if texts:
+            checks.append(f"Cross-checks of {row.label}: " + "; ".join(texts) + ".")
+    busy = {s: max(r.stats.get("foreign_cores", 0.0) for r in results[s].values()) for s in measured}
+    busy = {s: c for s, c in busy.items() if c > BUSY_CORES}
+    extra = list(notes)
+    if busy:
+        extra.append("Other processes used " + ", ".join(f"{c:.2f} cores at {s}×{s}" for s, c in busy.items())
+                     + " during the timing: rerun on a quiet machine before trusting the Δ.")
+    noisy = []
+    for s in measured:  # a Δfps inside the timing noise says nothing about CAC's cost
+        spread = max((r.stats.get("time_spread_pct", 0.0) for r in results[s].values()), default=0.0)
+        deltas = [abs(r.delta["fps_delta_pct"]) for r in results[s].values() if "fps_delta_pct" in r.delta]
+        if deltas and spread > min(deltas):
+            noisy.append(f"{s}×{s} (spread up to {spread:.1f}%)")
+    if noisy:
+        extra.append("The timing spread (IQR / median of the repetitions) exceeds |Δ fps| at " + ", ".join(noisy)
+                     + ": that Δ fps is within the noise; more repetitions (preset `bench` or `paper`) narrow it.")
+    return Table6(spec.title, preset, model, sizes, measured, out, with_paper, checks, extra)
+
+
+def _t6_cells(row: Table6Row, size: int, with_paper: bool) -> list[str]:
+    """``fps, [fps paper,] Mem, [Mem paper]`` of one row at one size."""
+    (fps, mem), (pfps, pmem) = row.ours[size], row.paper[size]
+    if row.is_delta:
+        ours_fps, ours_mem = _pct(fps), _pct(mem)
+        paper_fps, paper_mem = _pct(pfps), _pct(pmem)
+    else:
+        ours_fps, ours_mem = _num(fps, digits=3), _num(mem, digits=1)
+        paper_fps, paper_mem = _num(pfps), _num(pmem, digits=0)
+    return [ours_fps, paper_fps, ours_mem, paper_mem] if with_paper else [ours_fps, ours_mem]
+
+
+def _pct(value: Optional[float]) -> str:
+    return "—" if value is None or not math.isfinite(value) else f"{value:+.2f}%"
+
+
+def _t6_heads(table: Table6) -> list[str]:
+    heads = ["Model"]
+    for s in table.sizes:
+        heads += ([f"{s}×{s} fps", f"{s}×{s} fps (paper)", f"{s}×{s} Mem", f"{s}×{s} Mem (paper)"]
+                  if table.with_paper else [f"{s}×{s} fps", f"{s}×{s} Mem"])
+    return heads
+
+
+def table6_markdown(table: Table6, tracking_uri: str = "") -> str:
+    """Table 6's layout: fps and Mem (MB) per size for each row, then Δ% against the baseline."""
+    lines = [f"# {table.title}", "",
+             f"Ours: `{table.model or 'several models'}` at preset `{table.preset}`, the newest FINISHED benchmark "
+             "run of each row at each size. fps: images/s from the median time of the interleaved repetitions; "
+             "Mem: MB; Δ: relative change against the baseline row, as the benchmark logged it."
+             + (f" Tracking: `{tracking_uri}`." if tracking_uri else "")]
+    if table.with_paper:
+        lines.append("Paper: UperNet + Swin-T on one RTX 2080Ti (GPU memory). Ours come from another machine "
+                     "and, on a CPU, another memory measure, so compare the Δ row (the cost of CAC), not the levels.")
+    unmeasured = [s for s in table.sizes if s not in table.measured]
+    if unmeasured:
+        lines.append(f"Not measured at preset `{table.preset}`: "
+                     + ", ".join(f"{s}×{s}" for s in unmeasured)
+                     + " (— in ours; the spec's `presets:` set each preset's sizes, `paper` measures all three).")
+    heads = _t6_heads(table)
+    lines += ["", "| " + " | ".join(heads) + " |", "|---|" + "---:|" * (len(heads) - 1)]
+    for row in table.rows:
+        cells = [row.label]
+        for s in table.sizes:
+            cells += _t6_cells(row, s, table.with_paper)
+        lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
+    lines += [""] + table.checks if table.checks else []
+    lines += [f"\n{n}" for n in table.notes]
+    return "\n".join(lines) + "\n"
+
+
+def table6_csv(table: Table6) -> str:
+    """One line per row and size: ours and the paper's (Δ rows hold percentages)."""
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["row", "is_delta", "size", "measured", "fps", "mem_mb", "paper_fps", "paper_mem_mb", "model",
+                "preset"])
+    for row in table.rows:
+        for s in table.sizes:
+            (fps, mem), (pfps, pmem) = row.ours[s], row.paper[s]
+            w.writerow([row.label, int(row.is_delta), s, int(s in table.measured), _csv_num(fps), _csv_num(mem),
+                        _csv_num(pfps), _csv_num(pmem), table.model, table.preset])
+    return out.getvalue()
+
+
+def table6_latex(table: Table6) -> str:
+    per = 4 if table.with_paper else 2
+    lines = [r"\begin{table}[t]", r"\centering",
+             rf"\caption{{{tex_escape(table.title)} (ours: {tex_escape(table.model or 'several models')}, preset "
+             rf"{tex_escape(table.preset)}" + ("; paper: RTX 2080Ti" if table.with_paper else "") + ")}",
+             r"\begin{tabular}{l" + "r" * per * len(table.sizes) + "}", r"\toprule",
+             " & ".join([""] + [rf"\multicolumn{{{per}}}{{c}}{{${s} \times {s}$}}" for s in table.sizes]) + r" \\",
+             " & ".join(["Model"] + (["fps", "fps (paper)", "Mem", "Mem (paper)"] if table.with_paper
+                                     else ["fps", "Mem"]) * len(table.sizes)) + r" \\", r"\midrule"]
+    for row in table.rows:
+        cells = [row.label]
+        for s in table.sizes:
+            cells += _t6_cells(row, s, table.with_paper)
+        lines.append(" & ".join(tex_escape(c) for c in cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"

@@ -29,50 +29,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from cac.benchmark import (PROBE_ENV, ForeignLoad, reset_peak_rss, rss_kib, set_flush_denormal,  # noqa: E402
-                           time_interleaved)
+from cac.bench.memory import PROBE_ENV, reset_peak_rss, rss_kib  # noqa: E402
+from cac.bench.timing import ForeignLoad, set_flush_denormal, time_interleaved  # noqa: E402
+from cac.synthetic import seg_batch  # noqa: E402
 
 PER_IMAGE = 15
-IGNORE = 255
 
 
 def train_model_cfg(model: str, cac: bool, crop: int) -> dict:
     """The shipped config's model, CPU-ready: BN, no pretrained weights, padding to the crop."""
-    from cac.config import resolve_config
-    from cac.presets import _replace_norm, _strip_pretrained
+    from cac.mmseg.config import resolve_config
+    from cac.mmseg.cfgtree import replace_norm, strip_pretrained
 
     cfg = resolve_config(model, "paper", cac=cac)
-    m = _strip_pretrained(_replace_norm(cfg["model"], "SyncBN", "BN"))
+    m = strip_pretrained(replace_norm(cfg["model"], "SyncBN", "BN"))
     m["data_preprocessor"]["size"] = (crop, crop)
     return m
 
 
 def make_train_batch(crop: int, batch: int, classes: int = 150, seed: int = 0) -> dict:
-    """uint8 images and scene-like ``gt_sem_seg`` (``PER_IMAGE`` classes per image, ~10% ignored)."""
-    from mmengine.structures import PixelData
-    from mmseg.structures import SegDataSample
-
-    g = torch.Generator().manual_seed(seed)
-    cells = -(-crop // 16)
-    inputs, samples = [], []
-    for _ in range(batch):
-        inputs.append(torch.randint(0, 256, (3, crop, crop), dtype=torch.uint8, generator=g))
-        present = torch.randperm(classes, generator=g)[:PER_IMAGE]
-        grid = present[torch.randint(0, len(present), (cells, cells), generator=g)]
-        label = grid.repeat_interleave(16, 0).repeat_interleave(16, 1)[:crop, :crop].clone()
-        label[torch.rand(crop, crop, generator=g) < 0.1] = IGNORE
-        s = SegDataSample()
-        s.gt_sem_seg = PixelData(data=label[None])
-        s.set_metainfo(dict(img_shape=(crop, crop), ori_shape=(crop, crop), pad_shape=(crop, crop)))
-        samples.append(s)
-    return dict(inputs=inputs, data_samples=samples)
+    """uint8 images and scene-like ``gt_sem_seg`` (``PER_IMAGE`` classes per image in 16² blocks, ~10% ignored)."""
+    return seg_batch(crop, batch, classes, per_image=PER_IMAGE, block=16, seed=seed)
 
 
 def build_train(model: str, cac: bool, crop: int) -> tuple[Any, Any]:
     """The model in train mode and an SGD optimizer wrapper (momentum, weight decay, as trained)."""
     from mmengine.optim import OptimWrapper
 
-    from cac.params import build_model
+    from cac.mmseg.params import build_model
 
     torch.manual_seed(0)
     net = build_model(train_model_cfg(model, cac, crop)).train()

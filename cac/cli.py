@@ -8,23 +8,29 @@ import signal
 import sys
 from typing import Callable, Optional
 
-from .errors import CacError
+from cac.errors import CacError
 
 __all__ = ["main"]
 
 
 def _cmd_run(args) -> int:
-    from .runner import run_spec
+    from cac.exp.runner import run_spec
+    from cac.exp.spec import load_spec
 
+    spec = load_spec(args.spec)
+    if spec.task == "benchmark":
+        from cac.bench.table6 import run_benchmark
+
+        return run_benchmark(spec, args.preset, rows=args.rows, tracking_uri=args.tracking_uri, dry_run=args.dry_run)
     return run_spec(args.spec, preset=args.preset, rows=args.rows, seeds=args.seeds,
                     tracking_uri=args.tracking_uri, dry_run=args.dry_run, launcher=args.launcher,
                     multiscale=args.ms)
 
 
 def _cmd_config(args) -> int:
-    from .config import dump_config
-    from .runner import make_unit
-    from .spec import load_spec
+    from cac.mmseg.config import dump_config
+    from cac.exp.runner import make_unit
+    from cac.exp.spec import load_spec
 
     spec = load_spec(args.spec)
     unit = make_unit(spec, spec.row(args.row), args.seed, args.preset)
@@ -33,7 +39,7 @@ def _cmd_config(args) -> int:
 
 
 def _cmd_params(args) -> int:
-    from .params import count_spec_params
+    from cac.exp.param_counts import count_spec_params
 
     rows = count_spec_params(args.spec, preset=args.preset)
     if args.json:
@@ -47,8 +53,15 @@ def _cmd_params(args) -> int:
 
 
 def _cmd_results(args) -> int:
-    from .results import print_tracked
+    from cac.exp.results import print_tracked
+    from cac.exp.spec import load_spec
+    from cac.exp.tracking import resolve_tracking_uri
 
+    spec = load_spec(args.spec)
+    if spec.task == "benchmark":
+        from cac.bench.table6 import print_tracked_benchmark
+
+        return print_tracked_benchmark(spec, args.preset, resolve_tracking_uri(args.tracking_uri))
     return print_tracked(args.spec, preset=args.preset, tracking_uri=args.tracking_uri, out=args.out)
 
 
@@ -58,7 +71,7 @@ def _cmd_demo(args) -> int:
 
     from analysis.make_tables import main as make_tables
 
-    from .runner import run_spec
+    from cac.exp.runner import run_spec
 
     spec = Path(__file__).resolve().parents[1] / "ablations" / "table3.yaml"
     code = run_spec(str(spec), preset="quick", tracking_uri=args.tracking_uri)
@@ -123,10 +136,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _plugins() -> list[Callable]:
     """Subcommands that live with their subsystem (data, sweep, ...)."""
-    from .data.cli import register as data_register
-    from .sweep import register as sweep_register
+    from cac.exp.data_cli import register as data_register
+    from cac.exp.sweep import register as sweep_register
+    from cac.exp.evaluate import register as eval_register
 
-    return [data_register, sweep_register]
+    return [data_register, sweep_register, eval_register]
+
+
+def _validate(args: argparse.Namespace) -> None:
+    """What argparse cannot check, before any work: counts >= 1, a known preset, a tracking store
+    that answers (an unreachable server fails here in seconds, not after MLflow's minutes of retries).
+    Each problem is a ``CacError``: one line, exit code 2, nothing tracked."""
+    for flag in ("seeds", "trials"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise CacError(f"--{flag} must be >= 1, got {value}"
+                           + (" (it runs seeds 0..N-1)" if flag == "seeds" else " (the total the study should reach)"))
+    if getattr(args, "preset", None) is not None and args.command != "data":  # data has its own sizes
+        from cac.mmseg.presets import get_preset
+
+        get_preset(args.preset)
+    if hasattr(args, "tracking_uri"):
+        from cac.exp.tracking import check_tracking_uri, resolve_tracking_uri
+
+        check_tracking_uri(resolve_tracking_uri(args.tracking_uri), create=False)  # a bad spec writes nothing
 
 
 def _terminate(signum, frame) -> None:
@@ -143,6 +176,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     try:
+        _validate(args)
         return int(args.func(args) or 0)
     except CacError as err:
         print(f"cac-exp: error: {err}", file=sys.stderr)

@@ -2,9 +2,11 @@
 weights C and each image's context-aware classifier A_p, taken from a trained +CAC segmentor.
 
 Everything is in the head's feature space (dimension D) at the features' resolution, where the
-classifiers act. Vectors are L2-normalised before t-SNE: the context-aware classifier scores by
-cosine similarity, and the raw norms of f, C and A_p live on unrelated scales, so Euclidean distances
-between unnormalised vectors would mostly show magnitude.
+classifiers act. What is embedded is what the cosine classifier compares, tau * cos(f, A): the
+L2-normalised f, C rows and A_p rows (the raw norms of f, C and A_p live on unrelated scales, so
+distances between unnormalised vectors would mostly show magnitude). ``cosine_stats`` measures, on
+every labelled pixel, how close each class's features are to C[k] and to their image's A_p[k], so a
+figure can state in numbers whether A_p moved toward its image's features.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 __all__ = ["HeadView", "head_view", "sample_pixels", "Points", "joint_points", "tsne_2d", "choose_images",
-           "IGNORE_INDEX"]
+           "unit_rows", "ClassCosine", "cosine_stats", "row_similarity", "mean_cosines", "IGNORE_INDEX"]
 
 IGNORE_INDEX = 255
 
@@ -47,8 +49,8 @@ def head_view(model, batch: dict) -> HeadView:
     """Features, labels and both classifiers for an mmengine data batch (test pipeline)."""
     import torch
 
-    from cac.classifier import resize_labels
-    from cac.head import CACHead
+    from cac.core.classifier import resize_labels
+    from cac.mmseg.head import CACHead
 
     model.eval()
     with torch.no_grad():
@@ -80,10 +82,99 @@ def sample_pixels(labels: np.ndarray, per_class: int, rng: np.random.Generator,
     return picks
 
 
+def unit_rows(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """``x / |x|`` along ``axis`` (float64; zero vectors stay zero), as the cosine classifier sees it."""
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+@dataclass(frozen=True)
+class ClassCosine:
+    """How close one class's pixel features f are to C[k] and to A_p[k]: the mean cosine over the
+    class's pixels in each image, then averaged over the ``images`` that contain the class.
+
+    ``to_other_ap``: the same features against the A_p[k] of the *other* images with the class (None
+    when only one image has it): above it, ``to_ap`` shows A_p[k] fitted to its own image.
+    ``to_c_rest`` / ``to_ap_rest``: against the rows of the image's *other* classes (None when the
+    class is alone in its images): ``to_c - to_c_rest`` is the margin that decides the argmax."""
+
+    cls: int
+    images: int
+    pixels: int
+    to_c: float
+    to_ap: float
+    to_other_ap: Optional[float]
+    to_c_rest: Optional[float] = None
+    to_ap_rest: Optional[float] = None
+
+
+def _mean(values: Sequence[float]) -> Optional[float]:
+    return float(np.mean(values)) if len(values) else None
+
+
+def _present(labels: np.ndarray, ignore: int) -> list[int]:
+    return [k for k in np.unique(labels).tolist() if k != ignore]
+
+
+def cosine_stats(view: HeadView, ignore: int = IGNORE_INDEX) -> list[ClassCosine]:
+    """Per class present in ``view.labels``, on all its labelled pixels (not a sample)."""
+    f = unit_rows(view.feats, axis=1)  # [B, D, h, w]
+    c = unit_rows(view.classifier)  # [N, D]
+    a = unit_rows(view.context)  # [B, N, D]
+    n_images = view.labels.shape[0]
+    per: dict[int, list[dict]] = {}
+    for b in range(n_images):
+        present = _present(view.labels[b], ignore)
+        for k in present:
+            pix = f[b][:, view.labels[b] == k].T  # [P, D]
+            rest = [j for j in present if j != k]
+            per.setdefault(k, []).append({
+                "pixels": len(pix), "c": float((pix @ c[k]).mean()), "ap": float((pix @ a[b, k]).mean()),
+                "other_ap": _mean([float((pix @ a[o, k]).mean()) for o in range(n_images)
+                                   if o != b and (view.labels[o] == k).any()]),
+                "c_rest": _mean([float((pix @ c[j]).mean()) for j in rest]),
+                "ap_rest": _mean([float((pix @ a[b, j]).mean()) for j in rest])})
+    out = []
+    for k in sorted(per):
+        items = per[k]
+
+        def avg(key: str) -> Optional[float]:
+            return _mean([i[key] for i in items if i[key] is not None])
+
+        out.append(ClassCosine(k, len(items), sum(i["pixels"] for i in items), avg("c"), avg("ap"),
+                               avg("other_ap"), avg("c_rest"), avg("ap_rest")))
+    return out
+
+
+def row_similarity(view: HeadView, ignore: int = IGNORE_INDEX) -> dict[str, Optional[float]]:
+    """Mean pairwise cosine between the rows of the classes present in an image, averaged over
+    images: ``ap`` for that image's A_p rows, ``c`` for the same classes' C rows. Rows that share
+    one direction (a high ``ap``) are drawn together by t-SNE whatever features they sit beside."""
+    c = unit_rows(view.classifier)
+    a = unit_rows(view.context)
+    sims: dict[str, list[float]] = {"ap": [], "c": []}
+    for b in range(view.labels.shape[0]):
+        present = _present(view.labels[b], ignore)
+        if len(present) < 2:
+            continue
+        off = ~np.eye(len(present), dtype=bool)
+        for key, rows in (("ap", a[b][present]), ("c", c[present])):
+            sims[key].append(float((rows @ rows.T)[off].mean()))
+    return {key: _mean(v) for key, v in sims.items()}
+
+
+def mean_cosines(stats: Sequence[ClassCosine]) -> dict[str, Optional[float]]:
+    """The per-class numbers averaged over classes (each class counts once)."""
+    out: dict[str, Optional[float]] = {"classes": len(stats)}
+    for key in ("to_c", "to_ap", "to_other_ap", "to_c_rest", "to_ap_rest"):
+        out[key] = _mean([getattr(s, key) for s in stats if getattr(s, key) is not None])
+    return out
+
+
 @dataclass(frozen=True)
 class Points:
-    """Rows of ``vectors`` with their kind (0 feature, 1 classifier C, 2 context A_p), class and image
-    (-1 for C, which all images share)."""
+    """Rows of ``vectors`` (L2-normalised) with their kind (0 feature, 1 classifier C, 2 context A_p),
+    class and image (-1 for C, which all images share)."""
 
     vectors: np.ndarray
     kind: np.ndarray
@@ -95,7 +186,7 @@ class Points:
 
 def joint_points(view: HeadView, per_class: int = 100, seed: int = 0) -> Points:
     """Sampled pixel features, C's rows for the classes present and each image's A_p rows for the
-    classes in that image, stacked for one joint embedding."""
+    classes in that image, each L2-normalised, stacked for one joint embedding."""
     rng = np.random.default_rng(seed)
     picks = sample_pixels(view.labels, per_class, rng)
     vecs = [view.feats[b, :, y, x] for b, y, x in picks]
@@ -114,15 +205,15 @@ def joint_points(view: HeadView, per_class: int = 100, seed: int = 0) -> Points:
             kind.append(Points.CONTEXT)
             cls.append(c)
             image.append(b)
-    return Points(np.stack(vecs).astype(np.float64), np.asarray(kind), np.asarray(cls), np.asarray(image))
+    return Points(unit_rows(np.stack(vecs)), np.asarray(kind), np.asarray(cls), np.asarray(image))
 
 
 def tsne_2d(vectors: np.ndarray, random_state: int = 0, perplexity: Optional[float] = None) -> np.ndarray:
-    """2-D t-SNE (scikit-learn, PCA init, fixed seed) of L2-normalised ``vectors``."""
+    """2-D t-SNE (scikit-learn, PCA init, fixed seed) of L2-normalised ``vectors`` (Euclidean distance
+    between unit vectors is a function of their cosine: sqrt(2 - 2 cos))."""
     from sklearn.manifold import TSNE
 
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    unit = vectors / np.maximum(norms, 1e-12)
+    unit = unit_rows(vectors)
     n = len(unit)
     if n < 4:
         raise ValueError(f"t-SNE needs at least 4 points, got {n}")

@@ -3,17 +3,22 @@
     python tsne/make_tsne.py --run-id RUN [--tracking-uri URI] [--images 4] [--out reports/figures]
     python tsne/make_tsne.py --spec table3 [--preset quick]   # the latest FINISHED +CAC run of a spec
 
-Writes ``tsne_<spec>_<preset>_<row>_s<seed>.{png,pdf}`` (dots: pixel features coloured by class; large
-circles: the original classifier C; stars: each image's context-aware classifier A_p) and
-``..._fig1.{png,pdf}`` (one class's features, a colour per image; other classes grey).
+Writes ``tsne_<spec>_<preset>_<row>_s<seed>.{png,pdf}`` (the Fig. 7 view; dots: pixel features coloured
+by class; large circles: the original classifier C; stars: each image's context-aware classifier A_p),
+``..._fig1.{png,pdf}`` (the Fig. 1 view: one class's features, a colour per image; other classes grey)
+and ``..._cosine.json``. All three vector kinds are L2-normalised, as the cosine classifier compares
+them. The Fig. 7 caption, the printed output and the JSON give the measured mean cosine of each
+class's pixels to C[k] and to their own image's A_p[k] (per image, then averaged over images), so the
+figure states whether A_p moved toward its image's features, or that it did not.
 """
 from __future__ import annotations
 
 import argparse
-import re
+import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 if __package__ in (None, ""):  # run as a file: import from the repo root, not this folder
     # (this folder on sys.path would let its modules shadow others, e.g. tables.py vs PyTables)
@@ -28,23 +33,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tsne.embed import Points, choose_images, head_view, joint_points, tsne_2d  # noqa: E402
+from cac.exp.spec import slug  # noqa: E402
+from tsne.embed import (ClassCosine, Points, choose_images, cosine_stats, head_view, joint_points,  # noqa: E402
+                        mean_cosines, row_similarity, tsne_2d)
 
-__all__ = ["pick_run", "make_tsne", "plot_classifiers", "plot_one_class", "main"]
+__all__ = ["pick_run", "make_tsne", "cosine_caption", "cosine_lines", "plot_classifiers", "plot_one_class", "main"]
 
 IMAGE_COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink",
                  "tab:olive")
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "row"
-
-
 def pick_run(uri: str, spec, preset: str):
     """The latest FINISHED run of the spec's full-CAC row at ``preset``, else of any +CAC row with a
     context-aware classifier; None if there is none."""
-    from cac.classifier import CACOptions
-    from cac.tracking import find_runs
+    from cac.core.classifier import CACOptions
+    from cac.exp.tracking import find_runs
 
     from analysis.figures import full_cac_row
 
@@ -69,9 +72,47 @@ def _class_colour(palette: Sequence[Sequence[int]], c: int) -> tuple:
     return tuple(np.asarray(palette[c], dtype=float) / 255.0)
 
 
+def _f(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:+.3f}"
+
+
+def cosine_caption(stats: Sequence[ClassCosine], rows: Optional[dict] = None) -> str:
+    """The measured cosines in a few sentences, ending with what they say about A_p."""
+    m = mean_cosines(stats)
+    if not stats:
+        return "no labelled pixels"
+    gain = m["to_ap"] - m["to_c"]
+    verdict = ("A_p[k] sits closer to its image's class-k features than C[k] does" if gain > 0.02 else
+               "A_p[k] is no closer to its image's class-k features than C[k]" if gain > -0.02 else
+               "A_p[k] sits farther from its image's class-k features than C[k] does")
+    text = (f"Mean cos of class-k pixels (per image, then over images and {m['classes']} classes) to "
+            f"C[k] {_f(m['to_c'])}, to their image's A_p[k] {_f(m['to_ap'])} (Δ {gain:+.3f})")
+    if m["to_other_ap"] is not None:
+        text += f", to other images' A_p[k] {_f(m['to_other_ap'])}"
+    if m["to_c_rest"] is not None:
+        text += (f"; to the image's other classes' rows: C {_f(m['to_c_rest'])}, A_p {_f(m['to_ap_rest'])} "
+                 f"(margins C {_f(m['to_c'] - m['to_c_rest'])}, A_p {_f(m['to_ap'] - m['to_ap_rest'])})")
+    text += "."
+    if rows and rows.get("ap") is not None:
+        text += (f" An image's A_p rows are alike: mean pairwise cos {_f(rows['ap'])} (the same classes' C rows "
+                 f"{_f(rows['c'])}).")
+    return f"{text} {verdict}."
+
+
+def cosine_lines(stats: Sequence[ClassCosine], names: Sequence[str]) -> list[str]:
+    """A small fixed-width table, one line per class."""
+    width = max([len(names[s.cls]) for s in stats] + [5])
+    lines = [f"{'class':<{width}}  images  pixels  C[k]    A_p[k]  other images' A_p[k]  other classes: C  A_p"]
+    for s in stats:
+        lines.append(f"{names[s.cls]:<{width}}  {s.images:>6}  {s.pixels:>6}  {_f(s.to_c):>6}  {_f(s.to_ap):>6}  "
+                     f"{_f(s.to_other_ap):>20}  {_f(s.to_c_rest):>16}  {_f(s.to_ap_rest):>6}")
+    return lines
+
+
 def plot_classifiers(xy: np.ndarray, pts: Points, palette: Sequence[Sequence[int]], names: Sequence[str],
-                     title: str):
-    """Fig. 7: features as dots by class, C as large circles, A_p of each image as stars."""
+                     title: str, caption: str = "", stats: Sequence[ClassCosine] = ()):
+    """Fig. 7: features as dots by class, C as large circles, A_p of each image as stars; ``caption``
+    (e.g. the measured cosines) printed under the plot, and each class's ``stats`` in the legend."""
     from matplotlib.lines import Line2D
 
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
@@ -80,15 +121,26 @@ def plot_classifiers(xy: np.ndarray, pts: Points, palette: Sequence[Sequence[int
     ax.scatter(xy[feat, 0], xy[feat, 1], c=colours[feat], s=9, alpha=0.55, linewidths=0)
     ax.scatter(xy[clf, 0], xy[clf, 1], c=colours[clf], s=260, marker="o", edgecolors="black", linewidths=1.5)
     ax.scatter(xy[ctx, 0], xy[ctx, 1], c=colours[ctx], s=300, marker="*", edgecolors="black", linewidths=0.8)
-    handles = [Line2D([], [], marker="o", ls="", color=_class_colour(palette, c), label=names[c])
+    by_cls = {s.cls: s for s in stats}
+
+    def label(c: int) -> str:
+        s = by_cls.get(c)
+        return names[c] if s is None else f"{names[c]}: {s.to_c:+.2f} / {s.to_ap:+.2f}"
+
+    handles = [Line2D([], [], marker="o", ls="", color=_class_colour(palette, c), label=label(c))
                for c in sorted(set(pts.cls.tolist()))]
     handles += [Line2D([], [], marker="o", ls="", mfc="white", mec="black", ms=12, label="classifier C"),
                 Line2D([], [], marker="*", ls="", mfc="white", mec="black", ms=14, label="context-aware A_p"),
                 Line2D([], [], marker=".", ls="", color="grey", label="pixel features")]
-    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
+              title="class: mean cos(f, C[k]) / cos(f, A_p[k])" if by_cls else None, title_fontsize=7)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title, fontsize=9)
+    if caption:
+        import textwrap
+
+        ax.set_xlabel("\n".join(textwrap.wrap(caption, 110)), fontsize=7, family="monospace", loc="left")
     fig.tight_layout()
     return fig
 
@@ -122,8 +174,9 @@ def plot_one_class(xy: np.ndarray, pts: Points, cls: int, name: str, images: Seq
 
 
 def make_tsne(uri: str, run, out_dir: Path, n_images: int = 4, per_class: int = 100, random_state: int = 0,
-              work_root: Optional[Path] = None) -> list[Path]:
-    """Both t-SNE figures of one finished +CAC run; returns the written files."""
+              work_root: Optional[Path] = None, echo: Callable[[str], None] = print) -> list[Path]:
+    """Both t-SNE figures of one finished +CAC run and the cosine sidecar JSON; returns the written
+    files and ``echo``es the measured cosines."""
     from PIL import Image
 
     from analysis.figures import build_val_dataset, load_run_model, save_figure, val_batch
@@ -132,20 +185,40 @@ def make_tsne(uri: str, run, out_dir: Path, n_images: int = 4, per_class: int = 
     dataset = build_val_dataset(cfg)
     cls, indices = choose_images(_label_maps(dataset), n_images)
     view = head_view(model, val_batch(dataset, indices))
+    stats, rows = cosine_stats(view), row_similarity(view)
     pts = joint_points(view, per_class=per_class, seed=random_state)
     xy = tsne_2d(pts.vectors, random_state=random_state)
     names = list(dataset.metainfo["classes"])
     palette = dataset.metainfo["palette"]
     tags = run.data.tags
     spec, row, seed, preset = (tags.get(k, "") for k in ("spec", "row", "seed", "preset"))
-    stem = out_dir / f"tsne_{_slug(spec or 'run')}_{preset}_{_slug(row)}_s{seed}"
+    stem = out_dir / f"tsne_{slug(spec or 'run')}_{preset}_{slug(row)}_s{seed}"
     what = f"{spec} {row} seed {seed} (preset {preset}, run {run.info.run_id[:8]}), {len(indices)} val images"
-    paths = save_figure(plot_classifiers(xy, pts, palette, names, f"t-SNE: {what}"), stem)
+    caption = cosine_caption(stats, rows)
+    table = cosine_lines(stats, names)
+    echo(f"t-SNE {what}: {caption}")
+    for line in table:
+        echo(f"  {line}")
+    sidecar = stem.with_name(stem.name + "_cosine.json")
+    sidecar.parent.mkdir(parents=True, exist_ok=True)
+    sidecar.write_text(json.dumps({
+        "run_id": run.info.run_id, "spec": spec, "row": row, "seed": seed, "preset": preset,
+        "images": [int(i) for i in indices], "embedded": "L2-normalised f, C rows and A_p rows",
+        "what": "mean cosine of class k's pixel features to C[k] (to_c), to their own image's A_p[k] (to_ap), to "
+                "the other images' A_p[k] (to_other_ap) and to the rows of the image's other classes (*_rest): "
+                "per image over the class's pixels, then averaged over the images with the class",
+        "caption": caption, "mean": mean_cosines(stats),
+        "row_pairwise_cos": {"what": "mean pairwise cosine of an image's rows (classes present), over images",
+                             "ap": rows["ap"], "c": rows["c"]},
+        "classes": {names[s.cls]: {"id": s.cls, **{k: v for k, v in asdict(s).items() if k != "cls"}}
+                    for s in stats}},
+        indent=1) + "\n")
+    paths = save_figure(plot_classifiers(xy, pts, palette, names, f"t-SNE: {what}", caption, stats), stem)
     images = [np.asarray(Image.open(dataset.get_data_info(i)["img_path"]).convert("RGB")) for i in indices]
     paths += save_figure(plot_one_class(xy, pts, cls, names[cls], images,
                                         f"t-SNE of '{names[cls]}' features across images: {what}"),
                          stem.with_name(stem.name + "_fig1"))
-    return paths
+    return paths + [sidecar]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,18 +236,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    import mlflow
-
-    from cac.tracking import resolve_tracking_uri
+    """The command; a bad spec, run id or tracking store is one line on stderr and exit code 2."""
+    from cac.errors import CacError
 
     args = build_parser().parse_args(argv)
-    uri = resolve_tracking_uri(args.tracking_uri)
-    if args.run_id:
-        run = mlflow.MlflowClient(tracking_uri=uri).get_run(args.run_id)
-    else:
-        from analysis.make_tables import find_spec
-        from cac.spec import load_spec
+    try:
+        return _main(args)
+    except CacError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
+
+def _main(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from cac.errors import CacError
+    from cac.exp.tracking import check_tracking_uri, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    check_tracking_uri(uri, create=False)  # reads only: no store is made here
+    if args.images < 1 or args.per_class < 1:
+        raise CacError(f"--images and --per-class must be >= 1, got {args.images} and {args.per_class}")
+    if args.run_id:
+        try:
+            run = mlflow.MlflowClient(tracking_uri=uri).get_run(args.run_id)
+        except mlflow.exceptions.MlflowException as err:
+            raise CacError(f"run {args.run_id!r} not found in {uri} ({str(err).splitlines()[0][:200]})") from None
+    else:
+        from cac.exp.spec import find_spec, load_spec
+        from cac.mmseg.presets import get_preset
+
+        get_preset(args.preset)
         spec = load_spec(find_spec(args.spec))
         run = pick_run(uri, spec, args.preset)
         if run is None:

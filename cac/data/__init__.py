@@ -3,9 +3,9 @@
 Kept free of mmseg so data can be generated and checked without it; the mmseg dataset class lives in
 :mod:`cac.data.datasets` (imported by ``import cac`` when mmseg is installed).
 """
-from .context_scenes import (CLASSES, GENERATOR_VERSION, PALETTE, PRESETS, SCENES, data_version,
+from cac.data.context_scenes import (CLASSES, GENERATOR_VERSION, PALETTE, PRESETS, SCENES, data_version,
                              default_root, ensure, generate)
-from .real import DatasetError, data_dir, prepare_ade20k, prepare_cocostuff, verify
+from cac.data.real import DatasetError, data_dir, prepare_ade20k, prepare_cocostuff, verify
 
 __all__ = ["CLASSES", "GENERATOR_VERSION", "PALETTE", "PRESETS", "SCENES", "data_version",
            "default_root", "ensure", "generate", "DatasetError", "data_dir", "prepare_ade20k",

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from .real import DatasetError, data_dir
+from cac.data.real import DatasetError, data_dir
 
 __all__ = ["GENERATOR_VERSION", "NAME", "PRESETS", "CLASSES", "PALETTE", "SCENES", "IGNORE_INDEX",
            "generate", "ensure", "data_version", "default_root", "render_image"]

@@ -8,8 +8,8 @@ from typing import Callable
 
 from cac.errors import CacError
 
-from . import context_scenes
-from .real import REAL_DATASETS, default_real_root, prepare_ade20k, prepare_cocostuff, verify
+from cac.data import context_scenes
+from cac.data.real import REAL_DATASETS, default_real_root, prepare_ade20k, prepare_cocostuff, verify
 
 __all__ = ["register"]
 
@@ -40,7 +40,7 @@ def _summary(title: str, report: dict) -> str:
 
 @_one_line_errors
 def _cmd_context_scenes(args: argparse.Namespace) -> int:
-    from cac.presets import get_preset
+    from cac.mmseg.presets import get_preset
 
     if args.preset not in context_scenes.PRESETS:  # e.g. the pipeline's `preset: paper`
         preset = get_preset(args.preset)

@@ -1,13 +1,11 @@
-"""Parameter counts of a spec's rows, from the resolved configs alone (no data, no weights)."""
+"""Building a segmentor from a config dict, and counting its parameters (random init, no weights)."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
-from .spec import load_spec
-
-__all__ = ["count_params", "count_spec_params", "build_model"]
+__all__ = ["count_params", "build_model"]
 
 
 def build_model(model_cfg: dict) -> torch.nn.Module:
@@ -31,18 +29,3 @@ def count_params(model_cfg: dict) -> int:
     """
     model = build_model(model_cfg)
     return sum(p.numel() for p in model.parameters())
-
-
-def count_spec_params(spec_path: str, preset: str = "paper", rows: Optional[list[str]] = None) -> list[dict]:
-    from .config import resolve_config
-
-    spec = load_spec(spec_path)
-    out = []
-    for row in spec.rows:
-        if rows and row.label not in rows:
-            continue
-        cfg = resolve_config(spec.model_for(row, preset), preset, cac=row.cac if row.cac is not None else False,
-                             overrides=spec.overrides_for(row, preset), dataset=spec.dataset)
-        paper = row.paper.get("params") if isinstance(row.paper, dict) else None
-        out.append({"row": row.label, "params": count_params(cfg["model"]), "paper": paper})
-    return out

@@ -11,8 +11,10 @@ import warnings
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-__all__ = ["Summary", "PairedCI", "Ordering", "summarize", "paired_differences", "paired_ci",
+__all__ = ["NO_RUNS", "fmt_summary", "Summary", "PairedCI", "Ordering", "summarize", "paired_differences", "paired_ci",
            "kendall_ordering", "agreement_words", "ordering_verdict"]
+
+NO_RUNS = "no runs"
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,15 @@ def summarize(values: Sequence[float]) -> Optional[Summary]:
         return Summary(mean, float("nan"), 1)
     var = math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
     return Summary(mean, math.sqrt(var), len(vals))
+
+
+def fmt_summary(summary: Optional[Summary]) -> str:
+    """``46.10 ± 0.32 (n=3)``, ``46.10 (n=1)`` or ``no runs``."""
+    if summary is None:
+        return NO_RUNS
+    if summary.n < 2:
+        return f"{summary.mean:.2f} (n=1)"
+    return f"{summary.mean:.2f} ± {summary.std:.2f} (n={summary.n})"
 
 
 def paired_differences(row: Mapping[int, float], baseline: Mapping[int, float]) -> list[float]:

@@ -35,7 +35,7 @@ def unwrap(model):
 
 def classifier_logits(segmentor, inputs: Tensor, labels: Optional[Tensor]) -> dict[str, Tensor]:
     """Logits of each available classifier at the features' resolution: keys ``p``, ``p_p``, ``p_y``."""
-    from .head import CACHead
+    from cac.mmseg.head import CACHead
 
     feats = segmentor.extract_feat(inputs)
     heads = segmentor.decode_head

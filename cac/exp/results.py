@@ -1,20 +1,20 @@
 """Tracked results of a spec, read back from MLflow (the raw material of the reports)."""
 from __future__ import annotations
 
-import statistics
 from typing import Optional
 
-from .spec import Spec, load_spec
-from .tracking import find_runs, resolve_tracking_uri
+from cac.exp.spec import Spec, load_spec
+from cac.exp.stats import fmt_summary, summarize
+from cac.exp.tracking import find_runs, resolve_tracking_uri
 
-__all__ = ["matched_runs", "collect", "print_tracked"]
+__all__ = ["matched_runs", "collect", "collect_evaluations", "print_tracked"]
 
 
 def matched_runs(spec: Spec, preset: str, uri: str) -> dict[str, dict[int, object]]:
     """``{row label: {seed: mlflow Run}}``: the FINISHED runs of ``spec`` at ``preset`` whose config
     hash and data version are the row's current ones, so a changed row (or regenerated data) never
     mixes with its old results."""
-    from .runner import data_version, make_unit
+    from cac.exp.runner import data_version, make_unit
 
     rows = {r.label: r for r in spec.rows}
     version = data_version(preset, spec.dataset)
@@ -38,22 +38,28 @@ def collect(spec: Spec, preset: str, uri: str, metric: str = "val/mIoU") -> dict
             for label, runs in matched_runs(spec, preset, uri).items()}
 
 
-def _fmt(values: list[float]) -> str:
-    if not values:
-        return "no runs"
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:6.2f} ± {std:4.2f} (n={len(values)})"
+def collect_evaluations(spec: Spec, preset: str, uri: str, metric: str = "val/mIoU") -> dict[str, dict[int, float]]:
+    """``{row label: {0: metric}}`` from the newest FINISHED evaluation run (``cac-exp eval``) of each
+    row at ``preset`` on the current data version: the fallback of reports for rows with no training
+    run (Table 1 from released checkpoints)."""
+    from cac.exp.evaluate import eval_experiment
+    from cac.exp.runner import data_version
+
+    version = data_version(preset, spec.dataset)
+    newest: dict[str, object] = {}
+    for run in find_runs(uri, eval_experiment(spec.name), {"preset": preset, "kind": "eval"}, statuses=["FINISHED"]):
+        label = run.data.tags.get("row")
+        if run.data.tags.get("data_version") != version or metric not in run.data.metrics:
+            continue
+        if label not in newest or run.info.start_time > newest[label].info.start_time:
+            newest[label] = run
+    return {label: {0: run.data.metrics[metric]} for label, run in newest.items()}
 
 
 def print_tracked(spec_path: str, preset: str = "quick", tracking_uri: Optional[str] = None,
                   out: Optional[str] = None) -> int:
     spec = load_spec(spec_path)
     uri = resolve_tracking_uri(tracking_uri)
-    if spec.task == "benchmark":
-        from .benchmark import print_tracked_benchmark
-
-        return print_tracked_benchmark(spec, preset, uri)
     results = collect(spec, preset, uri)
     if out:  # a small DVC-trackable record of what the table stands on
         import json
@@ -67,6 +73,6 @@ def print_tracked(spec_path: str, preset: str = "quick", tracking_uri: Optional[
     for row in spec.rows:
         paper = row.paper.get("ss") if isinstance(row.paper, dict) else row.paper
         values = [results[row.label][s] for s in sorted(results[row.label])]
-        print(f"{row.label:>10}  {row.description[:44]:<44} {_fmt(values):>22}  "
+        print(f"{row.label:>10}  {row.description[:44]:<44} {fmt_summary(summarize(values)):>22}  "
               f"{'' if paper is None else f'{paper:6.2f}'}")
     return 0

@@ -23,17 +23,18 @@ Schema (unknown keys are refused everywhere)::
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import yaml
 
-from .classifier import CACOptions
-from .errors import CacError
-from .presets import PRESETS
+from cac.core.classifier import CACOptions
+from cac.errors import CacError
+from cac.mmseg.presets import PRESETS
 
-__all__ = ["Spec", "Row", "SpecError", "load_spec"]
+__all__ = ["REPO", "spec_files", "find_spec", "slug", "Spec", "Row", "SpecError", "load_spec"]
 
 
 class SpecError(CacError):
@@ -122,7 +123,7 @@ def _check_type(path: Path, where: str, value: Any, types: tuple, what: str) -> 
 
 
 def _check_model(path: Path, where: str, model: Any) -> None:
-    from .zoo import MODELS
+    from cac.mmseg.zoo import MODELS
 
     names = model.values() if isinstance(model, Mapping) else [model]
     if isinstance(model, Mapping):
@@ -294,3 +295,30 @@ def select_rows(spec: Spec, rows: Optional[str]) -> list[Row]:
         if w not in labels:
             raise SpecError(f"{spec.path}: --rows: no row {w!r}; rows are {', '.join(labels)}")
     return [r for r in spec.rows if r.label in wanted]
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def slug(text: str) -> str:
+    """A label (``(e)``, ``fcn-mv2+cac``) as a file-name part."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "row"
+
+
+def spec_files(root: Path = REPO) -> list[Path]:
+    """The paper's specs in table order: Table 1 (per dataset), then Tables 2-6."""
+    return sorted((root / "experiments").glob("table1_*.yaml")) + sorted((root / "ablations").glob("table*.yaml"))
+
+
+def find_spec(name: str, root: Path = REPO) -> Path:
+    """A spec by path, or by stem among the repo's specs (``table3``, ``table1_ade20k``)."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise SpecError(f"spec file {path} not found")
+        return path
+    known = spec_files(root)
+    for p in known:
+        if p.stem == name:
+            return p
+    raise SpecError(f"no spec {name!r}; known: {', '.join(p.stem for p in known)}")

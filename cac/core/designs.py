@@ -16,11 +16,13 @@ __all__ = ["Design", "DESIGNS", "register_design", "Projector"]
 
 
 class Projector(nn.Sequential):
-    """theta of Eqs. (2)/(5): Linear(in -> d/2), ReLU, Linear(d/2 -> d) (paper §4.1)."""
+    """theta of Eqs. (2)/(5): Linear(in -> d/2), ReLU, Linear(d/2 -> d) (paper §4.1).
 
-    def __init__(self, in_dim: int, dim: int, hidden_ratio: float = 0.5) -> None:
+    ``first_bias=False`` is the official code's first layer (no bias); the paper does not say."""
+
+    def __init__(self, in_dim: int, dim: int, hidden_ratio: float = 0.5, first_bias: bool = True) -> None:
         hidden = max(1, int(round(dim * hidden_ratio)))
-        super().__init__(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+        super().__init__(nn.Linear(in_dim, hidden, bias=first_bias), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
 
 
 @dataclass(frozen=True)

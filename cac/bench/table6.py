@@ -1,6 +1,8 @@
 """Table 6: inference speed (fps) and peak memory of a segmentor with and without CAC.
 
 ``cac-exp run ablations/table6.yaml [--preset quick|bench|paper]`` lands here (``task: benchmark``).
+The pieces: :mod:`cac.bench.models` (what is built and run), :mod:`cac.bench.timing`,
+:mod:`cac.bench.memory`; this module measures, tracks and prints the table.
 Each row's real mmseg model is built from the model's shipped config (``resolve_config(..., "paper")``)
 with SyncBN -> BN, no pretrained weights (random init, the same seed for every row, so rows share
 every weight they have in common) and whole-image inference. The spec's ``benchmark:`` block, with
@@ -36,23 +38,21 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
-from .errors import CacError
-from .spec import Row, Spec, select_rows
+from cac.bench.memory import probe_memory
+from cac.bench.models import (MODEL_ENV, BenchSettings, baseline_label, bench_model_cfg, bench_model_name,
+                              bench_settings, build_eval_model, classifier_cost, inference_fn)
+from cac.bench.timing import ForeignLoad, device_sync, set_flush_denormal, summarise_times, time_interleaved
+from cac.errors import CacError
+from cac.exp.spec import Row, Spec, select_rows
 
-__all__ = ["PAPER_TABLE6", "PAPER_TABLE6_DELTA", "MODEL_ENV", "BenchSettings", "SizeResult", "ForeignLoad",
-           "bench_settings", "bench_model_cfg", "build_eval_model", "make_batch", "time_interleaved",
-           "summarise_times", "classifier_cost", "measure_size", "probe_memory", "format_table", "run_benchmark",
-           "tracked_results", "print_tracked_benchmark", "PROBE_ENV", "rss_kib", "reset_peak_rss",
-           "set_flush_denormal"]
+__all__ = ["BUSY_CORES", "PAPER_MODEL", "PAPER_TABLE6", "PAPER_TABLE6_DELTA", "SizeResult", "add_deltas", "format_table",
+           "measure_size", "run_benchmark", "tracked_results", "print_tracked_benchmark"]
 
-MODEL_ENV = "CAC_BENCH_MODEL"
 PAPER_MODEL = "upernet-swin-t"
+
 
 # The paper's Table 6 (UperNet + Swin-T, one RTX 2080Ti): {size: {row: (fps, Mem in MB)}}.
 PAPER_TABLE6: dict[int, dict[str, tuple[float, float]]] = {
@@ -61,300 +61,14 @@ PAPER_TABLE6: dict[int, dict[str, tuple[float, float]]] = {
     2560: {"Baseline": (1.04, 10286.0), "Ours": (1.02, 10290.0)},
 }
 
+
 # Its Δ row as printed: {size: (fps Δ%, Mem Δ%)}.
 PAPER_TABLE6_DELTA: dict[int, tuple[float, float]] = {512: (-2.05, 0.07), 1280: (-1.94, 0.07), 2560: (-2.00, 0.04)}
 
-# The memory probes run with a fixed glibc mmap threshold: every allocation above 64 KiB is its own
-# mapping, returned to the OS when freed, so the resident peak follows live tensor memory rather than
-# whatever the allocator's heap happened to keep from earlier, larger requests.
-PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONWARNINGS": "ignore"}
 
-_DEFAULTS = dict(sizes=[512, 1280, 2560], warmup=3, repeats=10, batch_size=1, device="auto")
-_MiB = 1024.0 * 1024.0
-_BUSY_CORES = 0.25  # other processes' load (in cores) above which a timing is flagged
+BUSY_CORES = 0.25  # other processes' load (in cores) above which a timing is flagged
 
 
-# -- settings and configs -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BenchSettings:
-    sizes: tuple[int, ...]
-    warmup: int
-    repeats: int
-    batch_size: int
-    device: str  # resolved: "cpu" or "cuda"
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` is CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CacError("benchmark.device is cuda but no CUDA device is available (use auto or cpu)")
-    return name
-
-
-def bench_settings(spec: Spec, preset: str) -> BenchSettings:
-    """The spec's ``benchmark:`` block with the preset's overrides, over the defaults."""
-    from .presets import get_preset
-
-    get_preset(preset)  # an unknown preset is refused even though it only scales the benchmark
-    m = {**_DEFAULTS, **spec.benchmark_for(preset)}
-    return BenchSettings(tuple(m["sizes"]), m["warmup"], m["repeats"], m["batch_size"], resolve_device(m["device"]))
-
-
-def bench_model_name(spec: Spec, row: Row, preset: str) -> str:
-    """The row's model, or the Table 1 model ``CAC_BENCH_MODEL`` names."""
-    from .zoo import get_model
-
-    return get_model(os.environ.get(MODEL_ENV) or spec.model_for(row, preset)).name
-
-
-def bench_model_cfg(spec: Spec, row: Row, preset: str) -> dict:
-    """The row's model config: the shipped config (any preset), SyncBN -> BN, no pretrained weights,
-    whole-image inference. Presets scale the benchmark, never the model."""
-    from .config import resolve_config
-    from .presets import _replace_norm, _strip_pretrained
-
-    cfg = resolve_config(bench_model_name(spec, row, preset), "paper",
-                         cac=row.cac if row.cac is not None else False,
-                         overrides=spec.overrides_for(row, preset), dataset=spec.dataset)
-    model = _strip_pretrained(_replace_norm(cfg["model"], "SyncBN", "BN"))
-    model["test_cfg"] = {**(model.get("test_cfg") or {}), "mode": "whole"}
-    return model
-
-
-def baseline_label(spec: Spec, rows: list[Row]) -> Optional[str]:
-    """The row Δ is measured against: the spec's ``baseline``, else the first row without CAC."""
-    if spec.baseline in [r.label for r in rows]:
-        return spec.baseline
-    return next((r.label for r in rows if r.cac is None), None)
-
-
-# -- building and running models ------------------------------------------------------------------
-def build_eval_model(model_cfg: dict, device: str, seed: int = 0):
-    """Random init from ``seed``, on ``device``, in eval mode."""
-    import torch
-
-    from .params import build_model
-
-    torch.manual_seed(seed)
-    return build_model(model_cfg).to(device).eval()
-
-
-def make_batch(size: int, batch_size: int, seed: int = 0) -> dict:
-    """A ``test_step`` batch: ``batch_size`` random uint8 ``size``² images and their data samples."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    images = [torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g) for _ in range(batch_size)]
-    return dict(inputs=images, data_samples=_samples(size, batch_size))
-
-
-def _samples(size: int, batch_size: int) -> list:
-    from mmseg.structures import SegDataSample
-
-    out = []
-    for _ in range(batch_size):
-        s = SegDataSample()
-        s.set_metainfo(dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size),
-                            padding_size=[0, 0, 0, 0]))
-        out.append(s)
-    return out
-
-
-def inference_fn(model, size: int, batch_size: int) -> Callable[[], None]:
-    """One whole-image inference through ``test_step``. The data samples are fresh each call: the
-    results written into them (full-size logits) would otherwise stay alive between calls."""
-    import torch
-
-    images = make_batch(size, batch_size)["inputs"]
-
-    def run() -> None:
-        with torch.inference_mode():
-            model.test_step(dict(inputs=images, data_samples=_samples(size, batch_size)))
-    return run
-
-
-def _sync(device: str) -> Callable[[], None]:
-    import torch
-
-    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-
-def time_interleaved(fns: Mapping[str, Callable[[], Any]], warmup: int, repeats: int,
-                     sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
-    """Seconds per call of each function. The call order rotates every repetition, so whatever else
-    the machine does falls on every function alike; the ``warmup`` rounds are not timed."""
-    labels = list(fns)
-    times: dict[str, list[float]] = {k: [] for k in labels}
-    for rep in range(warmup + repeats):
-        shift = rep % len(labels)
-        for label in labels[shift:] + labels[:shift]:
-            sync()
-            t0 = time.perf_counter()
-            fns[label]()
-            sync()
-            if rep >= warmup:
-                times[label].append(time.perf_counter() - t0)
-    return times
-
-
-def summarise_times(seconds: list[float], batch_size: int) -> dict[str, float]:
-    """fps from the median; min and spread (IQR / median) to judge the noise."""
-    med = statistics.median(seconds)
-    q = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else [med, med, med]
-    return {"fps": batch_size / med, "time_ms_median": med * 1e3, "time_ms_min": min(seconds) * 1e3,
-            "time_spread_pct": (q[2] - q[0]) / med * 100}
-
-
-def _cpu_seconds() -> tuple[float, float]:
-    """(CPU seconds the whole machine has been busy since boot, CPU seconds this process has used)."""
-    import resource
-
-    with open("/proc/stat") as fh:
-        ticks = [int(x) for x in fh.readline().split()[1:]]
-    busy = sum(ticks[:3]) + sum(ticks[5:8])  # user nice system | irq softirq steal (not idle, iowait)
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return busy / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
-
-
-class ForeignLoad:
-    """``with ForeignLoad() as load: ...`` -> ``load.cores``: the cores' worth of CPU time other
-    processes used meanwhile (NaN where ``/proc/stat`` is missing). Interleaving spreads such load
-    over the rows, but a large one still makes small differences unmeasurable."""
-
-    cores = float("nan")
-
-    def __enter__(self) -> "ForeignLoad":
-        self._t0 = time.perf_counter()
-        try:
-            self._busy0, self._own0 = _cpu_seconds()
-        except OSError:
-            self._busy0 = None
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._busy0 is None:
-            return
-        busy, own = _cpu_seconds()
-        wall = time.perf_counter() - self._t0
-        self.cores = max(0.0, (busy - self._busy0) - (own - self._own0)) / wall if wall > 0 else 0.0
-
-
-def _cac_heads(model) -> list:
-    from .head import CACHead
-
-    return [m for m in model.modules() if isinstance(m, CACHead)]
-
-
-def classifier_cost(model, size: int, batch_size: int, repeats: int, device: str) -> Optional[dict[str, float]]:
-    """Median ms of the head's ``conv_seg`` and of CAC's classifier on the same captured features.
-
-    ``None`` for a model without ``CACHead``. Also checks that the oracle projector never runs.
-    """
-    import torch
-
-    heads = _cac_heads(model)
-    if not heads:
-        return None
-    head = heads[-1]
-    conv, cls = head.head.conv_seg, head.classifier
-    captured: list[tuple] = []
-    oracle_calls: list[int] = []
-
-    def capture(*args: Any) -> Any:  # CACHead calls classifier.predict directly: no module hook fires
-        captured.append(args)
-        return type(cls).predict(cls, *args)
-    cls.predict = capture
-    hooks = [cls.proj_y.register_forward_hook(lambda *a: oracle_calls.append(1))] if cls.proj_y is not None else []
-    try:
-        inference_fn(model, size, batch_size)()
-    finally:
-        del cls.predict
-        for h in hooks:
-            h.remove()
-    if oracle_calls:
-        raise CacError("the oracle projector theta_y ran at inference; p_y must be a training-only branch")
-    feats, weight, bias = captured[-1][:3]
-
-    def run_conv() -> None:
-        with torch.inference_mode():
-            conv(feats)
-
-    def run_cac() -> None:
-        with torch.inference_mode():
-            cls.predict(feats, weight, bias)
-    times = time_interleaved({"conv_seg": run_conv, "cac": run_cac}, warmup=2, repeats=max(repeats, 10),
-                             sync=_sync(device))
-    conv_ms, cac_ms = (statistics.median(times[k]) * 1e3 for k in ("conv_seg", "cac"))
-    return {"conv_seg_ms": conv_ms, "cac_classifier_ms": cac_ms, "classifier_extra_ms": cac_ms - conv_ms}
-
-
-# -- memory: one model alone in a fresh process ---------------------------------------------------
-def rss_kib(key: str = "VmRSS") -> int:
-    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, in KiB (Linux)."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise CacError(f"/proc/self/status has no {key}")
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current resident set (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def measure_memory(model_cfg: dict, size: int, batch_size: int, device: str) -> dict[str, Any]:
-    """Peak memory of building ``model_cfg`` and one inference at ``size``, in this process (which
-    should hold nothing else: ``probe_memory`` runs it in a fresh one)."""
-    import torch
-
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        model = build_eval_model(model_cfg, device)
-        inference_fn(model, size, batch_size)()
-        torch.cuda.synchronize()
-        return {"mem_mb": (torch.cuda.max_memory_allocated() - start) / _MiB,
-                "mem_method": "cuda max_memory_allocated (weights + activations)"}
-    before = rss_kib("VmRSS")
-    model = build_eval_model(model_cfg, device)
-    # Construction temporaries (Swin's init) are not inference memory: restart the peak after it.
-    exact = reset_peak_rss()
-    inference_fn(model, size, batch_size)()
-    peak = rss_kib("VmHWM")
-    return {"mem_mb": (peak - before) / 1024.0, "weights_mb": _weights_bytes(model) / _MiB,
-            "mem_method": "cpu peak RSS over one inference minus RSS before the build (mmap threshold "
-                          + os.environ.get("MALLOC_MMAP_THRESHOLD_", "dynamic") + ")"
-                          + ("" if exact else " (peak not reset after the build)")}
-
-
-def _weights_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-
-
-def probe_memory(model_cfg: dict, size: int, batch_size: int, device: str, timeout: float = 3600) -> dict:
-    """``measure_memory`` in a fresh interpreter (``python -m cac.benchmark``), so the peak is this
-    model's alone."""
-    job = json.dumps(dict(model_cfg=model_cfg, size=size, batch_size=batch_size, device=device))
-    proc = subprocess.run([sys.executable, "-m", "cac.benchmark"], input=job, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **PROBE_ENV})
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise CacError(f"memory probe at {size}px failed (exit {proc.returncode}): {' | '.join(tail)}")
-    return json.loads(lines[-1])
-
-
-# -- results, MLflow, the table -------------------------------------------------------------------
 @dataclass
 class SizeResult:
     """One row at one size: what is printed and logged."""
@@ -459,7 +173,7 @@ def format_table(results: dict[int, dict[str, SizeResult]], rows: list[str], bas
     if with_paper:
         lines.append("* the paper's Table 6 (RTX 2080Ti)")
     busy = {s: max(r.stats.get("foreign_cores", 0.0) for r in results[s].values()) for s in sizes}
-    busy = {s: c for s, c in busy.items() if c > _BUSY_CORES}
+    busy = {s: c for s, c in busy.items() if c > BUSY_CORES}
     if busy:
         lines.append("! other processes used " + ", ".join(f"{c:.2f} cores at {s}" for s, c in busy.items())
                      + " during the timing: rerun on a quiet machine before trusting the Δ")
@@ -473,8 +187,8 @@ def _pct(value: Optional[float], width: int) -> str:
 def _row_params(spec: Spec, row: Row, model: str, cfg: dict, settings: BenchSettings, size: int) -> dict:
     import torch
 
-    from .classifier import CACOptions
-    from .tracking import flatten
+    from cac.core.classifier import CACOptions
+    from cac.exp.tracking import flatten
 
     params = {"model": model, "cac": "off" if row.cac is None else "on", "size": size, "dataset": spec.dataset,
               **{f"bench.{k}": v for k, v in asdict(settings).items() if k != "sizes"},
@@ -490,7 +204,7 @@ def _row_params(spec: Spec, row: Row, model: str, cfg: dict, settings: BenchSett
 
 def _log_run(uri: str, spec: Spec, row: Row, preset: str, model: str, cfg: dict, settings: BenchSettings,
              res: SizeResult) -> str:
-    from .tracking import RunTracker, git_commit
+    from cac.exp.tracking import RunTracker, git_commit
 
     tags = {"spec": spec.name, "row": row.label, "preset": preset, "size": res.size, "device": settings.device,
             "model": model, "task": "benchmark"}
@@ -511,7 +225,6 @@ def _log_run(uri: str, spec: Spec, row: Row, preset: str, model: str, cfg: dict,
     return tracker.run_id
 
 
-# -- the command ----------------------------------------------------------------------------------
 def _print_plan(spec: Spec, preset: str, rows: list[Row], settings: BenchSettings, uri: str,
                 echo: Callable[[str], None]) -> None:
     echo(f"spec {spec.path} ({spec.title})")
@@ -533,7 +246,7 @@ def measure_size(built: Mapping[str, Any], cfgs: Mapping[str, dict], size: int, 
     """Time (interleaved), classifier share and memory of every built model at one size."""
     fns = {label: inference_fn(m, size, settings.batch_size) for label, m in built.items()}
     with ForeignLoad() as load:
-        times = time_interleaved(fns, settings.warmup, settings.repeats, _sync(settings.device))
+        times = time_interleaved(fns, settings.warmup, settings.repeats, device_sync(settings.device))
         costs = {label: classifier_cost(m, size, settings.batch_size, settings.repeats, settings.device)
                  for label, m in built.items()}
     results = {label: SizeResult(label, size, times[label],
@@ -559,7 +272,7 @@ def run_benchmark(spec: Spec, preset: str = "quick", *, rows: Optional[str] = No
     """Benchmark a ``task: benchmark`` spec's rows at every size; log to MLflow, print Table 6."""
     import torch
 
-    from .tracking import resolve_tracking_uri
+    from cac.exp.tracking import resolve_tracking_uri
 
     if spec.task != "benchmark":
         raise CacError(f"{spec.path}: task is {spec.task!r}, not benchmark")
@@ -599,7 +312,7 @@ def run_benchmark(spec: Spec, preset: str = "quick", *, rows: Optional[str] = No
 def tracked_results(spec: Spec, preset: str, uri: str) -> tuple[dict[int, dict[str, SizeResult]], dict[str, str]]:
     """The newest FINISHED run of each row at each size, rebuilt from MLflow: ``({size: {row: result}},
     {row: model})`` (the Δ% as they were computed and logged in that run)."""
-    from .tracking import find_runs
+    from cac.exp.tracking import find_runs
 
     newest: dict[tuple[str, int], Any] = {}
     for run in find_runs(uri, spec.name, {"preset": preset, "task": "benchmark"}, statuses=["FINISHED"]):
@@ -636,28 +349,3 @@ def print_tracked_benchmark(spec: Spec, preset: str, uri: str, echo: Callable[[s
                       title=f"{spec.title} — {', '.join(names)}, preset {preset}, tracked in {uri} "
                             f"(fps: images/s; Mem: MB)"))
     return 0
-
-
-def set_flush_denormal(on: bool) -> bool:
-    """Set flush-to-zero for subnormals; returns the previous setting (False where unsupported)."""
-    import torch
-
-    previous = (torch.tensor([1e-30]) * 1e-10).item() == 0.0  # a subnormal product is flushed iff on
-    torch.set_flush_denormal(on)
-    return previous
-
-
-def _probe_main() -> int:
-    """``python -m cac.benchmark`` reads a JSON job on stdin and prints ``measure_memory``'s JSON."""
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    job = json.loads(sys.stdin.read())
-    set_flush_denormal(True)
-    out = measure_memory(job["model_cfg"], job["size"], job["batch_size"], job["device"])
-    print(json.dumps(out))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_probe_main())

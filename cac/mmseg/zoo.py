@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-from .errors import CacError
+from cac.errors import CacError
 
 __all__ = ["ModelEntry", "MODELS", "register_model", "get_model", "mmseg_config_dir", "load_base_config"]
 

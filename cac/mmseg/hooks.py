@@ -12,10 +12,10 @@ import torch
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
-from .errors import CacError
-from .evaluation import evaluate_classifiers, iou_from_confusion
+from cac.errors import CacError
+from cac.mmseg.evaluation import evaluate_classifiers, iou_from_confusion
 
-__all__ = ["TrackingHook", "NonFiniteLossError"]
+__all__ = ["TrackingHook", "NonFiniteLossError", "metric_name"]
 
 _SHORT = {"p": "p", "p_p": "pp", "p_y": "py"}
 
@@ -28,6 +28,28 @@ def _scalar(value: Any) -> Optional[float]:
     if isinstance(value, torch.Tensor):
         value = value.detach().float().mean().item()
     return float(value) if isinstance(value, (int, float)) else None
+
+
+def _final_stage_prefix(model) -> str:
+    """The loss-key prefix of the segmentor's final decode head: ``decode.``, or ``decode_N.`` for the
+    last stage of a cascade (OCRNet), where ``add_cac`` puts CAC. Its terms are logged unprefixed
+    (``train/loss_kl``) for every model; other stages keep theirs (``train/decode_0.loss_ce``)."""
+    from cac.mmseg.evaluation import unwrap
+
+    heads = getattr(unwrap(model), "decode_head", None)
+    return f"decode_{len(heads) - 1}." if isinstance(heads, torch.nn.ModuleList) else "decode."
+
+
+def metric_name(loss_key: str, final_prefix: str = "decode.") -> str:
+    """``decode_1.loss_kl`` -> ``loss_kl`` when ``decode_1.`` is the final stage; others unchanged."""
+    return loss_key[len(final_prefix):] if loss_key.startswith(final_prefix) else loss_key
+
+
+def _logged_steps(tracker) -> dict[str, int]:
+    """The last step logged for each metric of the tracker's run."""
+    client = tracker.client
+    keys = client.get_run(tracker.run_id).data.metrics
+    return {k: max((m.step for m in client.get_metric_history(tracker.run_id, k)), default=-1) for k in keys}
 
 
 def _all_reduce(conf: torch.Tensor) -> torch.Tensor:
@@ -50,18 +72,35 @@ class TrackingHook(Hook):
     priority = "LOW"
 
     def __init__(self, tracker=None, interval: int = 0, log_interval: int = 10, train_subset: int = 32,
-                 label: str = "", progress: bool = True, on_eval=None) -> None:
+                 label: str = "", progress: bool = True, on_eval=None, curve_interval: int = 0,
+                 val_subset: int = 96) -> None:
         self.tracker, self.interval, self.log_interval = tracker, interval, log_interval
+        # Fig. 4's curves: every ``curve_interval`` iterations the three classifiers on fixed, small
+        # subsets of val and train (``curve/{val,train}_mIoU_*``), a few times cheaper than the full val
+        # pass of ``interval`` (``{val,train}/mIoU_*``), so a run gets a curve at a small cost.
+        self.curve_interval, self.val_subset = curve_interval, val_subset
         self.on_eval = on_eval  # called as on_eval(step, metrics), e.g. to report to an Optuna trial
         self.train_subset, self.label, self.progress = train_subset, label, progress
         self._t0 = 0.0
         self._last: dict[str, float] = {}
+        self._prefix = "decode."
+        self._logged: dict[str, int] = {}
         self.final_confusion: Optional[torch.Tensor] = None
+        self.eval_seconds = 0.0  # spent on the three-classifier evaluations (the curves' cost)
 
     # -- training ---------------------------------------------------------------------------------
     def before_train(self, runner) -> None:
         self._t0 = time.time()
         self._start_iter = runner.iter
+        self._prefix = _final_stage_prefix(runner.model)
+        # A resumed run repeats the iterations between its checkpoint and the kill, whose metrics the
+        # killed process may have logged already: those steps are not logged a second time.
+        self._logged = _logged_steps(self.tracker) if self.tracker is not None and runner.iter > 0 else {}
+
+    def _log(self, metrics: dict, step: int) -> None:
+        fresh = {k: v for k, v in metrics.items() if step > self._logged.get(k, -1)}
+        if self.tracker is not None and fresh:
+            self.tracker.log_metrics(fresh, step)
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         step = runner.iter + 1
@@ -74,15 +113,28 @@ class TrackingHook(Hook):
                 + (f" of {self.label}" if self.label else "") + "; the run is marked FAILED")
         self._last = values
         if self.tracker is not None and (step % self.log_interval == 0 or step == runner.max_iters):
-            metrics = {f"train/{k.replace('decode.', '')}": v for k, v in values.items()}
+            metrics = {f"train/{metric_name(k, self._prefix)}": v for k, v in values.items()}
             lr = runner.optim_wrapper.get_lr()
             if lr:
                 metrics["train/lr"] = float(next(iter(lr.values()))[0])
-            self.tracker.log_metrics(metrics, step)
-        if self.interval and step % self.interval == 0:
+            self._log(metrics, step)
+        if (self.interval and step % self.interval == 0) or step == runner.max_iters:
             self._evaluate(runner, step, final=step == runner.max_iters)
+        if (self.curve_interval and step % self.curve_interval == 0) or step == runner.max_iters:
+            self._timed(self._evaluate_curve, runner, step)
         if self.progress:
             self._print_progress(runner, step)
+
+    def after_train(self, runner) -> None:
+        """A run resumed from its final checkpoint trained nothing here: evaluate it as the end of an
+        uninterrupted run does (mmseg's val loop for val/mIoU, then the three classifiers), so the
+        rerun logs the same final metrics."""
+        if runner.iter >= runner.max_iters and self.final_confusion is None:
+            if runner.iter == self._start_iter and runner.val_loop is not None:
+                runner.val_loop.run()
+            self._evaluate(runner, runner.max_iters, final=True)
+            self._timed(self._evaluate_curve, runner, runner.max_iters)
+        self._log({"time/eval_seconds": self.eval_seconds}, runner.max_iters)
 
     def _print_progress(self, runner, step: int) -> None:
         done, total = step - self._start_iter, runner.max_iters - self._start_iter
@@ -91,7 +143,7 @@ class TrackingHook(Hook):
         width = 24
         fill = int(width * step / runner.max_iters)
         loss = self._last.get("loss", float("nan"))
-        terms = " ".join(f"{k.replace('decode.', '')}={v:.3f}" for k, v in self._last.items()
+        terms = " ".join(f"{metric_name(k, self._prefix)}={v:.3f}" for k, v in self._last.items()
                          if "loss_" in k)
         line = (f"\r  {self.label} [{'#' * fill}{'.' * (width - fill)}] {step}/{runner.max_iters} "
                 f"eta {eta:4.0f}s loss={loss:.3f} {terms}")
@@ -115,7 +167,41 @@ class TrackingHook(Hook):
             self._train_batches = [pseudo_collate(items[i:i + 16]) for i in range(0, len(items), 16)]
         return self._train_batches
 
+    def _timed(self, fn, *args) -> None:
+        t0 = time.perf_counter()
+        try:
+            fn(*args)
+        finally:
+            self.eval_seconds += time.perf_counter() - t0
+
     def _evaluate(self, runner, step: int, final: bool) -> None:
+        self._timed(self._evaluate_classifiers, runner, step, final)
+
+    def _val_subset_batches(self, runner):
+        """``val_subset`` evenly spaced val images (the same every time), batched as the val loader."""
+        from mmengine.dataset import pseudo_collate
+
+        if not hasattr(self, "_val_batches"):
+            ds = runner.val_dataloader.dataset
+            n = len(ds)
+            picks = sorted({round(i * (n - 1) / max(1, self.val_subset - 1)) for i in range(min(n, self.val_subset))})
+            items = [ds[i] for i in picks]
+            self._val_batches = [pseudo_collate(items[i:i + 16]) for i in range(0, len(items), 16)]
+        return self._val_batches
+
+    def _evaluate_curve(self, runner, step: int) -> None:
+        """``curve/{val,train}_mIoU_{p,pp,py}`` on the fixed subsets (every rank evaluates the same
+        images, so no reduction is needed)."""
+        num_classes = len(runner.val_dataloader.dataset.metainfo["classes"])
+        metrics: dict[str, float] = {}
+        for split, batches in (("val", self._val_subset_batches(runner)), ("train", self._train_subset_batches(runner))):
+            for name, conf in evaluate_classifiers(runner.model, batches, num_classes).items():
+                metrics[f"curve/{split}_mIoU_{_SHORT[name]}"] = iou_from_confusion(conf)[1]
+        self._log(metrics, step)
+        if self.on_eval is not None:
+            self.on_eval(step, metrics)
+
+    def _evaluate_classifiers(self, runner, step: int, final: bool) -> None:
         num_classes = len(runner.val_dataloader.dataset.metainfo["classes"])
         metrics: dict[str, float] = {}
         for split, batches in (("val", runner.val_dataloader), ("train", self._train_subset_batches(runner))):
@@ -126,15 +212,14 @@ class TrackingHook(Hook):
                 metrics[f"{split}/mIoU_{_SHORT[name]}"] = iou_from_confusion(conf)[1]
             if split == "val" and final:
                 self.final_confusion = self._test_time_confusion(runner, confs)
-        if self.tracker is not None:
-            self.tracker.log_metrics(metrics, step)
+        self._log(metrics, step)
         if self.on_eval is not None:
             self.on_eval(step, metrics)
 
     @staticmethod
     def _test_time_confusion(runner, confs: dict) -> torch.Tensor:
-        from .evaluation import unwrap
-        from .head import CACHead
+        from cac.mmseg.evaluation import unwrap
+        from cac.mmseg.head import CACHead
 
         head = unwrap(runner.model).decode_head
         head = head[-1] if isinstance(head, torch.nn.ModuleList) else head

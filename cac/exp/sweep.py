@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .classifier import CACOptions
-from .errors import CacError
-from .spec import Spec, SpecError, load_spec, read_yaml
+from cac.core.classifier import CACOptions
+from cac.errors import CacError
+from cac.exp.spec import Spec, SpecError, load_spec, read_yaml
 
 __all__ = ["SweepSpec", "load_sweep", "run_sweep", "register"]
 
@@ -122,8 +123,14 @@ def load_sweep(path: str | Path) -> SweepSpec:
 
 
 # -- Optuna -----------------------------------------------------------------------------------------
+_STORAGE_HINT = ("use sqlite:///path/optuna.db (the default: sqlite:///<cwd>/optuna.db), journal:///path/file, "
+                 "or a reachable postgresql:// or mysql:// database")
+
+
 def resolve_storage(url: Optional[str]):
-    """A storage for ``url``: SQLite file by default, ``journal:///file`` for a journal file, else RDB."""
+    """``(storage, url)`` for ``--storage``: SQLite file by default, ``journal:///file`` for a journal
+    file, else an RDB URL. A URL that cannot give a storage (unknown scheme, missing driver, unreachable
+    or unopenable database, unwritable file) is one ``CacError`` line, raised before anything runs."""
     import optuna
     from optuna.storages import RDBStorage, RetryFailedTrialCallback
 
@@ -131,11 +138,30 @@ def resolve_storage(url: Optional[str]):
     if url.startswith("journal://"):
         from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal://"):])), url
+        path = url[len("journal://"):]
+        if not path:
+            raise CacError(f"--storage {url!r}: no journal file; {_STORAGE_HINT}")
+        try:
+            return optuna.storages.JournalStorage(JournalFileBackend(path)), url
+        except OSError as err:
+            raise CacError(f"--storage {url!r}: cannot use the journal file ({err.strerror or err}); "
+                           f"{_STORAGE_HINT}") from None
+    if "://" not in url:
+        raise CacError(f"--storage {url!r} is not a URL; {_STORAGE_HINT}")
     # A heartbeat lets another process notice a dead trial and retry it with the same parameters.
     beat = int(os.environ.get("CAC_SWEEP_HEARTBEAT", "10"))  # seconds; a dead trial is retried after 2 beats
-    return RDBStorage(url, heartbeat_interval=beat, grace_period=2 * beat,
-                      failed_trial_callback=RetryFailedTrialCallback(max_retry=3)), url
+    try:
+        return RDBStorage(url, heartbeat_interval=beat, grace_period=2 * beat,
+                          failed_trial_callback=RetryFailedTrialCallback(max_retry=3)), url
+    except Exception as err:  # noqa: BLE001 - SQLAlchemy / driver / Optuna errors: one line, then stop
+        raise CacError(f"--storage {url!r}: cannot open it ({_first_line(err)}); {_STORAGE_HINT}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    """``Type: first line of the message`` (SQLAlchemy appends links and SQL on later lines)."""
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(err).__name__}: {first[:300]}" if first else type(err).__name__
 
 
 def _sampler(cfg: dict, offset: int = 0):
@@ -173,6 +199,15 @@ def suggest(trial, space: dict) -> dict:
     return out
 
 
+def _worker() -> str:
+    """Which process ran a trial (kept as the trial's user attribute ``worker``)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _counted(study) -> int:
     import optuna
 
@@ -185,8 +220,8 @@ def run_sweep(path: str, trials: int, preset: str = "quick", storage: Optional[s
               report_dir: str = "reports") -> int:
     import optuna
 
-    from .runner import execute_unit, make_unit, unit_state
-    from .tracking import find_runs, resolve_tracking_uri
+    from cac.exp.runner import execute_unit, make_unit, unit_state
+    from cac.exp.tracking import RunTracker, find_runs, resolve_tracking_uri
 
     if trials < 1:
         raise CacError(f"--trials must be >= 1, got {trials}")
@@ -200,6 +235,7 @@ def run_sweep(path: str, trials: int, preset: str = "quick", storage: Optional[s
     row = sweep.base.row(sweep.row)
 
     def objective(trial) -> float:
+        trial.set_user_attr("worker", _worker())
         params = suggest(trial, sweep.space)
         cac_extra = {k: v for k, v in params.items() if not k.startswith("cfg.")}
         cfg_extra = {k[4:]: v for k, v in params.items() if k.startswith("cfg.")}
@@ -219,9 +255,16 @@ def run_sweep(path: str, trials: int, preset: str = "quick", storage: Optional[s
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at step {step}")
 
-        echo(f"trial {trial.number}: {', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in params.items())}")
-        metrics = execute_unit(unit, state, run_id, uri, echo=echo, on_eval=report,
-                               tags={"trial": trial.number, "study_storage": url})
+        echo(f"trial {trial.number}: {', '.join(f'{k}={_fmt(v)}' for k, v in params.items())}")
+        try:
+            metrics = execute_unit(unit, state, run_id, uri, echo=echo, on_eval=report,
+                                   tags={"trial": trial.number, "study_storage": url})
+        except optuna.TrialPruned:
+            # execute_unit left the run KILLED (resumable, like any interrupted run): say why
+            for r in find_runs(uri, unit.spec.name, unit.tags, statuses=["KILLED"]):
+                if r.data.tags.get("trial") == str(trial.number):
+                    RunTracker(uri, r.info.run_id).set_tags({"optuna_state": "PRUNED"})
+            raise
         if metrics is None:  # the same point is being trained by another worker right now
             raise optuna.TrialPruned("another process is training this configuration")
         if metrics is False:
@@ -247,22 +290,32 @@ def _objective_value(metrics: dict, metric: str) -> float:
 
 
 def _report(study, sweep: SweepSpec, out: Path, echo: Callable[[str], None]) -> None:
-    """Best parameters, a parameter-importance figure and the parameter response plot."""
+    """Best parameters, every completed trial (best first), a parameter-importance figure and the
+    parameter response plot."""
     import optuna
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    pruned = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
     if not complete:
         echo(f"study {sweep.study}: no completed trials yet")
         return
     best = study.best_trial
     echo(f"best trial {best.number}: {sweep.metric} = {best.value:.2f} with "
-         + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items()))
+         + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()))
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     lines = [f"# Sweep `{sweep.study}`: {sweep.title}", "",
              f"Objective: {sweep.direction} `{sweep.metric}`; {len(complete)} completed trials.", "",
              f"Best trial {best.number}: **{best.value:.2f}**", "", "| parameter | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in best.params.items()]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in best.params.items()]
+    names = list(sweep.space)
+    ranked = sorted(complete, key=lambda t: t.value, reverse=sweep.direction == "maximize")
+    lines += ["", "## Completed trials", "", "| trial | " + " | ".join(names) + f" | {sweep.metric} |",
+              "|---" * (len(names) + 2) + "|"]
+    lines += [f"| {t.number} | " + " | ".join(_fmt(t.params.get(n, "")) for n in names) + f" | {t.value:.2f} |"
+              for t in ranked]
+    if pruned:
+        lines += ["", f"Pruned trials: {', '.join(str(t.number) for t in pruned)}."]
     (out / f"sweep_{sweep.study}.md").write_text("\n".join(lines) + "\n")
     _plot_sweep(study, sweep, figures, complete)
 

@@ -11,9 +11,11 @@ import subprocess
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-__all__ = ["resolve_tracking_uri", "RunTracker", "find_runs", "flatten", "git_commit"]
+__all__ = ["resolve_tracking_uri", "check_tracking_uri", "RunTracker", "find_runs", "flatten", "git_commit"]
 
 DEFAULT_DB = "mlflow.db"
+TIMEOUT_ENV = "CAC_TRACKING_TIMEOUT"  # seconds a tracking server gets to answer the reachability check
+_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")  # MLflow's own
 
 
 def resolve_tracking_uri(uri: Optional[str] = None) -> str:
@@ -27,33 +29,117 @@ def resolve_tracking_uri(uri: Optional[str] = None) -> str:
 _READY: set[str] = set()
 
 
+def _fix_hint() -> str:
+    return (f"pass a working --tracking-uri or set MLFLOW_TRACKING_URI (unset, runs go to "
+            f"sqlite:///<cwd>/{DEFAULT_DB})")
+
+
+def _scheme(uri: str) -> str:
+    """``http`` of ``http://host``, ``postgresql`` of ``postgresql+psycopg2://...``; ``file`` of a path."""
+    from urllib.parse import urlparse
+
+    scheme = urlparse(uri).scheme.lower()
+    if len(scheme) <= 1:  # a plain path (or a Windows drive letter)
+        return "file"
+    return scheme.split("+", 1)[0]
+
+
+def _known_schemes() -> set[str]:
+    """The schemes MLflow has tracking stores for (plug-ins included), else its built-in ones."""
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        return {s for s in _tracking_store_registry._registry if s} | {"file"}
+    except (ImportError, AttributeError):  # a private registry: fall back if it ever moves
+        return set(_SCHEMES)
+
+
+def _probe_http(uri: str, timeout: float) -> None:
+    """One short GET of the server's ``/health``: any HTTP answer will do; no answer is a CacError."""
+    import socket
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from cac.errors import CacError
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:  # it answered (401, 404, ...): reachable; MLflow reports the rest
+        return
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        if isinstance(reason, ssl.SSLError):  # it answered; its certificate is MLflow's business
+            return  # (MLFLOW_TRACKING_INSECURE_TLS, MLFLOW_TRACKING_SERVER_CERT_PATH)
+        if isinstance(reason, (socket.timeout, TimeoutError)):
+            reason = f"no answer within {timeout:g} s"
+        raise CacError(f"tracking server {uri} is not reachable ({reason}): start it (e.g. `mlflow server "
+                       f"--port 5000`) or {_fix_hint()}") from None
+
+
+def check_tracking_uri(uri: str, timeout: Optional[float] = None, create: bool = True) -> None:
+    """Fail fast and in one line (``CacError``) on a tracking store that cannot work, before anything
+    is tracked: an HTTP(S) server that does not answer within ``timeout`` s (default
+    ``$CAC_TRACKING_TIMEOUT`` or 5; MLflow itself retries for minutes, then prints a long traceback),
+    an unknown scheme, or (``create``) a SQLite file that cannot be created or opened. With
+    ``create=False`` nothing is written: a SQLite store is left to its first use. A usable store is
+    remembered for the process."""
+    from cac.errors import CacError
+
+    if uri in _READY:
+        return
+    scheme = _scheme(uri)
+    if scheme not in _known_schemes():
+        raise CacError(f"tracking URI {uri!r}: unknown scheme {scheme!r} (known: {', '.join(_SCHEMES)}); "
+                       + _fix_hint())
+    if scheme in ("http", "https"):
+        try:
+            seconds = float(timeout if timeout is not None else os.environ.get(TIMEOUT_ENV, "5"))
+        except ValueError:
+            raise CacError(f"{TIMEOUT_ENV}={os.environ.get(TIMEOUT_ENV)!r} is not a number of seconds") from None
+        _probe_http(uri, seconds)
+    elif uri.startswith("sqlite:///"):
+        if not create:
+            return
+        _init_sqlite_store(uri)
+    _READY.add(uri)
+
+
 def _client(uri: str):
     import mlflow
 
-    if uri.startswith("sqlite:///") and uri not in _READY:
-        _init_sqlite_store(uri)
+    check_tracking_uri(uri)
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
 def _init_sqlite_store(uri: str) -> None:
     """Create/migrate a SQLite store under a file lock: two processes (parallel sweeps) racing on a
-    new database's schema would otherwise fail with 'duplicate column'."""
+    new database's schema would otherwise fail with 'duplicate column'. A store that cannot be made or
+    opened (unwritable folder, not a database, a newer schema) is one CacError line."""
     import fcntl
     import logging
 
     import mlflow
 
+    from cac.errors import CacError
+
     for name in ("mlflow", "alembic"):  # schema-creation chatter is not the user's business
         logging.getLogger(name).setLevel(logging.WARNING)
     db = Path(uri[len("sqlite:///"):])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{db}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-    _READY.add(uri)
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{db}.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+    except OSError as err:
+        raise CacError(f"tracking store {uri}: cannot create it ({err.strerror or err}): {_fix_hint()}") from None
+    except Exception as err:  # noqa: BLE001 - MLflow / SQLAlchemy errors: say what failed, in one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CacError(f"tracking store {uri}: cannot open it ({first[:300]}): {_fix_hint()}") from None
 
 
 def git_commit() -> str:

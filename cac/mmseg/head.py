@@ -24,17 +24,17 @@ from mmseg.registry import MODELS
 import torch
 from torch import Tensor
 
-from .classifier import CACOptions, CACOutputs, ContextAwareClassifier, cac_losses
-from .functional import resize_bilinear, upsampled_cross_entropy
+from cac.core.classifier import CACOptions, CACOutputs, ContextAwareClassifier, cac_losses
+from cac.core.functional import resize_bilinear, upsampled_cross_entropy
 
-__all__ = ["CACHead"]
+__all__ = ["CACHead", "is_plain_cross_entropy"]
 
 
 def _features_unchanged(feat: Tensor) -> Tensor:
     return feat
 
 
-def _plain_cross_entropy(term: torch.nn.Module) -> bool:
+def is_plain_cross_entropy(term: torch.nn.Module) -> bool:
     """A softmax CE term with no class weights or masks, mean-reduced: the fused path reproduces it."""
     from mmseg.models.losses import CrossEntropyLoss
 
@@ -64,6 +64,10 @@ class CACHead(BaseModule):
         self.head.cls_seg = _features_unchanged
         self.options = CACOptions.from_dict(cac)
         conv = self.head.conv_seg
+        if self.options.original == "cos" and conv.bias is not None:
+            # The cosine original classifier (Table 4) has no bias: mark it untrained, so stock DDP
+            # does not wait for its gradient.
+            conv.bias.requires_grad_(False)
         self.classifier = ContextAwareClassifier(conv.in_channels, conv.out_channels, self.options,
                                                  ignore_index=self.head.ignore_index)
         # What EncoderDecoder / CascadeEncoderDecoder read off their decode head.
@@ -79,14 +83,15 @@ class CACHead(BaseModule):
         return conv.weight.flatten(1), conv.bias
 
     def features(self, *inputs: Any) -> Tensor:
-        """The features f the head would classify (after its dropout, as ``cls_seg`` applies it)."""
-        feats = self.head(*inputs)
-        return self.head.dropout(feats) if self.head.dropout is not None else feats
+        """The features f the head hands its classifier (before the head's dropout)."""
+        return self.head(*inputs)
 
     def classify(self, feats: Tensor, labels: Optional[Tensor] = None) -> CACOutputs:
-        """p, p_p and (given labels) p_y at the features' resolution."""
+        """p, p_p and (given labels) p_y at the features' resolution. The head's dropout (active in
+        training only) applies to p's input alone, p = C(dropout(f)), as ``cls_seg`` would apply it."""
         weight, bias = self._classifier_weights()
-        return self.classifier(feats, weight, bias, labels)
+        dropout = self.head.dropout if self.training and self.head.dropout is not None else None
+        return self.classifier(feats, weight, bias, labels, dropout=dropout)
 
     def context_weights(self, *inputs: Any) -> Tensor:
         """The context-aware classifier A_p of each image, ``[B, N, D]`` (Fig. 7's stars)."""
@@ -122,7 +127,7 @@ class CACHead(BaseModule):
         head = self.head
         label = seg_label.squeeze(1)
         terms = head.loss_decode if isinstance(head.loss_decode, torch.nn.ModuleList) else [head.loss_decode]
-        if not accuracy and head.sampler is None and all(map(_plain_cross_entropy, terms)):
+        if not accuracy and head.sampler is None and all(map(is_plain_cross_entropy, terms)):
             return self._plain_cross_entropy_loss(logits, label, terms)
         logits = resize_bilinear(logits, seg_label.shape[2:], align_corners=head.align_corners)
         weight = head.sampler.sample(logits, seg_label) if head.sampler is not None else None

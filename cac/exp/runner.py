@@ -16,25 +16,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from .config import config_hash, dump_config, resolve_config
-from .errors import CacError
-from .presets import get_preset
-from .spec import Row, Spec, load_spec, select_rows
-from .tracking import RunTracker, find_runs, flatten, git_commit, resolve_tracking_uri
+from cac.mmseg.config import config_hash, dump_config, resolve_config
+from cac.errors import CacError
+from cac.mmseg.presets import get_preset
+from cac.exp.spec import Row, Spec, load_spec, select_rows, slug
+from cac.exp.tracking import RunTracker, find_runs, flatten, git_commit, resolve_tracking_uri
 
-__all__ = ["RunUnit", "plan_runs", "run_spec", "train_unit", "WORK_ROOT"]
+__all__ = ["RunUnit", "plan_runs", "run_spec", "train_unit", "ensure_data", "evaluate_multiscale", "WORK_ROOT"]
 
 WORK_ROOT = Path(os.environ.get("CAC_WORK_DIR", "work_dirs"))
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "row"
 
 
 def data_version(preset: str, dataset: str) -> str:
     p = get_preset(preset)
     if p.embedded:
-        from .data import context_scenes
+        from cac.data import context_scenes
 
         return context_scenes.data_version(p.data)
     return dataset
@@ -68,7 +64,7 @@ class RunUnit:
         out = {"model": self.model, "cac": "off" if self.row.cac is None else "on", "seed": self.seed,
                "preset": self.preset, "dataset": self.spec.dataset}
         if self.row.cac is not None:
-            from .classifier import CACOptions
+            from cac.core.classifier import CACOptions
 
             out.update({f"cac.{k}": v for k, v in CACOptions.from_dict(self.row.cac).to_dict().items()})
         return out
@@ -87,8 +83,8 @@ def make_unit(spec: Spec, row: Row, seed: int, preset: str, *, cac_extra: Option
     # The data version is part of a unit's identity (its tags and its work dir): after the generator
     # changes, an unchanged config is neither skipped as done nor resumed from the old data's checkpoint.
     version = data_version(preset, spec.dataset)
-    work_dir = ((work_root or WORK_ROOT) / spec.name / preset / _slug(version)
-                / f"{_slug(row.label)}-s{seed}-{digest[:8]}")
+    work_dir = ((work_root or WORK_ROOT) / spec.name / preset / slug(version)
+                / f"{slug(row.label)}-s{seed}-{digest[:8]}")
     cfg["work_dir"] = str(work_dir)
     return RunUnit(spec, row, seed, preset, model, cfg, digest, work_dir,
                    {"data_version": version, **(extra_tags or {})})
@@ -140,14 +136,15 @@ def _close_stale(unit: RunUnit, uri: str, keep: str) -> None:
             RunTracker(uri, r.info.run_id).finish("KILLED")
 
 
-def _ensure_data(unit: RunUnit, preset) -> None:
+def ensure_data(unit: RunUnit) -> None:
     """Generated data is made on demand (deterministic); real data must be there, or one clear line."""
+    preset = get_preset(unit.preset)
     if preset.embedded:
-        from .data import context_scenes
+        from cac.data import context_scenes
 
         context_scenes.ensure(preset.data)
         return
-    from .data.real import verify
+    from cac.data.real import verify
 
     verify(unit.spec.dataset, unit.cfg.get("data_root"))
 
@@ -200,17 +197,38 @@ def resume_checkpoint(work_dir: Path) -> Optional[Path]:
     return None
 
 
+def _import_custom_modules(cfg) -> None:
+    """The config's ``custom_imports`` (a spec's own hooks or datasets). mmengine imports them only in
+    ``Config.fromfile``; the runner builds its Config from a dict, so it imports them itself."""
+    imports = cfg.get("custom_imports")
+    if imports:
+        from mmengine.utils import import_modules_from_strings
+
+        import_modules_from_strings(**imports)
+
+
+CURVE_POINTS = 8  # three-classifier evaluations per run at least: the curves of Fig. 4
+
+
+def curve_interval(max_iters: int, val_interval: int = 0) -> int:
+    """Iterations between evaluations of the three classifiers: the val interval, or less, so a run
+    has at least ``CURVE_POINTS`` points (the last one is always at ``max_iters``)."""
+    every = max(1, max_iters // CURVE_POINTS) if max_iters else 0
+    return min(val_interval or every, every) if every else val_interval
+
+
 def train_unit(unit: RunUnit, tracker: Optional[RunTracker], *, launcher: str = "none",
                progress: bool = True, on_eval: Optional[Callable] = None) -> dict:
     """Train (or resume) one unit with mmengine's Runner; returns its final metrics."""
     from mmengine.config import Config
     from mmengine.runner import Runner
 
-    from .evaluation import iou_from_confusion
-    from .hooks import TrackingHook
+    from cac.mmseg.evaluation import iou_from_confusion
+    from cac.mmseg.hooks import TrackingHook
 
     cfg = Config(copy.deepcopy(unit.cfg))  # tuples stay tuples: mmseg transforms check for them
     cfg.launcher = launcher
+    _import_custom_modules(cfg)
     ckpt = resume_checkpoint(unit.work_dir)
     cfg.resume, cfg.load_from = ckpt is not None, None if ckpt is None else str(ckpt)
     cfg.log_level = os.environ.get("CAC_LOG_LEVEL", "ERROR")  # the progress bar replaces mmengine's INFO lines
@@ -218,19 +236,23 @@ def train_unit(unit: RunUnit, tracker: Optional[RunTracker], *, launcher: str = 
         import torch
 
         cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "nccl" if torch.cuda.is_available() else "gloo"
-        # device_ids=None lets DDP wrap CPU modules; some ablation rows leave parameters unused (e.g. theta_y
-        # without L_y^ce), which DDP must be told about.
+        # device_ids=None lets DDP wrap CPU modules. Parameters no row trains are frozen by CACHead (theta_y
+        # without L_y^ce, a cosine C's bias), so stock DDP (find_unused_parameters=False) trains every row.
         cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", broadcast_buffers=False,
-                                     find_unused_parameters=True)
+                                     find_unused_parameters=False)
         if not torch.cuda.is_available():
             cfg.model_wrapper_cfg["device_ids"] = None
     runner = Runner.from_cfg(cfg)
-    interval = cfg.train_cfg.get("val_interval", 0) or cfg.train_cfg.get("max_iters", 0)
+    max_iters = cfg.train_cfg.get("max_iters", 0)
+    interval = cfg.train_cfg.get("val_interval", 0) or max_iters
     hook = TrackingHook(tracker, interval=interval, log_interval=max(1, min(10, interval)),
                         label=f"{unit.row.label} s{unit.seed}", progress=progress and _is_main_process(),
-                        on_eval=on_eval)
+                        on_eval=on_eval, curve_interval=curve_interval(max_iters, interval))
     runner.register_hook(hook, priority="LOW")
-    runner.train()
+    from cac.mmseg.checkpoint import trusted_dir
+
+    with trusted_dir(unit.work_dir):  # resuming reads this unit's own checkpoints, which it wrote
+        runner.train()
     metrics = {k.replace("mmseg/", ""): float(v) for k, v in _last_val(runner).items()}
     if hook.final_confusion is not None:
         iou, miou = iou_from_confusion(hook.final_confusion)
@@ -239,7 +261,7 @@ def train_unit(unit: RunUnit, tracker: Optional[RunTracker], *, launcher: str = 
     return metrics
 
 
-def evaluate_multiscale(unit: RunUnit, checkpoint: Path) -> float:
+def evaluate_multiscale(unit: RunUnit, checkpoint: Path, work_dir: Optional[Path] = None) -> float:
     """Multi-scale (0.5-1.75) + flip mIoU of a trained unit through mmseg's SegTTAModel, as
     mmseg's ``tools/test.py --tta`` does it (Table 1's "m.s.")."""
     from mmengine.config import Config
@@ -251,7 +273,8 @@ def evaluate_multiscale(unit: RunUnit, checkpoint: Path) -> float:
     cfg.tta_model = dict(type="SegTTAModel", module=cfg.model)
     cfg.model = cfg.tta_model
     cfg.load_from, cfg.resume = str(checkpoint), False
-    cfg.work_dir = str(unit.work_dir / "ms")
+    cfg.work_dir = str(work_dir or unit.work_dir / "ms")
+    _import_custom_modules(cfg)
     cfg.log_level = os.environ.get("CAC_LOG_LEVEL", "ERROR")
     metrics = Runner.from_cfg(cfg).test()
     return float(metrics["mIoU"])
@@ -311,10 +334,8 @@ def run_spec(spec_path: str, preset: str = "quick", rows: Optional[str] = None, 
              multiscale: bool = False, echo: Callable[[str], None] = print) -> int:
     """The ``cac-exp run`` command. Returns the exit code."""
     spec = load_spec(spec_path)
-    if spec.task == "benchmark":
-        from .benchmark import run_benchmark
-
-        return run_benchmark(spec, preset, rows=rows, tracking_uri=tracking_uri, dry_run=dry_run, echo=echo)
+    if spec.task != "train":
+        raise CacError(f"{spec.path}: task {spec.task!r} is not trained; `cac-exp run` dispatches it")
     units = plan_runs(spec, preset, rows, seeds)
     uri = resolve_tracking_uri(tracking_uri)
     if launcher != "none":
@@ -341,17 +362,55 @@ def run_spec(spec_path: str, preset: str = "quick", rows: Optional[str] = None, 
     return 1 if failures else 0
 
 
+def _scale_params(unit: RunUnit) -> dict:
+    """How many processes train the unit and the batch one optimizer step sees (per-process batch
+    x world size): the same config trains differently under DDP. A resumed run keeps the values
+    logged first (MLflow params are immutable)."""
+    from mmengine.dist import get_world_size
+
+    world = get_world_size()
+    per_process = int((unit.cfg.get("train_dataloader") or {}).get("batch_size", 0))
+    return {"world_size": world, "total_batch": per_process * world}
+
+
+OWNER_FILE = "owner.json"
+
+
+def claim_work_dir(work_dir: Path, uri: str, run_id: str, echo: Callable[[str], None] = print) -> None:
+    """Record that ``run_id`` in store ``uri`` owns ``work_dir``; checkpoints another run (or another
+    store) left there are moved aside first, so a unit resumes only from its own open run's checkpoints."""
+    import json
+
+    owner_path = work_dir / OWNER_FILE
+    owner = {"tracking_uri": uri, "run_id": run_id}
+    previous = None
+    if owner_path.is_file():
+        with contextlib.suppress(ValueError):
+            previous = json.loads(owner_path.read_text())
+    stale = [p for p in work_dir.glob("iter_*.pth")] + [p for p in (work_dir / "last_checkpoint",) if p.exists()]
+    if previous != owner and stale:
+        aside = work_dir / f"stale-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir(parents=True, exist_ok=True)
+        for path in stale:
+            path.rename(aside / path.name)
+        whose = (f"run {previous.get('run_id')} of {previous.get('tracking_uri')}" if previous
+                 else "no recorded run")
+        echo(f"note  {work_dir}: {len(stale)} checkpoint file(s) of {whose} moved to {aside.name}/, "
+             f"not resumed by run {run_id}")
+    owner_path.write_text(json.dumps(owner) + "\n")
+
+
 def execute_unit(unit: RunUnit, state: str, run_id: Optional[str], uri: str, *, launcher: str = "none",
                  echo: Callable[[str], None] = print, on_eval: Optional[Callable] = None,
                  tags: Optional[dict] = None):
     """Train one unit in a new or reopened MLflow run. Returns its final metrics, None when another
     process holds it, or False when it failed (non-finite loss). Other exceptions (interrupts, an
     Optuna prune) mark the run KILLED — resumable — and propagate."""
-    from .hooks import NonFiniteLossError
+    from cac.mmseg.hooks import NonFiniteLossError
 
     main = _is_main_process()
     if main:  # before any MLflow run is opened: a missing dataset must leave nothing behind
-        _ensure_data(unit, get_preset(unit.preset))
+        ensure_data(unit)
     if launcher != "none":
         _broadcast(None)  # other ranks wait for the data
     with work_dir_lock(unit.work_dir, enabled=main) as locked:
@@ -369,11 +428,12 @@ def execute_unit(unit: RunUnit, state: str, run_id: Optional[str], uri: str, *, 
             else:
                 tracker = RunTracker.open(uri, unit.spec.name, unit.tags, unit.name)
             _close_stale(unit, uri, keep=tracker.run_id)
+            claim_work_dir(unit.work_dir, uri, tracker.run_id, echo)
             tracker.set_tags({"git_commit": git_commit(),
                               "model": unit.model, "description": unit.row.description,
                               "work_dir": str(unit.work_dir.resolve()), **(tags or {})})
             tracker.log_params({**{f"setting.{k}": v for k, v in unit.settings().items()},
-                                **flatten(unit.cfg.get("model", {}), "cfg.model.")})
+                                **flatten(unit.cfg.get("model", {}), "cfg.model."), **_scale_params(unit)})
         t0 = time.time()
         try:
             metrics = train_unit(unit, tracker, launcher=launcher, on_eval=on_eval)
@@ -388,7 +448,7 @@ def execute_unit(unit: RunUnit, state: str, run_id: Optional[str], uri: str, *, 
             raise
         seconds = time.time() - t0
         if main:
-            from .data import context_scenes
+            from cac.data import context_scenes
 
             classes = list(context_scenes.CLASSES) if unit.cfg.get("dataset_type") == "ContextScenesDataset" else []
             _log_final(unit, tracker, metrics, classes, seconds)

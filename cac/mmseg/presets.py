@@ -9,32 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .errors import CacError
+from cac.errors import CacError
+from cac.mmseg.cfgtree import replace_norm, set_num_classes, strip_pretrained
 
 __all__ = ["Preset", "PRESETS", "get_preset", "register_preset"]
-
-
-def _replace_norm(node: Any, old: str, new: str) -> Any:
-    """SyncBN needs a process group and a GPU; on the CPU presets every norm of that type becomes BN."""
-    if isinstance(node, dict):
-        if node.get("type") == old:
-            node = {**node, "type": new}
-        return {k: _replace_norm(v, old, new) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_replace_norm(v, old, new) for v in node]
-    return node
-
-
-def _strip_pretrained(node: Any) -> Any:
-    """No weights can be downloaded here: embedded presets train from random init."""
-    if isinstance(node, dict):
-        out = {k: _strip_pretrained(v) for k, v in node.items() if k != "pretrained"}
-        if isinstance(out.get("init_cfg"), dict) and out["init_cfg"].get("type") == "Pretrained":
-            out["init_cfg"] = None
-        return out
-    if isinstance(node, list):
-        return [_strip_pretrained(v) for v in node]
-    return node
 
 
 @dataclass(frozen=True)
@@ -50,11 +28,10 @@ class Preset:
 
     def apply_embedded(self, cfg: dict) -> None:
         """Point a config at the generated data, a CPU-sized schedule, and random init."""
-        from .config import set_num_classes
-        from .data import context_scenes
+        from cac.data import context_scenes
 
         root = str(context_scenes.default_root(self.data))
-        cfg["model"] = _strip_pretrained(_replace_norm(cfg["model"], "SyncBN", "BN"))
+        cfg["model"] = strip_pretrained(replace_norm(cfg["model"], "SyncBN", "BN"))
         set_num_classes(cfg["model"], len(context_scenes.CLASSES))
         pre = cfg["model"].get("data_preprocessor") or {}
         pre.pop("size", None)  # images are already the crop size; pad only to the batch's own size

@@ -2,7 +2,7 @@
 from mmseg.datasets import BaseSegDataset
 from mmseg.registry import DATASETS
 
-from .context_scenes import CLASSES, PALETTE
+from cac.data.context_scenes import CLASSES, PALETTE
 
 __all__ = ["ContextScenesDataset"]
 

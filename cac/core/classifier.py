@@ -14,25 +14,41 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .designs import DESIGNS, Projector
-from .functional import cosine_logits, dot_logits, entropy_kl_loss, mask_pool, soft_pool
+from cac.core.designs import DESIGNS, Projector
+from cac.core.functional import (cosine_logits, dot_logits, entropy_kl_loss, mask_pool, soft_pool,
+                                 upsampled_cross_entropy)
 
-__all__ = ["CACOptions", "CACOutputs", "ContextAwareClassifier", "cac_losses", "resize_labels"]
+__all__ = ["PROFILES", "CACOptions", "CACOutputs", "ContextAwareClassifier", "cac_losses", "plain_cross_entropy",
+           "resize_labels"]
 
 _CHOICES = {
+    "profile": ("paper", "official"),
     "original": ("dot", "cos"),
     "context": ("cos", "dot", "none"),
     "kl_entropy_source": ("oracle", "estimated", "original"),
     "oracle_pool": ("image", "batch"),
     "oracle_absent": ("zero", "classifier"),
     "test_output": ("context", "original"),
+    "kl_normaliser": ("batch", "literal"),
+    "extra_ce": ("head", "fixed"),
+}
+
+# Every choice of the official code (tianzhuotao/CAC, its ``*_cac.py`` heads) that the paper's text
+# leaves open or states otherwise; ``profile: official`` sets them all, explicit keys still win.
+PROFILES: dict[str, dict] = {
+    "paper": {},
+    "official": dict(oracle_pool="batch", oracle_absent="classifier", kl_target_mix=0.5, extra_ce="fixed",
+                     projector_first_bias=False, kl_normaliser="batch"),
 }
 
 
 @dataclass(frozen=True)
 class CACOptions:
-    """Every switch of the method. Defaults follow the paper; official-code choices are options."""
+    """Every switch of the method. Defaults follow the paper's text where it says; official-code
+    choices are options, all set at once by ``profile="official"`` (applied by :meth:`from_dict`,
+    which configs and specs go through)."""
 
+    profile: str = "paper"  # "official": PROFILES["official"] under any explicit keys
     tau: float = 15.0  # cosine scale, Eqs. (3)/(6)
     lambda_kl: float = 1.0  # weight of L_KL in Eq. (8)
     loss_ce: float = 1.0  # weight of L^ce (original p)
@@ -44,12 +60,19 @@ class CACOptions:
     kl_target_mix: float = 0.0  # official code: 0.5 * softmax(p_y) + 0.5 * one-hot
     original: str = "dot"  # Table 4: the original classifier, dot or cosine
     context: str = "cos"  # Table 4: context classifier, cos / dot / none (no CAC branch)
-    design_y: str = "proj_concat"  # Table 5: how A_y is formed (cac.designs.DESIGNS)
+    design_y: str = "proj_concat"  # Table 5: how A_y is formed (cac.core.designs.DESIGNS)
     design_p: str = "proj_concat"  # Table 5: how A_p is formed
     projector_hidden_ratio: float = 0.5  # hidden width of theta as a fraction of d (§4.1: d/2)
     oracle_pool: str = "image"  # official code pools C_y over the whole batch ("batch")
     oracle_absent: str = "zero"  # official code fills absent classes of C_y from detached C
     test_output: str = "context"  # test-time output: p_p ("context") or p ("original")
+    # Eq. 11's normaliser: "batch" (official code; pixels pooled over the batch, mean over the classes
+    # present) or "literal" (per image, 1/n over all n classes, then the mean over images)
+    kl_normaliser: str = "batch"
+    # CE of p and p_y: "head" (the head's own loss, as for p_p) or "fixed" (official code: plain CE,
+    # ignore 255, bilinear align_corners=True upsampling; the head's loss then applies to p_p only)
+    extra_ce: str = "head"
+    projector_first_bias: bool = True  # official code: the projectors' first Linear has no bias
 
     def __post_init__(self) -> None:
         for key, allowed in _CHOICES.items():
@@ -70,12 +93,16 @@ class CACOptions:
 
     @classmethod
     def from_dict(cls, cfg: Optional[Mapping] = None) -> "CACOptions":
+        """Options from a config's ``cac=dict(...)``: the profile's choices, then the explicit keys."""
         cfg = dict(cfg or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise ValueError(f"unknown cac option(s) {unknown}; known: {sorted(known)}")
-        return cls(**cfg)
+        profile = cfg.get("profile", "paper")
+        if profile not in PROFILES:
+            raise ValueError(f"cac.profile must be one of {tuple(PROFILES)}, got {profile!r}")
+        return cls(**{**PROFILES[profile], **cfg})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,6 +115,11 @@ class CACOptions:
     def needs_oracle(self) -> bool:
         """p_y is needed in training when its CE or the distillation from it is on."""
         return self.has_context and (self.loss_ce_y > 0 or self.lambda_kl > 0)
+
+    @property
+    def trains_oracle(self) -> bool:
+        """theta_y gets a gradient only from L_y^ce: the distillation's teacher is detached."""
+        return self.needs_oracle and self.loss_ce_y > 0
 
 
 class CACOutputs(NamedTuple):
@@ -114,10 +146,16 @@ class ContextAwareClassifier(nn.Module):
         o = self.options
         self.proj_y = self._projector(o.design_y) if o.needs_oracle else None
         self.proj_p = self._projector(o.design_p) if o.has_context else None
+        if self.proj_y is not None and not o.trains_oracle:
+            # Without L_y^ce nothing trains theta_y (Table 2 (e)): it stays at its init either way, and
+            # declaring that keeps stock DDP (find_unused_parameters=False) from waiting for its grads.
+            self.proj_y.requires_grad_(False)
 
     def _projector(self, design: str) -> Optional[Projector]:
         in_dim = DESIGNS[design].projector_in(self.dim)
-        return None if in_dim is None else Projector(in_dim, self.dim, self.options.projector_hidden_ratio)
+        if in_dim is None:
+            return None
+        return Projector(in_dim, self.dim, self.options.projector_hidden_ratio, self.options.projector_first_bias)
 
     # -- the pieces -------------------------------------------------------------------------
     def original_logits(self, feats: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -160,9 +198,13 @@ class ContextAwareClassifier(nn.Module):
 
     # -- the whole classifier -----------------------------------------------------------------
     def forward(self, feats: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                labels: Optional[Tensor] = None) -> CACOutputs:
-        """``feats [B,D,h,w]``, ``weight [N,D]``; ``labels [B,H,W]`` (any size) enable the oracle."""
-        p = self.original_logits(feats, weight, bias)
+                labels: Optional[Tensor] = None, dropout: Optional[Callable[[Tensor], Tensor]] = None) -> CACOutputs:
+        """``feats [B,D,h,w]`` is f, ``weight [N,D]``; ``labels [B,H,W]`` (any size) enable the oracle.
+
+        ``dropout`` (the head's, in training) applies only on the way into the original classifier,
+        p = C(dropout(f)), as in the official heads; C_p's soft masks come from that p, while the
+        prototypes, p_p and p_y use f itself (the paper's f is the feature generator's output)."""
+        p = self.original_logits(feats if dropout is None else dropout(feats), weight, bias)
         if not self.options.has_context:
             return CACOutputs(p, None, None)
         a_p = self.form(self.options.design_p, soft_pool(feats, p), weight, self.proj_p)
@@ -190,36 +232,48 @@ class ContextAwareClassifier(nn.Module):
         return self.context_logits(feats, a_p, out=p)
 
 
+def plain_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 255) -> Tensor:
+    """The official code's extra CE terms: logits upsampled bilinearly with ``align_corners=True`` to
+    the labels' size, softmax CE averaged over the labelled pixels (``nn.CrossEntropyLoss``)."""
+    per_pixel = upsampled_cross_entropy(logits, labels, align_corners=True, ignore_index=ignore_index)
+    return per_pixel.sum() / (labels != ignore_index).sum().clamp_min(1)
+
+
 def cac_losses(out: CACOutputs, labels: Tensor, options: CACOptions,
                ce: Callable[[Tensor, bool], Mapping[str, Tensor]], ignore_index: int = 255) -> dict[str, Tensor]:
     """The terms of Eq. (8), each already weighted; summing the ``loss*`` entries gives L.
 
     ``ce(logits, accuracy)`` is the head's own segmentation loss (a dict of named terms, plus
     ``acc_seg`` when ``accuracy``), so a head's loss configuration (class weights, OHEM, extra terms)
-    carries over to p, p_p and p_y alike. Only p's accuracy is asked for.
-    Terms with weight 0 are not computed.
+    carries over to p, p_p and p_y alike; only p's accuracy is asked for. With
+    ``extra_ce="fixed"`` (official code) p and p_y take :func:`plain_cross_entropy` instead, and the
+    head's loss (with its accuracy) applies to p_p only. Terms with weight 0 are not computed.
     """
     losses: dict[str, Tensor] = {}
+    fixed = options.extra_ce == "fixed"
 
-    def add(prefix: str, logits: Optional[Tensor], weight: float) -> None:
+    def add(prefix: str, logits: Optional[Tensor], weight: float, accuracy: bool) -> None:
         if logits is None or weight == 0:
             return
         tag = f"_{prefix}" if prefix else ""
-        for key, value in ce(logits, not prefix).items():
+        if fixed and prefix != "ctx":
+            losses[f"loss{tag}_ce"] = plain_cross_entropy(logits, labels, ignore_index) * weight
+            return
+        for key, value in ce(logits, accuracy).items():
             if key.startswith("loss"):
                 losses[f"loss{tag}{key[4:]}"] = value * weight
             else:
                 losses[f"{key}{tag}"] = value
 
-    add("", out.p, options.loss_ce)
-    add("ctx", out.p_p, options.loss_ce_p)
-    add("oracle", out.p_y, options.loss_ce_y)
+    add("", out.p, options.loss_ce, accuracy=not fixed)
+    add("ctx", out.p_p, options.loss_ce_p, accuracy=fixed)
+    add("oracle", out.p_y, options.loss_ce_y, accuracy=False)
     if options.lambda_kl > 0 and out.p_p is not None and out.p_y is not None:
         source = {"oracle": None, "estimated": out.p_p, "original": out.p}[options.kl_entropy_source]
         kl = entropy_kl_loss(
             out.p_p, out.p_y, resize_labels(labels, out.p_p.shape[-2:]),
             entropy=options.kl_entropy, classwise=options.kl_classwise, ignore_index=ignore_index,
-            entropy_from=source, target_mix=options.kl_target_mix,
+            entropy_from=source, target_mix=options.kl_target_mix, normaliser=options.kl_normaliser,
         )
         losses["loss_kl"] = kl * options.lambda_kl
     return losses

@@ -11,17 +11,12 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from .errors import CacError
-from .presets import Preset, get_preset
-from .zoo import get_model, load_base_config, mmseg_config_dir
+from cac.errors import CacError
+from cac.mmseg.cfgtree import decode_heads, set_by_path, set_num_classes, to_plain
+from cac.mmseg.presets import Preset, get_preset
+from cac.mmseg.zoo import get_model, load_base_config, mmseg_config_dir
 
-__all__ = ["add_cac", "resolve_config", "config_hash", "set_by_path", "decode_heads"]
-
-
-def decode_heads(model: dict) -> list[dict]:
-    """The decode head configs of a segmentor (one, or the stages of a cascade)."""
-    head = model["decode_head"]
-    return list(head) if isinstance(head, (list, tuple)) else [head]
+__all__ = ["add_cac", "resolve_config", "config_hash", "dump_config"]
 
 
 def add_cac(model: dict, options: Optional[Mapping] = None) -> dict:
@@ -33,38 +28,6 @@ def add_cac(model: dict, options: Optional[Mapping] = None) -> dict:
     else:
         model["decode_head"] = wrap(model["decode_head"])
     return model
-
-
-def set_num_classes(model: dict, num_classes: int) -> None:
-    for head in decode_heads(model):
-        head["num_classes"] = num_classes
-    aux = model.get("auxiliary_head")
-    for head in (aux if isinstance(aux, (list, tuple)) else [aux] if aux else []):
-        head["num_classes"] = num_classes
-
-
-def set_by_path(cfg: dict, dotted: str, value: Any) -> None:
-    """``set_by_path(cfg, 'model.decode_head.channels', 64)``; list items by index (``stages.0``)."""
-    keys = dotted.split(".")
-    node = cfg
-    for key in keys[:-1]:
-        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
-    last = keys[-1]
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
-def _to_plain(obj: Any) -> Any:
-    """mmengine ConfigDicts to plain dicts (tuples stay tuples: mmseg transforms test for them)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_plain(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_to_plain(v) for v in obj)
-    return obj
 
 
 def _dataset_swap(cfg: dict, base_dataset_file: str) -> None:
@@ -81,7 +44,7 @@ def _dataset_swap(cfg: dict, base_dataset_file: str) -> None:
 
 def _resolve_data_root(cfg: dict, dataset: str) -> None:
     """mmseg's relative ``data/...`` roots become absolute, under ``$CAC_DATA_ROOT`` or the repo's data/."""
-    from .data.real import default_real_root
+    from cac.data.real import default_real_root
 
     root = str(default_real_root(dataset))
     cfg["data_root"] = root
@@ -111,7 +74,7 @@ def resolve_config(
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
     entry = get_model(model)
-    cfg = _to_plain(load_base_config(entry).to_dict())
+    cfg = to_plain(load_base_config(entry).to_dict())
     dataset = dataset or "ade20k"
     if preset.embedded:
         preset.apply_embedded(cfg)
@@ -138,9 +101,27 @@ def resolve_config(
     return cfg
 
 
+def _without_machine_paths(node: Any, roots: tuple[str, ...]) -> Any:
+    """Strings under a machine-specific root (the data root) rewritten relative to it."""
+    if isinstance(node, Mapping):
+        return {k: _without_machine_paths(v, roots) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_without_machine_paths(v, roots) for v in node]
+    if isinstance(node, str):
+        for root in roots:
+            if node == root or node.startswith(root.rstrip("/") + "/"):
+                return "<data_root>" + node[len(root.rstrip("/")):]
+    return node
+
+
 def config_hash(cfg: Mapping) -> str:
-    """A stable short hash of what a run trains (its work_dir and launcher excluded)."""
-    payload = {k: v for k, v in _to_plain(cfg).items() if k not in ("work_dir", "launcher", "resume", "load_from")}
+    """A stable short hash of what a run trains, the same on every machine: the work dir, launcher and
+    resume state are left out, and paths under the data root are hashed relative to it, so the same
+    unit planned with another ``CAC_DATA_ROOT`` (another node, a teammate's checkout) is the same run."""
+    plain = to_plain(cfg)
+    payload = {k: v for k, v in plain.items() if k not in ("work_dir", "launcher", "resume", "load_from")}
+    roots = tuple(r for r in [plain.get("data_root")] if isinstance(r, str) and r.startswith("/") and len(r) > 1)
+    payload = _without_machine_paths(payload, roots)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

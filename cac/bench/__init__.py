@@ -1,0 +1,1 @@
+"""Table 6: inference speed and memory, baseline vs +CAC (``task: benchmark`` specs)."""

@@ -1,0 +1,1 @@
+"""Experiments: specs, the runner (mmengine's Runner + MLflow), sweeps (Optuna) and tracked results."""
