@@ -24,7 +24,7 @@ def workspace(tmp_path, data_root, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CAC_WORK_DIR", str(tmp_path / "work_dirs"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    import cac.runner
+    import cac.exp.runner
 
-    monkeypatch.setattr(cac.runner, "WORK_ROOT", tmp_path / "work_dirs")
+    monkeypatch.setattr(cac.exp.runner, "WORK_ROOT", tmp_path / "work_dirs")
     return tmp_path

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from analysis.stats import (Ordering, agreement_words, kendall_ordering, ordering_verdict, paired_ci,
+from cac.exp.stats import (Ordering, agreement_words, kendall_ordering, ordering_verdict, paired_ci,
                             paired_differences, summarize)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def test_agreement_words_and_verdict():
 
 def test_ablation_table_from_hand_made_results():
     from analysis.tables import ablation_csv, ablation_latex, ablation_markdown, build_ablation
-    from cac.spec import load_spec
+    from cac.exp.spec import load_spec
 
     spec = load_spec(ROOT / "ablations" / "table3.yaml")
     results = {"(a)": {0: 40.0, 1: 41.0, 2: 42.0}, "(b)": {0: 41.0, 1: 43.0}, "(e)": {0: 41.0, 1: 42.0, 2: 43.0},
@@ -134,8 +134,8 @@ def _subset_spec(src: Path, dst: Path, labels: list[str], extra: dict) -> Path:
 def tracked(tmp_path_factory, data_root):
     """table3 rows (a), (e) x 2 seeds and table1_ade20k's fcn-mv2+cac (trained as the slim FCN) x 1 seed,
     20 iterations each, in a temporary MLflow SQLite store. Row (b) and fcn-mv2 stay without runs."""
-    import cac.runner
-    from cac.runner import run_spec
+    import cac.exp.runner
+    from cac.exp.runner import run_spec
 
     root = tmp_path_factory.mktemp("analysis")
     t3 = _subset_spec(ROOT / "ablations" / "table3.yaml", root / "specs" / "table3.yaml", ["(a)", "(b)", "(e)"],
@@ -148,7 +148,7 @@ def tracked(tmp_path_factory, data_root):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("CAC_WORK_DIR", str(work))
-        mp.setattr(cac.runner, "WORK_ROOT", work)
+        mp.setattr(cac.exp.runner, "WORK_ROOT", work)
         assert run_spec(str(t3), "quick", rows="(a),(e)", tracking_uri=uri, echo=lambda s: None) == 0
         assert run_spec(str(t1), "quick", rows="fcn-mv2+cac", tracking_uri=uri, echo=lambda s: None) == 0
     return SimpleNamespace(root=root, uri=uri, work=work, table3=t3, table1=t1)
@@ -157,11 +157,11 @@ def tracked(tmp_path_factory, data_root):
 @pytest.fixture()
 def in_work(tracked, monkeypatch):
     """Analysis code finds the runs' local work dirs as the runner placed them."""
-    import cac.runner
+    import cac.exp.runner
 
     monkeypatch.chdir(tracked.root)
     monkeypatch.setenv("CAC_WORK_DIR", str(tracked.work))
-    monkeypatch.setattr(cac.runner, "WORK_ROOT", tracked.work)
+    monkeypatch.setattr(cac.exp.runner, "WORK_ROOT", tracked.work)
     return tracked
 
 
@@ -178,8 +178,8 @@ def _assert_figure(path: Path) -> None:
 @pytest.mark.slow
 def test_make_tables_writes_tables_and_figures(in_work, tmp_path):
     from analysis.make_tables import main
-    from cac.results import collect
-    from cac.spec import load_spec
+    from cac.exp.results import collect
+    from cac.exp.spec import load_spec
 
     out = tmp_path / "reports"
     assert main(["--tracking-uri", in_work.uri, "--spec", str(in_work.table3), "--spec", str(in_work.table1),
@@ -216,7 +216,7 @@ def test_make_tables_writes_tables_and_figures(in_work, tmp_path):
 @pytest.mark.slow
 def test_oracle_history_and_full_cac_row(in_work):
     from analysis.figures import full_cac_row, matched_runs, metric_history
-    from cac.spec import load_spec
+    from cac.exp.spec import load_spec
 
     spec = load_spec(in_work.table3)
     runs = matched_runs(spec, "quick", in_work.uri)
@@ -234,7 +234,7 @@ def test_checkpoint_falls_back_to_mlflow_artifacts(in_work, tmp_path):
     import torch
 
     from analysis.figures import matched_runs, run_checkpoint, run_config
-    from cac.spec import load_spec
+    from cac.exp.spec import load_spec
 
     run = matched_runs(load_spec(in_work.table3), "quick", in_work.uri)["(e)"][0]
     local = run_checkpoint(in_work.uri, run)
@@ -249,7 +249,7 @@ def test_checkpoint_falls_back_to_mlflow_artifacts(in_work, tmp_path):
 @pytest.mark.slow
 def test_tsne_script_writes_its_figures(tracked, tmp_path):
     from analysis.figures import matched_runs
-    from cac.spec import load_spec
+    from cac.exp.spec import load_spec
 
     run = matched_runs(load_spec(tracked.table3), "quick", tracked.uri)["(e)"][0]
     out = tmp_path / "figs"

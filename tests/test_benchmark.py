@@ -5,12 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cac.benchmark import (PAPER_TABLE6, SizeResult, add_deltas, bench_model_cfg, bench_settings, build_eval_model,
-                           classifier_cost, format_table, print_tracked_benchmark, run_benchmark,
-                           time_interleaved)
+from cac.bench.models import bench_model_cfg, bench_settings, build_eval_model, classifier_cost
+from cac.bench.table6 import (PAPER_TABLE6, SizeResult, add_deltas, format_table, print_tracked_benchmark,
+                              run_benchmark)
+from cac.bench.timing import time_interleaved
 from cac.errors import CacError
-from cac.functional import entropy_kl_loss
-from cac.spec import load_spec
+from cac.core.functional import entropy_kl_loss
+from cac.exp.spec import load_spec
+from cac.synthetic import kl_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE6 = ROOT / "ablations" / "table6.yaml"
@@ -135,7 +137,7 @@ def test_run_benchmark_logs_runs_and_prints_table6(tmp_path, monkeypatch):
 @pytest.mark.parametrize("classes", [150, 171])
 def test_kl_loop_agrees_with_entropy_kl_loss(classes):
     kl = _load_kl_script()
-    student, teacher, labels = kl.make_inputs(batch=2, classes=classes, size=24, per_image=6)
+    student, teacher, labels = kl_inputs(batch=2, classes=classes, size=24, per_image=6)
     labels[1, :4] = 7 % classes  # a class present in one image only
     s1, s2 = student.clone().requires_grad_(), student.clone().requires_grad_()
     vec = entropy_kl_loss(s1, teacher, labels)
@@ -149,7 +151,7 @@ def test_kl_loop_agrees_with_entropy_kl_loss(classes):
 @pytest.mark.parametrize("options", [{}, {"original": "cos"}, {"context": "dot"}, {"test_output": "original"}])
 def test_inference_predict_reusing_buffers_matches_autograd_path(options):
     """Without autograd, predict writes p_p into p's buffer; the values are those of forward()."""
-    from cac.classifier import ContextAwareClassifier
+    from cac.core.classifier import ContextAwareClassifier
 
     torch.manual_seed(0)
     cac = ContextAwareClassifier(16, 5, options).eval()
@@ -163,7 +165,7 @@ def test_inference_predict_reusing_buffers_matches_autograd_path(options):
 
 def test_inference_predict_under_autocast_falls_back_from_the_shared_buffer():
     """autocast does not cast ``out=`` products: p_p must then be computed without p's buffer."""
-    from cac.classifier import ContextAwareClassifier
+    from cac.core.classifier import ContextAwareClassifier
 
     torch.manual_seed(0)
     cac = ContextAwareClassifier(16, 5).eval()

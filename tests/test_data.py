@@ -45,6 +45,13 @@ def test_layout_and_meta(quick):
     assert meta["classes"] == list(cs.CLASSES) and meta["palette"] == cs.PALETTE
     assert meta["counts"] == {"train": spec["train"], "val": spec["val"]}
     assert len(meta["scene_ids"]["train"]) == spec["train"]
+    for split in ("train", "val"):  # the files and scene ids are render_image's output for (seed, split, index)
+        for index in (0, spec[split] - 1):
+            rgb, annotation, scene = cs.render_image(0, split, index, spec["size"])
+            name = f"{index:05d}.png"
+            assert np.array_equal(np.asarray(Image.open(root / "images" / split / name)), rgb)
+            assert np.array_equal(np.asarray(Image.open(root / "annotations" / split / name)), annotation)
+            assert meta["scene_ids"][split][index] == scene
     assert meta["data_version"] == cs.data_version("quick") == f"context-scenes-v{cs.GENERATOR_VERSION}-quick"
     assert 12 <= len(cs.CLASSES) <= 20 and 4 <= len(cs.SCENES) <= 6
     assert len(cs.PALETTE) == len(cs.CLASSES)
@@ -75,10 +82,22 @@ def test_deterministic_bytes(quick, tmp_path):
         [k for k in a if k.startswith("images")])
 
 
-def test_images_do_not_depend_on_split_size():
-    img, ann, scene = cs.render_image(0, "train", 3)
-    img2, ann2, scene2 = cs.render_image(0, "train", 3)
-    assert np.array_equal(img, img2) and np.array_equal(ann, ann2) and scene == scene2
+def test_images_do_not_depend_on_split_size(quick, tmp_path, monkeypatch):
+    """A dataset with smaller splits holds exactly the first images of the larger one (same bytes,
+    same scenes): an image depends on (seed, split, index) only, never on how many are generated."""
+    root, meta = quick
+    monkeypatch.setitem(cs.PRESETS, "tiny", {"size": 64, "train": 3, "val": 2})
+    small = tmp_path / "tiny"
+    small_meta = cs.generate(small, seed=0, preset="tiny")
+    digests, big = _digests(small), _digests(root)
+    assert {k for k in digests if k.endswith(".png")} == {
+        f"{kind}/{split}/{i:05d}.png" for kind in ("images", "annotations")
+        for split, n in (("train", 3), ("val", 2)) for i in range(n)}
+    for name, digest in digests.items():
+        if name.endswith(".png"):
+            assert digest == big[name], name
+    for split, n in (("train", 3), ("val", 2)):
+        assert small_meta["scene_ids"][split] == meta["scene_ids"][split][:n]
 
 
 def test_train_and_val_differ(quick):
@@ -164,7 +183,7 @@ def test_mmseg_pipeline_loads_quick(quick):
     from mmengine.registry import init_default_scope
     from mmseg.registry import DATASETS
 
-    import cac.data.datasets  # noqa: F401  (registers ContextScenesDataset)
+    import cac.mmseg.datasets  # noqa: F401  (registers ContextScenesDataset)
 
     root, meta = quick
     init_default_scope("mmseg")
@@ -298,7 +317,7 @@ def test_verify_unknown_name(tmp_path):
 def test_cli_register(tmp_path, capsys):
     import argparse
 
-    from cac.data.cli import register
+    from cac.exp.data_cli import register
 
     parser = argparse.ArgumentParser(prog="cac-exp")
     register(parser.add_subparsers(dest="command", required=True))

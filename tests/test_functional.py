@@ -1,11 +1,11 @@
-"""cac.functional against naive per-image / per-class / per-pixel loops written here."""
+"""cac.core.functional against naive per-image / per-class / per-pixel loops written here from the paper."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cac.functional import cosine_logits, entropy_kl_loss, mask_pool, pixel_entropy, resize_bilinear, soft_pool
+from cac.core.functional import cosine_logits, entropy_kl_loss, mask_pool, pixel_entropy, resize_bilinear, soft_pool
 
 IGN = 255
 
@@ -58,34 +58,63 @@ def naive_cosine(feats, weights, tau):
     return out
 
 
-def naive_kl(student, teacher, labels, entropy, classwise, entropy_from=None, mix=0.0):
+def literal_kl(student, teacher, labels, *, entropy, classwise, entropy_from=None, mix=0.0, normaliser="batch"):
+    """L_KL written out from the paper, one pixel and one class at a time (no code shared with cac).
+
+    ``sigma`` is the softmax over classes. Eq. (7): ``-1/|i| sum_i sum_j sigma(p_y)_ij log
+    sigma(p_p)_ij``; Eq. (9): ``H_i = -sum_j sigma(p_y)_ij log sigma(p_y)_ij``; Eq. (10): Eq. (7)
+    weighted by ``H_i`` and normalised by ``sum_i H_i``; Eq. (11): Eq. (10) restricted to
+    ``M_k = (y == k)`` per class, then averaged over classes. ``entropy=False`` puts ``H_i = 1``.
+    ``mix`` replaces the target ``sigma(p_y)`` by ``(1 - mix) sigma(p_y) + mix onehot(y)``. ``H`` and
+    the target are constants (from detached logits), so only the student gets a gradient.
+
+    ``normaliser="batch"`` (what ``entropy_kl_loss`` does by default, the official code's): ``i`` runs
+    over the valid pixels of the whole batch and Eq. (11) averages over the classes present in the
+    batch. ``"literal"``: the equations as printed for each image (``1/n`` over all ``n`` classes, a
+    class absent from the image adding 0), then the mean over the images that have valid pixels (the
+    equations are 0/0 for an image with none).
+    """
     b, n, h, w = student.shape
-    terms = []  # (class, weight, loss) per valid pixel
-    for i in range(b):
-        for y in range(h):
-            for x in range(w):
-                lab = int(labels[i, y, x])
-                if lab == IGN:
-                    continue
-                t = teacher[i, :, y, x].softmax(0)
-                ls = student[i, :, y, x].log_softmax(0)
-                loss = -(t * ls).sum()
-                if mix:
-                    loss = (1 - mix) * loss + mix * (-ls[lab])
-                src = teacher if entropy_from is None else entropy_from
-                ps = src[i, :, y, x].softmax(0)
-                hent = -(ps * ps.log()).sum() if entropy else torch.tensor(1.0, dtype=student.dtype)
-                terms.append((lab, hent, loss))
-    if not terms:
-        return torch.tensor(0.0, dtype=student.dtype)
-    if not classwise:
-        return sum(wt * l for _, wt, l in terms) / sum(wt for _, wt, _ in terms)
-    per_class = []
+    if normaliser == "literal":
+        labelled = [bi for bi in range(b) if (labels[bi] != IGN).any()]
+        if not labelled:
+            return student.sum() * 0.0
+        return sum(literal_kl(student[bi:bi + 1], teacher[bi:bi + 1], labels[bi:bi + 1], entropy=entropy,
+                              classwise=classwise, mix=mix, normaliser="image",
+                              entropy_from=None if entropy_from is None else entropy_from[bi:bi + 1])
+                   for bi in labelled) / len(labelled)
+    pixels = [(bi, y, x) for bi in range(b) for y in range(h) for x in range(w) if int(labels[bi, y, x]) != IGN]
+    if not pixels:
+        return student.sum() * 0.0
+    source = (teacher if entropy_from is None else entropy_from).detach()
+    ce = {}  # i -> sum_j target_ij log sigma(p_p)_ij (the sign is applied once, at the end)
+    weight = {}  # i -> H_i (Eq. 9), or 1
+    for i in pixels:
+        bi, y, x = i
+        lab = int(labels[bi, y, x])
+        sig_y = torch.softmax(teacher[bi, :, y, x].detach(), dim=0)
+        log_sig_p = torch.log(torch.softmax(student[bi, :, y, x], dim=0))
+        total = 0.0
+        for j in range(n):
+            target = (1.0 - mix) * sig_y[j] + mix * (1.0 if j == lab else 0.0)
+            total = total + target * log_sig_p[j]
+        ce[i] = total
+        if entropy:
+            q = torch.softmax(source[bi, :, y, x], dim=0)
+            weight[i] = -sum(q[j] * torch.log(q[j]) for j in range(n))
+        else:
+            weight[i] = 1.0
+    if not classwise:  # Eq. (7) (H_i = 1: the denominator is the number of valid pixels) or Eq. (10)
+        return -sum(weight[i] * ce[i] for i in pixels) / sum(weight[i] for i in pixels)
+    per_class = []  # Eq. (11), one class at a time
     for k in range(n):
-        sel = [(wt, l) for c, wt, l in terms if c == k]
-        if sel:
-            per_class.append(sum(wt * l for wt, l in sel) / sum(wt for wt, _ in sel))
-    return sum(per_class) / len(per_class)
+        mask = {i: 1.0 if int(labels[i]) == k else 0.0 for i in pixels}  # M_k^i
+        if sum(mask.values()) == 0:
+            continue  # class k absent: adds 0 to the sum ("image"), and is not counted ("batch")
+        num = sum(mask[i] * weight[i] * ce[i] for i in pixels)
+        den = sum(mask[i] * weight[i] for i in pixels)
+        per_class.append(num / den)
+    return -sum(per_class) / (n if normaliser == "image" else len(per_class))
 
 
 def test_mask_pool_matches_loop_with_ignored_and_absent():
@@ -132,25 +161,65 @@ def test_cosine_logits_zero_feature_is_finite(dtype):
                                rtol=1e-2, atol=2e-2)
 
 
+def _kl_case(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 student/teacher logits and labels that separate the reductions one could pick: ignored
+    pixels, an absent class (2), a class present in one image only (3), images with unequal numbers
+    of valid pixels and one wholly ignored image."""
+    _, labels = _data(b=3, h=4, w=5, n=5, ignore_frac=0.25, absent=(2, 3))
+    labels[0, 0, :3] = 3
+    labels[2] = IGN
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(3, 5, 4, 5, generator=g, dtype=torch.float64) * 2
+    teacher = torch.randn(3, 5, 4, 5, generator=g, dtype=torch.float64) * 2
+    return student, teacher, labels
+
+
+def _assert_value_and_grad(got: torch.Tensor, want: torch.Tensor, student: torch.Tensor) -> None:
+    torch.testing.assert_close(got, want)
+    (g_got,) = torch.autograd.grad(got, student, retain_graph=True)
+    (g_want,) = torch.autograd.grad(want, student)
+    torch.testing.assert_close(g_got, g_want)
+
+
+@pytest.mark.parametrize("mix", [0.0, 0.3])  # not 0.5: swapping the two parts must show
 @pytest.mark.parametrize("entropy", [False, True])
 @pytest.mark.parametrize("classwise", [False, True])
-def test_entropy_kl_loss_matches_loop(entropy, classwise):
-    _, labels = _data(b=2, h=4, w=5)
-    g = torch.Generator().manual_seed(1)
-    student = torch.randn(2, 4, 4, 5, generator=g, dtype=torch.float64)
-    teacher = torch.randn(2, 4, 4, 5, generator=g, dtype=torch.float64) * 2
-    got = entropy_kl_loss(student, teacher, labels, entropy=entropy, classwise=classwise, ignore_index=IGN)
-    ref = naive_kl(student, teacher, labels, entropy, classwise)
-    torch.testing.assert_close(got, ref)
+def test_entropy_kl_loss_is_eqs_7_9_10_11(entropy, classwise, mix):
+    """Values and student gradients against the literal Eqs. (7)/(10)/(11), all four variants, with
+    the default (batch) normaliser."""
+    student, teacher, labels = _kl_case()
+    student.requires_grad_(True)
+    got = entropy_kl_loss(student, teacher, labels, entropy=entropy, classwise=classwise, ignore_index=IGN,
+                          target_mix=mix)
+    want = literal_kl(student, teacher, labels, entropy=entropy, classwise=classwise, mix=mix)
+    _assert_value_and_grad(got, want, student)
 
 
-def test_entropy_kl_loss_entropy_source_and_target_mix():
-    _, labels = _data(b=2, h=4, w=5)
-    g = torch.Generator().manual_seed(2)
-    student, teacher, other = (torch.randn(2, 4, 4, 5, generator=g, dtype=torch.float64) for _ in range(3))
-    got = entropy_kl_loss(student, teacher, labels, entropy_from=other, target_mix=0.5)
-    ref = naive_kl(student, teacher, labels, True, True, entropy_from=other, mix=0.5)
-    torch.testing.assert_close(got, ref)
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("classwise", [False, True])
+def test_entropy_kl_loss_literal_normaliser_is_the_printed_equations(entropy, classwise):
+    """normaliser='literal': Eqs. (7)/(10)/(11) as printed, per image, then the mean over images."""
+    student, teacher, labels = _kl_case(seed=4)
+    student.requires_grad_(True)
+    got = entropy_kl_loss(student, teacher, labels, entropy=entropy, classwise=classwise, ignore_index=IGN,
+                          target_mix=0.3, normaliser="literal")
+    want = literal_kl(student, teacher, labels, entropy=entropy, classwise=classwise, mix=0.3, normaliser="literal")
+    _assert_value_and_grad(got, want, student)
+
+
+@pytest.mark.parametrize("classwise", [False, True])
+@pytest.mark.parametrize("source", ["other", "student"])
+def test_entropy_kl_loss_entropy_from(classwise, source):
+    """Table 3 (1)/(2): H from other logits; from the student itself it is still a constant weight."""
+    student, teacher, labels = _kl_case(seed=2)
+    student.requires_grad_(True)
+    other = torch.randn(student.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
+    src = other if source == "other" else student
+    got = entropy_kl_loss(student, teacher, labels, classwise=classwise, ignore_index=IGN, entropy_from=src)
+    want = literal_kl(student, teacher, labels, entropy=True, classwise=classwise, entropy_from=src)
+    _assert_value_and_grad(got, want, student)
+    # the source really matters: the teacher's entropy gives another value
+    assert not torch.allclose(got, literal_kl(student, teacher, labels, entropy=True, classwise=classwise))
 
 
 def test_eq7_is_plain_mean_of_soft_cross_entropy():
@@ -205,7 +274,7 @@ def test_half_precision_preserves_dtype_and_agrees(dtype):
     tol = dict(atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(protos.double(), naive_mask_pool(f_lo.double(), labels, 4)[0], **tol)
     torch.testing.assert_close(sp.double(), naive_soft_pool(f_lo.double(), l_lo.double()), **tol)
-    ref = entropy_kl_loss(l_lo.double(), l_lo.flip(1).double(), labels)
+    ref = literal_kl(l_lo.double(), l_lo.flip(1).double(), labels, entropy=True, classwise=True)
     torch.testing.assert_close(kl.double(), ref, **tol)
 
 
@@ -221,6 +290,19 @@ def test_soft_pool_large_image_no_overflow_in_fp16():
 def test_pixel_entropy_uniform_is_log_n():
     ent = pixel_entropy(torch.zeros(1, 7, 2, 2))
     torch.testing.assert_close(ent, torch.full((1, 2, 2), math.log(7)))
+
+
+def test_pixel_entropy_is_eq9_per_pixel():
+    """Eq. (9) with its sum over classes written out, on peaked and flat pixels alike."""
+    logits = torch.randn(2, 5, 3, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 3
+    want = torch.zeros(2, 3, 4, dtype=torch.float64)
+    for b in range(2):
+        for y in range(3):
+            for x in range(4):
+                z = [math.exp(v) for v in logits[b, :, y, x].tolist()]
+                q = [v / sum(z) for v in z]
+                want[b, y, x] = -sum(v * math.log(v) for v in q)
+    torch.testing.assert_close(pixel_entropy(logits), want)
 
 
 @pytest.mark.parametrize("shape,size,align_corners", [
@@ -241,7 +323,7 @@ def test_resize_bilinear_equals_interpolate_values_and_gradients(shape, size, al
 @pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])  # 8-row bands with a ragged last one / one band
 @pytest.mark.parametrize("align_corners", [False, True])
 def test_upsampled_cross_entropy_equals_interpolate_then_ce(monkeypatch, chunk_bytes, align_corners):
-    import cac.functional as fn
+    import cac.core.functional as fn
 
     monkeypatch.setattr(fn, "_CHUNK_BYTES", chunk_bytes)
     g = torch.Generator().manual_seed(0)

@@ -3,14 +3,13 @@ import copy
 
 import pytest
 import torch
-from mmengine.structures import PixelData
-from mmseg.structures import SegDataSample
 
-from cac.config import add_cac, set_num_classes
-from cac.head import CACHead, _plain_cross_entropy
-from cac.params import build_model
-from cac.presets import _replace_norm, _strip_pretrained
-from cac.zoo import get_model, load_base_config
+from cac.mmseg.config import add_cac
+from cac.mmseg.head import CACHead, is_plain_cross_entropy
+from cac.mmseg.params import build_model
+from cac.mmseg.cfgtree import replace_norm, set_num_classes, strip_pretrained
+from cac.mmseg.zoo import get_model, load_base_config
+from cac.synthetic import seg_batch
 
 NUM_CLASSES = 6
 SIZE = 64
@@ -18,24 +17,16 @@ SIZE = 64
 
 def _cpu_model_cfg(name: str, cac=True) -> dict:
     cfg = load_base_config(get_model(name)).to_dict()
-    model = _strip_pretrained(_replace_norm(copy.deepcopy(cfg["model"]), "SyncBN", "BN"))
+    model = strip_pretrained(replace_norm(copy.deepcopy(cfg["model"]), "SyncBN", "BN"))
     set_num_classes(model, NUM_CLASSES)
     model["data_preprocessor"].pop("size", None)
     return add_cac(model, {} if cac is True else cac) if cac else model
 
 
 def _batch(b=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(b, 3, SIZE, SIZE, generator=g)
-    samples = []
-    for _ in range(b):
-        s = SegDataSample()
-        lab = torch.randint(0, NUM_CLASSES, (1, SIZE, SIZE), generator=g)
-        lab[:, :4] = 255
-        s.gt_sem_seg = PixelData(data=lab)
-        s.set_metainfo(dict(img_shape=(SIZE, SIZE), ori_shape=(SIZE, SIZE), pad_shape=(SIZE, SIZE)))
-        samples.append(s)
-    return inputs, samples
+    """Float images ``[B, 3, S, S]`` (as after the data preprocessor) and samples with scene-like labels."""
+    data = seg_batch(SIZE, b, NUM_CLASSES, per_image=4, block=8, seed=seed)
+    return torch.stack(data["inputs"]).float() / 64.0 - 2.0, data["data_samples"]
 
 
 def _final_head(model):
@@ -115,7 +106,7 @@ def test_fused_cross_entropy_equals_the_heads_own_loss(loss_decode):
     cfg["decode_head"]["head"]["loss_decode"] = loss_decode
     head = build_model(cfg).decode_head
     terms = head.head.loss_decode if isinstance(head.head.loss_decode, torch.nn.ModuleList) else [head.head.loss_decode]
-    assert all(map(_plain_cross_entropy, terms))  # the fused path is the one under test
+    assert all(map(is_plain_cross_entropy, terms))  # the fused path is the one under test
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(2, NUM_CLASSES, 16, 16, generator=g, dtype=torch.float64, requires_grad=True)
     seg_label = torch.randint(0, NUM_CLASSES, (2, 1, SIZE, SIZE), generator=g)

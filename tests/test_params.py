@@ -11,7 +11,7 @@ def test_all_22_table1_param_counts_match_the_paper(capsys):
     assert main(["params", str(ROOT / "experiments" / "table1_ade20k.yaml"), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 22
-    from cac.spec import load_spec
+    from cac.exp.spec import load_spec
 
     paper = {r.label: r.paper["params"] for r in load_spec(ROOT / "experiments" / "table1_ade20k.yaml").rows}
     for r in rows:

@@ -3,13 +3,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
 import pytest
 
 from cac.cli import main
+from cac.exp.runner import CURVE_POINTS, curve_interval
+from cac_probes import assert_steps_logged_once, probe_env, probe_overrides, rank_reports, start_iters
 
 pytestmark = pytest.mark.slow
 
@@ -22,15 +23,16 @@ overrides:
   train_cfg.max_iters: {iters}
   train_cfg.val_interval: {interval}
   default_hooks.checkpoint.interval: {interval}
-rows:
+{extra}rows:
   - {{label: "(a)", description: baseline, cac: false}}
   - {{label: "(f)", description: full CAC, cac: true}}
 """
 
 
-def _spec(tmp_path, iters=20, interval=10):
+def _spec(tmp_path, iters=20, interval=10, extra=""):
+    """The runner-test spec; ``extra``: more ``overrides`` lines (e.g. a probe hook)."""
     path = tmp_path / "rt.yaml"
-    path.write_text(SPEC.format(iters=iters, interval=interval))
+    path.write_text(SPEC.format(iters=iters, interval=interval, extra=extra))
     return path
 
 
@@ -41,7 +43,7 @@ def _runs(uri, experiment="rt"):
 
 
 def _env(workspace):
-    return {**os.environ, "CAC_WORK_DIR": str(workspace / "work_dirs"), "PYTHONUNBUFFERED": "1"}
+    return probe_env({**os.environ, "CAC_WORK_DIR": str(workspace / "work_dirs"), "PYTHONUNBUFFERED": "1"})
 
 
 def test_run_tracks_everything_then_skips_finished(workspace, capsys):
@@ -85,28 +87,31 @@ def test_run_tracks_everything_then_skips_finished(workspace, capsys):
 
 
 def test_sigkill_then_resume_leaves_one_finished_run(workspace, capsys):
-    spec = _spec(workspace, iters=40, interval=10)
+    """Killed (SIGKILL) at iteration 30 after 30's metrics were logged, before 30's checkpoint: the
+    rerun resumes the same MLflow run from iter_20.pth and logs no step twice."""
+    from cac.exp.runner import resume_checkpoint
+
+    probe = workspace / "probe"
+    spec = _spec(workspace, iters=40, interval=10, extra=probe_overrides(probe, kill_at=30))
     uri = f"sqlite:///{workspace}/mlflow.db"
     cmd = [sys.executable, "-m", "cac.cli", "run", str(spec), "--rows", "(f)", "--tracking-uri", uri]
-    proc = subprocess.Popen(cmd, cwd=workspace, env=_env(workspace), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    ckpts = []
-    while time.time() < deadline and not ckpts:
-        ckpts = list((workspace / "work_dirs").rglob("iter_10.pth")) + list((workspace / "work_dirs").rglob("iter_20.pth"))
-        time.sleep(0.2)
-    assert ckpts, "no checkpoint appeared"
-    time.sleep(0.5)  # let the checkpoint file be complete
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    out = subprocess.run(cmd, cwd=workspace, env=_env(workspace), capture_output=True, text=True, timeout=300)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
     runs = _runs(uri)
     assert [r.info.status for r in runs] == ["RUNNING"]
+    work_dir = Path(runs[0].data.tags["work_dir"])
+    assert resume_checkpoint(work_dir) == work_dir / "iter_20.pth"
     assert main(["run", str(spec), "--rows", "(f)", "--tracking-uri", uri]) == 0
     assert "resume" in capsys.readouterr().out
+    assert start_iters(probe) == [0, 20]  # the second process started from the checkpoint, not from 0
     runs = _runs(uri)
     assert [r.info.status for r in runs] == ["FINISHED"]
-    history = mlflow.MlflowClient(tracking_uri=uri).get_metric_history(runs[0].info.run_id, "val/mIoU_pp")
-    assert max(h.step for h in history) == 40
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    assert [h.step for h in client.get_metric_history(runs[0].info.run_id, "val/mIoU_pp")] == [10, 20, 30, 40]
+    every = curve_interval(40, 10)  # Fig. 4's curve: at least CURVE_POINTS points
+    curve = [h.step for h in client.get_metric_history(runs[0].info.run_id, "curve/val_mIoU_pp")]
+    assert curve == list(range(every, 41, every)) and len(curve) >= CURVE_POINTS
+    assert_steps_logged_once(client, runs[0].info.run_id)
 
 
 def _free_port() -> int:
@@ -118,8 +123,23 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_ddp_two_cpu_processes(workspace):
-    spec = _spec(workspace, iters=10, interval=10)
+def _labelled_val_pixels(data_root: Path) -> int:
+    """Labelled pixels (not 255) of the whole quick val split, read from its annotation files."""
+    import numpy as np
+    from PIL import Image
+
+    files = sorted((data_root / "context-scenes" / "quick" / "annotations" / "val").glob("*.png"))
+    assert files
+    return sum(int((np.asarray(Image.open(f)) != 255).sum()) for f in files)
+
+
+def test_ddp_two_cpu_processes(workspace, data_root):
+    """Two gloo ranks: one MLflow run that knows its world size, the same parameters on both ranks
+    after training, and a val confusion matrix summed over the ranks' shards (the whole val set)."""
+    from cac.mmseg.presets import get_preset
+
+    probe = workspace / "probe"
+    spec = _spec(workspace, iters=10, interval=10, extra=probe_overrides(probe))
     uri = f"sqlite:///{workspace}/mlflow.db"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
            "-m", "cac.cli", "run", str(spec), "--rows", "(f)", "--launcher", "pytorch", "--tracking-uri", uri]
@@ -129,7 +149,20 @@ def test_ddp_two_cpu_processes(workspace):
     assert out.returncode == 0, "\n".join(errors[-40:]) + "\n...\n" + out.stderr[-2000:]
     runs = _runs(uri)
     assert [r.info.status for r in runs] == ["FINISHED"]
-    assert runs[0].data.params.get("cfg.launcher", "pytorch")
+    params = runs[0].data.params
+    assert params["world_size"] == "2"
+    assert params["total_batch"] == str(2 * get_preset("quick").batch_size)  # per-process batch x 2
+
+    reports = rank_reports(probe)
+    assert sorted(reports) == [0, 1]
+    assert {r["world_size"] for r in reports.values()} == {2} == {r["runner_world_size"] for r in reports.values()}
+    assert {r["iter"] for r in reports.values()} == {10}
+    # DDP kept the replicas identical: same parameters on both ranks, and not the initial ones
+    assert reports[0]["params"] == reports[1]["params"] != reports[0]["initial_params"]
+    # the TrackingHook's val confusion is all-reduced: equal on both ranks, covering the whole val set once
+    conf0, conf1 = (reports[r]["final_confusion"] for r in (0, 1))
+    assert conf0 is not None and conf0 == conf1
+    assert sum(map(sum, conf0)) == _labelled_val_pixels(data_root)
 
 
 def test_stock_mmseg_train_py_trains_resolved_config(workspace):
@@ -150,7 +183,7 @@ def test_stock_mmseg_train_py_trains_resolved_config(workspace):
 def test_resume_checkpoint_skips_truncated_and_ignores_stale_pointer(tmp_path):
     import torch
 
-    from cac.runner import resume_checkpoint
+    from cac.exp.runner import resume_checkpoint
 
     assert resume_checkpoint(tmp_path) is None
     torch.save({"a": 1}, tmp_path / "iter_10.pth")
@@ -163,10 +196,10 @@ def test_resume_checkpoint_skips_truncated_and_ignores_stale_pointer(tmp_path):
 def test_new_data_version_is_neither_skipped_nor_resumed(workspace, monkeypatch):
     """A finished run on older generated data does not count for the regenerated data."""
     import cac.data.context_scenes as cs
-    from cac.results import matched_runs
-    from cac.runner import make_unit, unit_state
-    from cac.spec import load_spec
-    from cac.tracking import RunTracker
+    from cac.exp.results import matched_runs
+    from cac.exp.runner import make_unit, unit_state
+    from cac.exp.spec import load_spec
+    from cac.exp.tracking import RunTracker
 
     spec = load_spec(str(_spec(workspace)))
     uri = f"sqlite:///{workspace / 'mlflow.db'}"
@@ -183,3 +216,47 @@ def test_new_data_version_is_neither_skipped_nor_resumed(workspace, monkeypatch)
     assert regenerated.work_dir != unit.work_dir  # ...but not the old checkpoints
     assert unit_state(regenerated, uri) == ("new", None)
     assert matched_runs(spec, "quick", uri)["(a)"] == {}
+
+
+def test_killed_after_final_checkpoint_finishes_like_an_uninterrupted_run(workspace, tmp_path_factory, capsys):
+    """Killed after the final checkpoint was written, before FINISHED: the rerun evaluates again and
+    logs what an uninterrupted run logs; with a fresh tracking store the stale work dir is not adopted."""
+    probe = workspace / "probe"
+    spec = _spec(workspace, iters=20, interval=10, extra=probe_overrides(probe, kill_at_end=True))
+    uri = f"sqlite:///{workspace}/mlflow.db"
+    cmd = [sys.executable, "-m", "cac.cli", "run", str(spec), "--rows", "(f)", "--tracking-uri", uri]
+    out = subprocess.run(cmd, cwd=workspace, env=_env(workspace), capture_output=True, text=True, timeout=300)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+    assert [r.info.status for r in _runs(uri)] == ["RUNNING"]
+    assert main(["run", str(spec), "--rows", "(f)", "--tracking-uri", uri]) == 0
+    assert start_iters(probe) == [0, 20]  # resumed at the end: nothing trained again
+    resumed = _runs(uri)
+    assert [r.info.status for r in resumed] == ["FINISHED"]
+    assert_steps_logged_once(mlflow.MlflowClient(tracking_uri=uri), resumed[0].info.run_id)
+
+    other = tmp_path_factory.mktemp("uninterrupted")
+    plain = _spec(other, iters=20, interval=10, extra=probe_overrides(other / "probe"))
+    env = {**_env(workspace), "CAC_WORK_DIR": str(other / "work_dirs")}
+    done = subprocess.run([sys.executable, "-m", "cac.cli", "run", str(plain), "--rows", "(f)", "--tracking-uri",
+                           f"sqlite:///{other}/mlflow.db"], cwd=other, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = _runs(f"sqlite:///{other}/mlflow.db")[0].data.metrics
+    for key in ("val/mIoU", "val/mIoU_p", "val/mIoU_pp", "val/mIoU_py"):
+        assert resumed[0].data.metrics[key] == pytest.approx(reference[key], abs=1e-6), key
+
+    capsys.readouterr()
+    fresh = f"sqlite:///{workspace}/fresh.db"  # a new store: the work dir's checkpoints are not its run's
+    assert main(["run", str(spec), "--rows", "(f)", "--tracking-uri", fresh]) == 0
+    assert "moved to stale-" in capsys.readouterr().out
+    assert start_iters(probe) == [0, 20, 0]
+    assert [r.info.status for r in _runs(fresh)] == ["FINISHED"]
+
+
+@pytest.mark.parametrize("iters,val_interval", [(100, 50), (1600, 800), (40, 10), (7, 0), (160000, 16000)])
+def test_curve_interval_gives_enough_points(iters, val_interval):
+    """Fig. 4's curves: at least CURVE_POINTS evaluations, never sparser than the val interval."""
+    every = curve_interval(iters, val_interval)
+    points = len(range(every, iters + 1, every)) + (iters % every != 0)  # the last one is always at max_iters
+    assert points >= min(CURVE_POINTS, iters)
+    assert val_interval == 0 or every <= val_interval

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from cac.cli import main
-from cac.spec import SpecError, load_spec
+from cac.exp.spec import SpecError, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = """

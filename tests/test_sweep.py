@@ -1,14 +1,17 @@
 """cac-exp sweep: real Optuna storage, real training through the runner, real MLflow."""
 import os
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import optuna
 import pytest
 
 from cac.cli import main
+from cac_probes import assert_steps_logged_once, probe_env, probe_overrides, start_iters
 
 pytestmark = pytest.mark.slow
 
@@ -20,9 +23,9 @@ overrides:
   train_cfg.max_iters: 20
   train_cfg.val_interval: 10
   default_hooks.checkpoint.interval: 10
-rows:
-  - {label: "(a)", description: baseline, cac: false}
-  - {label: "(f)", description: full CAC, cac: true}
+{extra}rows:
+  - {{label: "(a)", description: baseline, cac: false}}
+  - {{label: "(f)", description: full CAC, cac: true}}
 """
 SWEEP = """
 title: tau and lambda
@@ -39,7 +42,7 @@ pruner: {type: none}
 
 @pytest.fixture()
 def sweep_spec(workspace):
-    (workspace / "base.yaml").write_text(BASE)
+    (workspace / "base.yaml").write_text(BASE.format(extra=""))
     (workspace / "sw.yaml").write_text(SWEEP)
     return workspace / "sw.yaml"
 
@@ -77,7 +80,15 @@ def test_two_processes_share_a_study_then_continue_to_new_total(workspace, sweep
     assert all(p.returncode == 0 for p in procs), outs
     study, done = _counted(storage)
     assert 3 <= len(done) <= 4  # each process stops once the shared total is reached
-    assert all("trial" in o for o in outs)  # both processes ran trials
+    # Both processes ran trials: the storage says which process ran each, and each process printed
+    # the start of exactly those trials.
+    by_worker = {}
+    for t in study.trials:
+        by_worker.setdefault(int(t.user_attrs["worker"].rsplit(":", 1)[1]), []).append(t.number)
+    assert sorted(by_worker) == sorted(p.pid for p in procs)
+    for proc, out in zip(procs, outs):
+        assert by_worker[proc.pid], f"worker {proc.pid} ran no trial"
+        assert sorted(int(n) for n in re.findall(r"^trial (\d+): ", out, re.M)) == by_worker[proc.pid]
     runs = mlflow.MlflowClient(tracking_uri=uri).search_runs(
         [mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("base").experiment_id])
     finished = [r for r in runs if r.info.status == "FINISHED"]
@@ -92,11 +103,28 @@ def test_two_processes_share_a_study_then_continue_to_new_total(workspace, sweep
     n_before = len(done)
     assert main(["sweep", str(sweep_spec), "--trials", str(n_before + 1), "--storage", storage,
                  "--tracking-uri", uri, "--out", str(workspace / "reports")]) == 0
-    assert len(_counted(storage)[1]) == n_before + 1
-    assert (workspace / "reports" / "sw.md").exists() is False
-    assert (workspace / "reports" / "sweep_sw.md").read_text().count("tau") >= 1
+    study, done = _counted(storage)
+    assert len(done) == n_before + 1
+    # The report lists every completed trial, best first, with its parameters and objective value.
+    rows = _report_rows(workspace / "reports" / "sweep_sw.md")
+    expected = sorted(done, key=lambda t: -t.value)
+    assert [int(r["trial"]) for r in rows] == [t.number for t in expected]
+    for row, t in zip(rows, expected):
+        assert float(row["tau"]) == pytest.approx(t.params["tau"], rel=1e-3)
+        assert float(row["lambda_kl"]) == pytest.approx(t.params["lambda_kl"], rel=1e-3)
+        assert float(row["val/mIoU_pp"]) == pytest.approx(t.value, abs=0.005)
     for name in ("sweep_sw_response.png", "sweep_sw_importance.png"):
         assert (workspace / "reports" / "figures" / name).stat().st_size > 0
+
+
+def _report_rows(path: Path) -> list[dict]:
+    """The rows of the report's "Completed trials" table, as {column: cell}."""
+    text = path.read_text()
+    assert "## Completed trials" in text
+    table = [line for line in text.split("## Completed trials", 1)[1].splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table]
+    header, body = cells[0], cells[2:]
+    return [dict(zip(header, row)) for row in body]
 
 
 def test_bad_sweep_spec_is_one_line(workspace, sweep_spec, capsys):
@@ -107,22 +135,19 @@ def test_bad_sweep_spec_is_one_line(workspace, sweep_spec, capsys):
 
 
 def test_killed_trial_is_retried_with_same_params_and_resumes(workspace, sweep_spec, monkeypatch):
-    import signal
-
-    (workspace / "base.yaml").write_text(BASE.replace("max_iters: 20", "max_iters: 40"))
+    """The trial's process is SIGKILLed at iteration 30 (after 30's metrics were logged, before its
+    checkpoint); the next worker retries it with the same parameters, resuming from iter_20.pth in
+    the same MLflow run, and logs no step twice."""
+    probe = workspace / "probe"
+    (workspace / "base.yaml").write_text(
+        BASE.replace("max_iters: 20", "max_iters: 40").format(extra=probe_overrides(probe, kill_at=30)))
     storage = f"sqlite:///{workspace}/optuna.db"
     uri = f"sqlite:///{workspace}/mlflow.db"
-    env = {**os.environ, "CAC_WORK_DIR": str(workspace / "work_dirs"), "CAC_SWEEP_HEARTBEAT": "1"}
+    env = probe_env({**os.environ, "CAC_WORK_DIR": str(workspace / "work_dirs"), "CAC_SWEEP_HEARTBEAT": "1"})
     cmd = [sys.executable, "-m", "cac.cli", "sweep", str(sweep_spec), "--trials", "1", "--storage", storage,
            "--tracking-uri", uri, "--out", str(workspace / "reports")]
-    proc = subprocess.Popen(cmd, cwd=workspace, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not _checkpoint_exists(workspace / "work_dirs", "iter_10.pth"):
-        time.sleep(0.2)
-    time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    out = subprocess.run(cmd, cwd=workspace, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == -9, out.stdout[-2000:] + out.stderr[-2000:]
     time.sleep(3)  # past the grace period (2 heartbeats): the trial is stale
     monkeypatch.setenv("CAC_SWEEP_HEARTBEAT", "1")
     assert main(["sweep", str(sweep_spec), "--trials", "1", "--storage", storage, "--tracking-uri", uri,
@@ -132,8 +157,50 @@ def test_killed_trial_is_retried_with_same_params_and_resumes(workspace, sweep_s
     assert states.count(optuna.trial.TrialState.FAIL) == 1 and states.count(optuna.trial.TrialState.COMPLETE) == 1
     failed, done = study.trials
     assert failed.params == done.params
+    assert start_iters(probe) == [0, 20]  # the retry resumed from the checkpoint, not from iteration 0
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("base").experiment_id])
     assert [r.info.status for r in runs] == ["FINISHED"]  # the killed trial's run was resumed, not duplicated
+    assert runs[0].data.tags["trial"] == str(done.number)
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/mIoU_pp")]
-    assert steps[0] == 10 and steps[-1] == 40
+    assert steps == [10, 20, 30, 40]
+    assert_steps_logged_once(client, runs[0].info.run_id)
+
+
+PRUNE = """
+title: pruner
+spec: base.yaml
+row: "(f)"
+objective: {metric: val/mIoU_pp, direction: maximize}
+search_space:
+  cfg.optim_wrapper.optimizer.lr: {type: float, low: 0.0, high: 0.05}
+sampler: {type: random, seed: 0}
+pruner: {type: median, n_startup_trials: 1, n_warmup_steps: 0}
+"""
+
+
+def test_median_pruner_stops_a_clearly_bad_trial(workspace, sweep_spec):
+    """Trial 0 learns (lr 0.02); trial 1 cannot (lr 0): the median pruner stops it at its first
+    evaluation. Optuna marks it PRUNED, its MLflow run is KILLED and tagged, training stopped there."""
+    (workspace / "prune.yaml").write_text(PRUNE)
+    storage = f"sqlite:///{workspace}/optuna.db"
+    uri = f"sqlite:///{workspace}/mlflow.db"
+    study = optuna.create_study(study_name="prune", storage=storage, direction="maximize")
+    study.enqueue_trial({"cfg.optim_wrapper.optimizer.lr": 0.02})
+    study.enqueue_trial({"cfg.optim_wrapper.optimizer.lr": 0.0})
+    assert main(["sweep", str(workspace / "prune.yaml"), "--trials", "2", "--storage", storage,
+                 "--tracking-uri", uri, "--out", str(workspace / "reports")]) == 0
+    good, bad = optuna.load_study(study_name="prune", storage=storage).trials
+    assert good.state == optuna.trial.TrialState.COMPLETE and sorted(good.intermediate_values) == [10, 20]
+    assert bad.state == optuna.trial.TrialState.PRUNED
+    assert list(bad.intermediate_values) == [10] and bad.intermediate_values[10] < good.intermediate_values[10]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = {r.data.tags["trial"]: r for r in client.search_runs([client.get_experiment_by_name("base").experiment_id])}
+    assert runs[str(good.number)].info.status == "FINISHED"
+    pruned = runs[str(bad.number)]
+    assert pruned.info.status == "KILLED" and pruned.data.tags["optuna_state"] == "PRUNED"
+    assert [m.step for m in client.get_metric_history(pruned.info.run_id, "val/mIoU_pp")] == [10]
+    work_dir = Path(pruned.data.tags["work_dir"])
+    assert not (work_dir / "iter_20.pth").exists()  # training stopped at the prune
+    rows = _report_rows(workspace / "reports" / "sweep_prune.md")
+    assert [int(r["trial"]) for r in rows] == [good.number]  # pruned trials are not in the table

@@ -1,0 +1,113 @@
+"""A probe hook the end-to-end tests put into real training runs through a spec's ``overrides``::
+
+    overrides:
+      custom_imports: {imports: [cac_probes], allow_failed_imports: false}
+      custom_hooks: [{type: ProbeHook, out_dir: /tmp/x, kill_at: 30}]
+
+It records what only the training process can see (the iteration a run starts from, each DDP rank's
+parameters, world size and the TrackingHook's final confusion matrix) into ``out_dir``, and can
+SIGKILL its own process once at a chosen iteration. ``tests/`` must be importable (pytest puts it on
+``sys.path``; subprocesses get it through ``PYTHONPATH``, see :func:`probe_env`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Optional
+
+import torch
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+__all__ = ["ProbeHook", "probe_overrides", "probe_env", "start_iters", "rank_reports", "assert_steps_logged_once"]
+
+
+def _param_digest(model: torch.nn.Module) -> str:
+    """sha256 over every parameter's bytes (not buffers: BN running stats are per rank under DDP)."""
+    model = getattr(model, "module", model)
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@HOOKS.register_module()
+class ProbeHook(Hook):
+    """Between the TrackingHook (LOW = 70) and the CheckpointHook (VERY_LOW = 90), so a kill at
+    iteration N lands after N's metrics were logged and before N's checkpoint is written."""
+
+    priority = 80
+
+    def __init__(self, out_dir: str, kill_at: int = 0, kill_at_end: bool = False) -> None:
+        self.out_dir, self.kill_at, self.kill_at_end = Path(out_dir), kill_at, kill_at_end
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._initial: Optional[str] = None
+
+    @staticmethod
+    def _rank() -> int:
+        from mmengine.dist import get_rank
+
+        return get_rank()
+
+    def before_train(self, runner) -> None:
+        # runner.iter here is where training really starts (after mmengine loaded any checkpoint)
+        with open(self.out_dir / f"starts-rank{self._rank()}.txt", "a") as fh:
+            fh.write(f"{runner.iter}\n")
+        self._initial = _param_digest(runner.model)
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        marker = self.out_dir / "killed"
+        if self.kill_at and runner.iter + 1 == self.kill_at and not marker.exists():
+            marker.touch()  # once: the resumed run passes this iteration again
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def after_train(self, runner) -> None:
+        marker = self.out_dir / "killed"
+        if self.kill_at_end and not marker.exists():
+            # the final checkpoint is written (at the last iteration), the run not yet marked FINISHED
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        from mmengine.dist import get_world_size
+
+        from cac.mmseg.hooks import TrackingHook
+
+        tracking = [h for h in runner.hooks if isinstance(h, TrackingHook)]
+        conf = tracking[0].final_confusion if tracking else None
+        report = {"rank": self._rank(), "world_size": get_world_size(), "runner_world_size": runner.world_size,
+                  "iter": runner.iter, "initial_params": self._initial, "params": _param_digest(runner.model),
+                  "final_confusion": None if conf is None else conf.tolist()}
+        (self.out_dir / f"rank{self._rank()}.json").write_text(json.dumps(report))
+
+
+def probe_overrides(out_dir: Path, kill_at: int = 0, kill_at_end: bool = False) -> str:
+    """The spec ``overrides`` lines (YAML, two-space indented) that put a ProbeHook into a run."""
+    return ("  custom_imports: {imports: [cac_probes], allow_failed_imports: false}\n"
+            f"  custom_hooks: [{{type: ProbeHook, out_dir: '{out_dir}', kill_at: {kill_at}, "
+            f"kill_at_end: {str(kill_at_end).lower()}}}]\n")
+
+
+def probe_env(env: dict) -> dict:
+    """``env`` with ``tests/`` on PYTHONPATH, so a subprocess's runner can import this module."""
+    return {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS_DIR), env.get("PYTHONPATH")) if p)}
+
+
+def start_iters(out_dir: Path, rank: int = 0) -> list[int]:
+    """The iteration each training process of the run started from, in order."""
+    return [int(line) for line in (out_dir / f"starts-rank{rank}.txt").read_text().split()]
+
+
+def rank_reports(out_dir: Path) -> dict[int, dict]:
+    return {int(p.stem[4:]): json.loads(p.read_text()) for p in sorted(out_dir.glob("rank*.json"))}
+
+
+def assert_steps_logged_once(client, run_id: str) -> None:
+    """Every metric of an MLflow run has each step at most once (a resumed run must not log a step again)."""
+    for key in client.get_run(run_id).data.metrics:
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert len(steps) == len(set(steps)), f"{key} logged twice at a step: {sorted(steps)}"
