@@ -1,8 +1,8 @@
 """cac — the Context-Aware Classifier (Tian et al., AAAI 2023) for MMSegmentation.
 
-The method is pure PyTorch (:mod:`cac.core`; :mod:`cac.functional` holds the equations). Importing ``cac`` also registers the
-mmseg plug-in (``CACHead``) and the embedded dataset when mmsegmentation is installed, which is what
-``custom_imports = dict(imports=['cac'])`` in an mmseg config relies on.
+The method is pure PyTorch (:mod:`cac.core`; :mod:`cac.functional` holds the equations). Importing
+``cac`` also registers the mmseg plug-in (``CACHead``), the hooks and the embedded dataset when
+mmsegmentation is installed, which is what ``custom_imports = dict(imports=['cac'])`` relies on.
 """
 from cac import functional
 from cac.core.classifier import CACOptions, CACOutputs, ContextAwareClassifier, cac_losses

@@ -106,7 +106,7 @@ def test_cascade_loss_terms_logged_under_the_readme_names(ocrnet):
             self.logged.setdefault(step, {}).update(metrics)
 
     tracker = Recorder()
-    runner = SimpleNamespace(iter=0, max_iters=1, model=ocrnet,
+    runner = SimpleNamespace(iter=0, max_iters=1000, model=ocrnet,  # step 1 of many: no evaluation due
                              optim_wrapper=SimpleNamespace(get_lr=lambda: {"lr": [0.01]}))
     hook = TrackingHook(tracker, interval=0, log_interval=1, progress=False)
     hook.before_train(runner)

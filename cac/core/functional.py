@@ -195,8 +195,9 @@ def entropy_kl_loss(
     ``normaliser``: ``"batch"`` (the official code's): sums run over all valid pixels of the batch,
     and the class-wise form averages over the classes present in the batch. ``"literal"``: the
     equations as printed, per image (Eqs. 7/10: the image's mean; Eq. 11: ``1/n`` over all ``n``
-    classes, an absent class adding 0), then the mean over the images with labelled pixels. With 8 of 150 classes present the
-    literal Eq. 11 is ~19x smaller, which acts like a smaller ``lambda_KL``. Ignored pixels never count.
+    classes, an absent class adding 0), then the mean over the images with labelled pixels. With 8 of
+    150 classes present the literal Eq. 11 is ~19x smaller, which acts like a smaller ``lambda_KL``.
+    Ignored pixels never count.
 
     The teacher (and the entropy weights) get no gradient. ``entropy_from`` takes the entropy from
     other logits (Table 3 rows (1)/(2): p_p or p). ``target_mix`` mixes the target with the one-hot
