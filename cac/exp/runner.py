@@ -466,7 +466,7 @@ def _print_plan(spec: Spec, preset: str, units: list[RunUnit], states: list, uri
         what = {"finished": f"skip (FINISHED run {run_id})", "resume": f"resume run {run_id}",
                 "new": "train"}[state]
         settings = unit.settings()
-        keys = ("model", "cac", "cac.tau", "cac.lambda_kl", "cac.loss_ce", "cac.loss_ce_p", "cac.loss_ce_y",
+        keys = ("model", "cac", "cac.profile", "cac.tau", "cac.lambda_kl", "cac.loss_ce", "cac.loss_ce_p", "cac.loss_ce_y",
                 "cac.kl_entropy", "cac.kl_classwise", "cac.kl_entropy_source", "cac.original", "cac.context",
                 "cac.design_y", "cac.design_p")
         brief = " ".join(f"{k.replace('cac.', '')}={settings[k]}" for k in keys if k in settings)
