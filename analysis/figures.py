@@ -97,7 +97,7 @@ def plot_oracle_curves(frame, title: str):
         if len(part):
             sns.lineplot(data=part, x="step", y="mIoU", hue="classifier", hue_order=order, palette=COLOURS,
                          errorbar=("sd", 1) if n_seeds > 1 else None, marker="o", ax=ax)
-        ax.set_title(f"{split} ({'subset of train images' if split == 'train' else 'val set'})")
+        ax.set_title(f"{split} ({'fixed train subset' if split == 'train' else 'fixed val images'})")
         ax.set_xlabel("iteration")
         ax.set_ylabel("mIoU (%)")
         ax.grid(alpha=0.3)
