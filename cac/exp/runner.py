@@ -10,7 +10,6 @@ import contextlib
 import copy
 import fcntl
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

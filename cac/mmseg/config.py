@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from cac.errors import CacError
-from cac.mmseg.cfgtree import decode_heads, set_by_path, set_num_classes, to_plain
+from cac.mmseg.cfgtree import set_by_path, set_num_classes, to_plain
 from cac.mmseg.presets import Preset, get_preset
 from cac.mmseg.zoo import get_model, load_base_config, mmseg_config_dir
 

@@ -1,8 +1,6 @@
 """Building a segmentor from a config dict, and counting its parameters (random init, no weights)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 __all__ = ["count_params", "build_model"]

@@ -7,7 +7,7 @@ for GPUs. A preset changes data and schedule, never the method.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 from cac.errors import CacError
 from cac.mmseg.cfgtree import replace_norm, set_num_classes, strip_pretrained
