@@ -29,7 +29,21 @@ def matched_runs(spec: Spec, preset: str, uri: str) -> dict[str, dict[int, objec
             expected[key] = make_unit(spec, rows[label], int(seed), preset).cfg_hash
         if run.data.tags.get("config_hash") == expected[key] and run.data.tags.get("data_version") == version:
             out[label][int(seed)] = run
+    _add_shared(spec, preset, uri, out)
     return out
+
+
+def _add_shared(spec: Spec, preset: str, uri: str, out: dict[str, dict[int, object]]) -> None:
+    """Rows x seeds this spec did not train itself but another spec did, with the same identity
+    (Table 3 (a) is Table 2 (d)): the shared run counts in both tables."""
+    from cac.exp.runner import make_unit, shared_run
+
+    for row in spec.rows:
+        for seed in spec.seeds_for(preset):
+            if seed not in out[row.label]:
+                run = shared_run(make_unit(spec, row, seed, preset), uri)
+                if run is not None:
+                    out[row.label][seed] = run
 
 
 def collect(spec: Spec, preset: str, uri: str, metric: str = "val/mIoU") -> dict[str, dict[int, float]]:

@@ -19,7 +19,7 @@ from cac.mmseg.config import config_hash, dump_config, resolve_config
 from cac.errors import CacError
 from cac.mmseg.presets import get_preset
 from cac.exp.spec import Row, Spec, load_spec, select_rows, slug
-from cac.exp.tracking import RunTracker, find_runs, flatten, git_commit, resolve_tracking_uri
+from cac.exp.tracking import RunTracker, find_runs, find_runs_anywhere, flatten, git_commit, resolve_tracking_uri
 
 __all__ = ["RunUnit", "plan_runs", "run_spec", "train_unit", "ensure_data", "evaluate_multiscale", "WORK_ROOT"]
 
@@ -52,6 +52,13 @@ class RunUnit:
     @property
     def name(self) -> str:
         return f"{self.spec.name} {self.row.label} seed={self.seed} {self.preset}"
+
+    @property
+    def identity(self) -> dict:
+        """What makes two units the same training run, whichever spec plans them: the resolved config
+        (seed included), the data version and the preset."""
+        return {"config_hash": self.cfg_hash, "data_version": self.extra_tags.get("data_version", ""),
+                "preset": self.preset, "seed": self.seed}
 
     @property
     def tags(self) -> dict:
@@ -117,12 +124,24 @@ def work_dir_lock(work_dir: Path, enabled: bool = True) -> Iterator[bool]:
         fh.close()
 
 
+def shared_run(unit: RunUnit, uri: str):
+    """A FINISHED training run of another spec with this unit's identity (Table 3 (a) is Table 2 (d)),
+    or None. Evaluation runs of released checkpoints never count as training."""
+    runs = [r for r in find_runs_anywhere(uri, unit.identity, statuses=["FINISHED"], exclude_tags={"kind": "eval"})
+            if r.data.tags.get("spec") != unit.spec.name]
+    return min(runs, key=lambda r: r.info.start_time or 0) if runs else None
+
+
 def unit_state(unit: RunUnit, uri: str) -> tuple[str, Optional[str]]:
-    """('finished' | 'resume' | 'new', run_id) from the runs MLflow holds for this unit."""
+    """('finished' | 'shared' | 'resume' | 'new', run_id) from the runs MLflow holds for this unit;
+    'shared' names another spec's FINISHED run of the same identity, which this spec counts as its own."""
     runs = find_runs(uri, unit.spec.name, unit.tags)
     finished = [r for r in runs if r.info.status == "FINISHED"]
     if finished:
         return "finished", finished[0].info.run_id
+    shared = shared_run(unit, uri)
+    if shared is not None:
+        return "shared", shared.info.run_id
     open_runs = sorted((r for r in runs if r.info.status in ("RUNNING", "SCHEDULED", "KILLED", "FAILED")),
                        key=lambda r: r.info.start_time or 0, reverse=True)
     return ("resume", open_runs[0].info.run_id) if open_runs else ("new", None)
@@ -350,11 +369,14 @@ def run_spec(spec_path: str, preset: str = "quick", rows: Optional[str] = None, 
         if state == "finished":
             if main:
                 echo(f"skip  {unit.name}: FINISHED run {run_id} has this config")
+        elif state == "shared":
+            if main:
+                echo(f"skip  {unit.name}: shared with FINISHED run {run_id} of another spec (same config, data, seed)")
         else:
             failures += 0 if execute_unit(unit, state, run_id, uri, launcher=launcher, echo=echo) is not False else 1
         if multiscale and main:
             state, run_id = unit_state(unit, uri)
-            if state == "finished":
+            if state in ("finished", "shared"):
                 _add_multiscale(unit, uri, run_id, echo)
     if main and failures:
         echo(f"{failures} of {len(units)} runs failed (see above); finished runs are kept")
@@ -461,12 +483,19 @@ def _print_plan(spec: Spec, preset: str, units: list[RunUnit], states: list, uri
                 echo: Callable[[str], None]) -> None:
     echo(f"spec {spec.path} ({spec.title})")
     echo(f"preset {preset}; tracking {uri}; {len(units)} runs")
+    shared = {}
+    for unit, (state, run_id) in zip(units, states):
+        if state == "shared":
+            shared[run_id] = RunTracker(uri, run_id).client.get_run(run_id).data.tags.get("spec", "?")
     for unit, (state, run_id) in zip(units, states):
         what = {"finished": f"skip (FINISHED run {run_id})", "resume": f"resume run {run_id}",
-                "new": "train"}[state]
+                "new": "train", "shared": f"skip, shared with {shared.get(run_id)} (FINISHED run {run_id})"}[state]
         settings = unit.settings()
         keys = ("model", "cac", "cac.profile", "cac.tau", "cac.lambda_kl", "cac.loss_ce", "cac.loss_ce_p", "cac.loss_ce_y",
                 "cac.kl_entropy", "cac.kl_classwise", "cac.kl_entropy_source", "cac.original", "cac.context",
                 "cac.design_y", "cac.design_p")
         brief = " ".join(f"{k.replace('cac.', '')}={settings[k]}" for k in keys if k in settings)
         echo(f"  {unit.row.label:>8} seed={unit.seed} [{unit.cfg_hash[:8]}] {what}: {brief}")
+    counts = {s: sum(1 for st, _ in states if st == s) for s in ("new", "resume", "finished", "shared")}
+    echo(f"plan: {counts['new']} to train, {counts['resume']} to resume, {counts['finished']} done, "
+         f"{counts['shared']} shared with other specs (trainings saved: {counts['shared']})")

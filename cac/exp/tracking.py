@@ -189,6 +189,21 @@ def find_runs(uri: str, experiment: str, tags: Mapping[str, Any], statuses: Opti
     return [r for r in runs if statuses is None or r.info.status in statuses]
 
 
+def find_runs_anywhere(uri: str, tags: Mapping[str, Any], statuses: Optional[list[str]] = None,
+                       exclude_tags: Optional[Mapping[str, Any]] = None) -> list:
+    """Runs of any active experiment whose tags equal ``tags``, minus those with any of ``exclude_tags``:
+    how one spec finds a run of identical identity that another spec trained."""
+    client = _client(uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    if not ids:
+        return []
+    query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
+    runs = client.search_runs(ids, filter_string=query, max_results=1000)
+    drop = dict(exclude_tags or {})
+    return [r for r in runs if (statuses is None or r.info.status in statuses)
+            and not any(r.data.tags.get(k) == str(v) for k, v in drop.items())]
+
+
 class RunTracker:
     """A thin handle on one MLflow run (the client API, so nested processes cannot collide)."""
 
