@@ -14,6 +14,7 @@ __all__ = ["main"]
 
 
 def _cmd_run(args) -> int:
+    from cac.exp.options import run_options
     from cac.exp.runner import run_spec
     from cac.exp.spec import load_spec
 
@@ -24,16 +25,17 @@ def _cmd_run(args) -> int:
         return run_benchmark(spec, args.preset, rows=args.rows, tracking_uri=args.tracking_uri, dry_run=args.dry_run)
     return run_spec(args.spec, preset=args.preset, rows=args.rows, seeds=args.seeds,
                     tracking_uri=args.tracking_uri, dry_run=args.dry_run, launcher=args.launcher,
-                    multiscale=args.ms)
+                    multiscale=args.ms, options=run_options(args))
 
 
 def _cmd_config(args) -> int:
     from cac.mmseg.config import dump_config
     from cac.exp.runner import make_unit
+    from cac.exp.options import run_options
     from cac.exp.spec import load_spec
 
     spec = load_spec(args.spec)
-    unit = make_unit(spec, spec.row(args.row), args.seed, args.preset)
+    unit = make_unit(spec, spec.row(args.row), args.seed, args.preset, options=run_options(args))
     print(dump_config(unit.cfg, args.out), end="")
     return 0
 
@@ -88,6 +90,8 @@ def _cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cac.exp.options import add_run_options
+
     parser = argparse.ArgumentParser(prog="cac-exp", description="Context-Aware Classifier experiments")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -101,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", default="none", choices=["none", "pytorch"])
     p.add_argument("--ms", action="store_true",
                    help="also evaluate multi-scale (0.5-1.75) + flip, logged as val/mIoU_ms")
+    add_run_options(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("config", help="print a row's resolved mmengine config")
@@ -109,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="quick")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write it to this file")
+    add_run_options(p)
     p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("params", help="parameter count of each row (no data, no weights)")

@@ -82,6 +82,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tiny(args: argparse.Namespace) -> int:
+    from cac.data.tiny import make_tiny
+
+    root = make_tiny(args.name, args.out, train=args.train, val=args.val, size=args.size, seed=args.seed)
+    print(_summary(f"tiny {REAL_DATASETS[args.name].title}",
+                   verify(args.name, root, {"train": args.train, "val": args.val})))
+    print(f"train on it with --expected-train {args.train} --expected-val {args.val}")
+    return 0
+
+
 def _add_expected(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expected-train", type=int, help="override the official training count")
     parser.add_argument("--expected-val", type=int, help="override the official validation count")
@@ -116,6 +126,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc", type=int, default=2, help="processes for the label conversion")
     _add_expected(p)
     p.set_defaults(func=_cmd_cocostuff)
+
+    p = sub.add_parser("tiny", help="random images in ADE20K's or COCO-Stuff's official layout (smoke tests)")
+    p.add_argument("name", choices=list(REAL_DATASETS))
+    p.add_argument("--out", help="data folder (default: data/ or $CAC_DATA_ROOT), as for the real dataset")
+    p.add_argument("--train", type=int, default=6)
+    p.add_argument("--val", type=int, default=2)
+    p.add_argument("--size", type=int, default=96, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_tiny)
 
     p = sub.add_parser("verify", help="check a prepared real dataset's image and annotation counts")
     p.add_argument("name", choices=list(REAL_DATASETS))

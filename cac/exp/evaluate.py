@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from cac.errors import CacError
+from cac.exp.options import add_run_options, run_options
 from cac.exp.runner import RunUnit, ensure_data, evaluate_multiscale, make_unit
 from cac.exp.spec import load_spec
 from cac.exp.tracking import RunTracker, flatten, git_commit, resolve_tracking_uri
@@ -102,7 +103,7 @@ def _load_strict(model, ckpt: dict, path: str) -> None:
 
 def evaluate_checkpoint(spec_path: str, row: str, preset: str, checkpoint: str, *, multiscale: bool = False,
                         tracking_uri: Optional[str] = None, profile: Optional[str] = None,
-                        echo: Callable[[str], None] = print) -> dict:
+                        echo: Callable[[str], None] = print, options=None) -> dict:
     """Evaluate ``checkpoint`` as ``row`` of the spec at ``preset``; returns the logged metrics."""
     import torch
 
@@ -117,7 +118,7 @@ def evaluate_checkpoint(spec_path: str, row: str, preset: str, checkpoint: str, 
     target = spec.row(row)
     if target.cac is None and cac_extra:
         raise CacError(f"row {row} has no CAC, but the checkpoint needs CAC options {cac_extra}")
-    unit = make_unit(spec, target, 0, preset, cac_extra=cac_extra or None)
+    unit = make_unit(spec, target, 0, preset, cac_extra=cac_extra or None, options=options)
     ensure_data(unit)
     local = Path(checkpoint)
     digest = file_sha256(local) if local.is_file() else hashlib.sha256(checkpoint.encode()).hexdigest()
@@ -131,7 +132,7 @@ def evaluate_checkpoint(spec_path: str, row: str, preset: str, checkpoint: str, 
     try:
         tracker.set_tags({"git_commit": git_commit(), "model": unit.model, "description": target.description})
         tracker.log_params({**{f"setting.{k}": v for k, v in unit.settings().items()},
-                            **flatten(unit.cfg.get("model", {}), "cfg.model.")})
+                            **flatten(unit.cfg.get("model", {}), "cfg.model."), **unit.options.params()})
         t0 = time.time()
         scores = runner.test()
         metrics = {f"val/{k}": float(v) for k, v in scores.items() if k in ("mIoU", "mAcc", "aAcc")}
@@ -167,7 +168,7 @@ def _cmd_eval(args) -> int:
 
     with trust_all(args.trust_checkpoint):
         evaluate_checkpoint(args.spec, args.row, args.preset, args.checkpoint, multiscale=args.ms,
-                            tracking_uri=args.tracking_uri, profile=args.profile)
+                            tracking_uri=args.tracking_uri, profile=args.profile, options=run_options(args))
     return 0
 
 
@@ -183,6 +184,7 @@ def register(subparsers) -> None:
                    help="CAC profile of the model to load into (imported official checkpoints record theirs)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow full unpickling of this file (runs code from it: only for files you trust)")
+    add_run_options(p, training=False)
     p.set_defaults(func=_cmd_eval)
 
     p = subparsers.add_parser("import-official", help="convert an official CAC (mmseg 0.x) checkpoint")

@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Optional
 from cac.mmseg.config import config_hash, dump_config, resolve_config
 from cac.errors import CacError
 from cac.mmseg.presets import get_preset
+from cac.exp.options import RunOptions, apply_run_options
 from cac.exp.spec import Row, Spec, load_spec, select_rows, slug
 from cac.exp.tracking import RunTracker, find_runs, find_runs_anywhere, flatten, git_commit, resolve_tracking_uri
 
@@ -26,13 +27,16 @@ __all__ = ["RunUnit", "plan_runs", "run_spec", "train_unit", "ensure_data", "eva
 WORK_ROOT = Path(os.environ.get("CAC_WORK_DIR", "work_dirs"))
 
 
-def data_version(preset: str, dataset: str) -> str:
+def data_version(preset: str, dataset: str, expected: Optional[dict] = None) -> str:
+    """The data a unit trains on: the generator's version, or a real dataset's name (with the subset
+    sizes when ``--expected-train/--expected-val`` declare one: a subset is other data)."""
     p = get_preset(preset)
     if p.embedded:
         from cac.data import context_scenes
 
         return context_scenes.data_version(p.data)
-    return dataset
+    subset = "".join(f"-{k}{v}" for k, v in sorted((expected or {}).items()))
+    return f"{dataset}-subset{subset}" if subset else dataset
 
 
 @dataclass
@@ -48,6 +52,7 @@ class RunUnit:
     cfg_hash: str
     work_dir: Path
     extra_tags: dict = field(default_factory=dict)
+    options: RunOptions = field(default_factory=RunOptions)
 
     @property
     def name(self) -> str:
@@ -78,27 +83,33 @@ class RunUnit:
 
 def make_unit(spec: Spec, row: Row, seed: int, preset: str, *, cac_extra: Optional[dict] = None,
               overrides_extra: Optional[dict] = None, extra_tags: Optional[dict] = None,
-              work_root: Optional[Path] = None) -> RunUnit:
+              work_root: Optional[Path] = None, options: Optional[RunOptions] = None) -> RunUnit:
+    from cac.mmseg.zoo import get_model
+
+    options = options or RunOptions()
     model = spec.model_for(row, preset)
     cac = row.cac if row.cac is None or not cac_extra else {**row.cac, **cac_extra}
     row = row if cac is row.cac else Row(row.label, row.description, cac, row.model, row.overrides, row.paper)
     cfg = resolve_config(model, preset, cac=cac if cac is not None else False,
                          overrides={**spec.overrides_for(row, preset), **(overrides_extra or {})},
                          seed=seed, dataset=spec.dataset)
+    cfg = apply_run_options(cfg, options, embedded=get_preset(preset).embedded, config_name=get_model(model).config,
+                            where=f"{spec.name} {row.label}")
     digest = config_hash(cfg)
     # The data version is part of a unit's identity (its tags and its work dir): after the generator
     # changes, an unchanged config is neither skipped as done nor resumed from the old data's checkpoint.
-    version = data_version(preset, spec.dataset)
+    version = data_version(preset, spec.dataset, dict(options.expected))
     work_dir = ((work_root or WORK_ROOT) / spec.name / preset / slug(version)
                 / f"{slug(row.label)}-s{seed}-{digest[:8]}")
     cfg["work_dir"] = str(work_dir)
     return RunUnit(spec, row, seed, preset, model, cfg, digest, work_dir,
-                   {"data_version": version, **(extra_tags or {})})
+                   {"data_version": version, **(extra_tags or {})}, options)
 
 
-def plan_runs(spec: Spec, preset: str, rows: Optional[str] = None, seeds: Optional[int] = None) -> list[RunUnit]:
+def plan_runs(spec: Spec, preset: str, rows: Optional[str] = None, seeds: Optional[int] = None,
+              options: Optional[RunOptions] = None) -> list[RunUnit]:
     get_preset(preset)
-    return [make_unit(spec, row, seed, preset) for row in select_rows(spec, rows)
+    return [make_unit(spec, row, seed, preset, options=options) for row in select_rows(spec, rows)
             for seed in spec.seeds_for(preset, seeds)]
 
 
@@ -164,7 +175,7 @@ def ensure_data(unit: RunUnit) -> None:
         return
     from cac.data.real import verify
 
-    verify(unit.spec.dataset, unit.cfg.get("data_root"))
+    verify(unit.spec.dataset, unit.cfg.get("data_root"), dict(unit.options.expected) or None)
 
 
 def _init_distributed(launcher: str) -> None:
@@ -349,15 +360,23 @@ def _log_final(unit: RunUnit, tracker: RunTracker, metrics: dict, classes: list[
 
 def run_spec(spec_path: str, preset: str = "quick", rows: Optional[str] = None, seeds: Optional[int] = None,
              tracking_uri: Optional[str] = None, dry_run: bool = False, launcher: str = "none",
-             multiscale: bool = False, echo: Callable[[str], None] = print) -> int:
+             multiscale: bool = False, echo: Callable[[str], None] = print,
+             options: Optional[RunOptions] = None) -> int:
     """The ``cac-exp run`` command. Returns the exit code."""
+    import dataclasses
+
     spec = load_spec(spec_path)
     if spec.task != "train":
         raise CacError(f"{spec.path}: task {spec.task!r} is not trained; `cac-exp run` dispatches it")
-    units = plan_runs(spec, preset, rows, seeds)
-    uri = resolve_tracking_uri(tracking_uri)
+    options = options or RunOptions()
+    plan_runs(spec, preset, rows, seeds, options)  # a bad spec or option fails before processes start
     if launcher != "none":
         _init_distributed(launcher)
+        from mmengine.dist import get_world_size
+
+        options = dataclasses.replace(options, world_size=get_world_size())
+    units = plan_runs(spec, preset, rows, seeds, options)
+    uri = resolve_tracking_uri(tracking_uri)
     main = _is_main_process()
     states = _broadcast([unit_state(u, uri) for u in units] if main else None)
     if dry_run:
@@ -454,7 +473,8 @@ def execute_unit(unit: RunUnit, state: str, run_id: Optional[str], uri: str, *, 
                               "model": unit.model, "description": unit.row.description,
                               "work_dir": str(unit.work_dir.resolve()), **(tags or {})})
             tracker.log_params({**{f"setting.{k}": v for k, v in unit.settings().items()},
-                                **flatten(unit.cfg.get("model", {}), "cfg.model."), **_scale_params(unit)})
+                                **flatten(unit.cfg.get("model", {}), "cfg.model."), **_scale_params(unit),
+                                **unit.options.params()})
         t0 = time.time()
         try:
             metrics = train_unit(unit, tracker, launcher=launcher, on_eval=on_eval)

@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 
 from cac.core.classifier import CACOptions
 from cac.errors import CacError
+from cac.exp.options import add_run_options, run_options
 from cac.exp.spec import Spec, SpecError, load_spec, read_yaml
 
 __all__ = ["SweepSpec", "load_sweep", "run_sweep", "register"]
@@ -217,7 +218,7 @@ def _counted(study) -> int:
 
 def run_sweep(path: str, trials: int, preset: str = "quick", storage: Optional[str] = None,
               tracking_uri: Optional[str] = None, echo: Callable[[str], None] = print,
-              report_dir: str = "reports") -> int:
+              report_dir: str = "reports", options=None) -> int:
     import optuna
 
     from cac.exp.runner import execute_unit, make_unit, unit_state
@@ -242,10 +243,10 @@ def run_sweep(path: str, trials: int, preset: str = "quick", storage: Optional[s
         if row.cac is None and cac_extra:
             raise CacError(f"{sweep.path}: row {sweep.row} has no CAC; cannot sweep {sorted(cac_extra)}")
         unit = make_unit(sweep.base, row, sweep.seed, preset, cac_extra=cac_extra, overrides_extra=cfg_extra,
-                         extra_tags={"study": sweep.study})
+                         extra_tags={"study": sweep.study}, options=options)
         state, run_id = unit_state(unit, uri)
-        if state == "finished":  # the same configuration was trained before: reuse its result
-            run = find_runs(uri, unit.spec.name, unit.tags, statuses=["FINISHED"])[0]
+        if state in ("finished", "shared"):  # the same configuration was trained before: reuse its result
+            run = RunTracker(uri, run_id).client.get_run(run_id)
             echo(f"trial {trial.number}: reusing FINISHED run {run_id}")
             return _objective_value(run.data.metrics, sweep.metric)
 
@@ -376,4 +377,6 @@ def register(subparsers) -> None:
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///optuna.db; journal:///file)")
     p.add_argument("--tracking-uri")
     p.add_argument("--out", default="reports", help="where the best parameters and figures go")
-    p.set_defaults(func=lambda a: run_sweep(a.spec, a.trials, a.preset, a.storage, a.tracking_uri, report_dir=a.out))
+    add_run_options(p)
+    p.set_defaults(func=lambda a: run_sweep(a.spec, a.trials, a.preset, a.storage, a.tracking_uri, report_dir=a.out,
+                                            options=run_options(a)))

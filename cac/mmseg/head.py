@@ -112,9 +112,13 @@ class CACHead(BaseModule):
         seg_label = self.head._stack_batch_gt(batch_data_samples)
         labels = seg_label.squeeze(1)
         out = self.all_logits(*inputs, labels=labels)
-        return cac_losses(out, labels, self.options,
-                          ce=lambda logits, accuracy: self.segmentation_loss(logits, seg_label, accuracy),
-                          ignore_index=self.ignore_index)
+        # Under AMP the logits may be half precision: the losses, and the KL's softmaxes, entropies and
+        # class-wise sums above all, are computed in float32 with autocast off.
+        out = CACOutputs(*(None if t is None else t.float() for t in out))
+        with torch.autocast(device_type=labels.device.type, enabled=False):
+            return cac_losses(out, labels, self.options,
+                              ce=lambda logits, accuracy: self.segmentation_loss(logits, seg_label, accuracy),
+                              ignore_index=self.ignore_index)
 
     def segmentation_loss(self, logits: Tensor, seg_label: Tensor, accuracy: bool = True) -> dict:
         """The wrapped head's own loss terms (its ``loss_decode`` list and pixel sampler), as its

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The GPU check (see benchmarks/gpu_check.py): Table 6 at 512/1280/2560, the CAC/baseline train-step
+# ratio in fp32 and AMP, and 50 paper-preset iterations of UperNet-Swin-T +-CAC on a tiny ADE20K.
+#   benchmarks/gpu_check.sh            on a GPU node with cac installed (about 5 minutes)
+#   benchmarks/gpu_check.sh --dry      anywhere: every section on the CPU at toy sizes
+# Extra arguments go to gpu_check.py (--out DIR, --sections ...). PYTHON picks the interpreter.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+py="${PYTHON:-}"
+if [ -z "$py" ]; then
+  if [ -x "$here/../.venv/bin/python" ]; then py="$here/../.venv/bin/python"; else py=python3; fi
+fi
+exec "$py" "$here/gpu_check.py" "$@"
