@@ -200,7 +200,7 @@ def section_paper(device: str, dry: bool, work: Path) -> dict:
         options.update({"train_dataloader.batch_size": 2, "train_dataloader.dataset.pipeline.2.scale": (128, 64),
                         "train_dataloader.dataset.pipeline.3.crop_size": (64, 64),
                         "model.data_preprocessor.size": (64, 64),
-                        "val_dataloader.dataset.pipeline.1.scale": (128, 64)})
+                        "val_dataloader.dataset.pipeline.1.scale": (128, 64), "test_pipeline.1.scale": (128, 64)})
     spec = load_spec(str(ROOT / "experiments" / "table1_ade20k.yaml"))
     out: dict = {}
     for label in ("upernet-swin-t", "upernet-swin-t+cac"):

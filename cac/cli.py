@@ -14,6 +14,7 @@ __all__ = ["main"]
 
 
 def _cmd_run(args) -> int:
+    from cac.exp.dispatch import dispatch_options
     from cac.exp.options import run_options
     from cac.exp.runner import run_spec
     from cac.exp.spec import load_spec
@@ -25,7 +26,7 @@ def _cmd_run(args) -> int:
         return run_benchmark(spec, args.preset, rows=args.rows, tracking_uri=args.tracking_uri, dry_run=args.dry_run)
     return run_spec(args.spec, preset=args.preset, rows=args.rows, seeds=args.seeds,
                     tracking_uri=args.tracking_uri, dry_run=args.dry_run, launcher=args.launcher,
-                    multiscale=args.ms, options=run_options(args))
+                    multiscale=args.ms, options=run_options(args), dispatch=dispatch_options(args))
 
 
 def _cmd_config(args) -> int:
@@ -90,6 +91,7 @@ def _cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cac.exp.dispatch import add_dispatch_options
     from cac.exp.options import add_run_options
 
     parser = argparse.ArgumentParser(prog="cac-exp", description="Context-Aware Classifier experiments")
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ms", action="store_true",
                    help="also evaluate multi-scale (0.5-1.75) + flip, logged as val/mIoU_ms")
     add_run_options(p)
+    add_dispatch_options(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("config", help="print a row's resolved mmengine config")

@@ -178,7 +178,7 @@ def ensure_data(unit: RunUnit) -> None:
     verify(unit.spec.dataset, unit.cfg.get("data_root"), dict(unit.options.expected) or None)
 
 
-def _init_distributed(launcher: str) -> None:
+def init_distributed(launcher: str) -> None:
     """nccl through mmengine on GPUs; on CPUs gloo directly (mmengine's init would call cuda.set_device)."""
     import torch
 
@@ -192,13 +192,13 @@ def _init_distributed(launcher: str) -> None:
         dist.init_process_group(backend="gloo")
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
     from mmengine.dist import get_rank
 
     return get_rank() == 0
 
 
-def _broadcast(obj):
+def broadcast(obj):
     from mmengine.dist import broadcast_object_list, get_world_size
 
     if get_world_size() == 1:
@@ -275,7 +275,7 @@ def train_unit(unit: RunUnit, tracker: Optional[RunTracker], *, launcher: str = 
     max_iters = cfg.train_cfg.get("max_iters", 0)
     interval = cfg.train_cfg.get("val_interval", 0) or max_iters
     hook = TrackingHook(tracker, interval=interval, log_interval=max(1, min(10, interval)),
-                        label=f"{unit.row.label} s{unit.seed}", progress=progress and _is_main_process(),
+                        label=f"{unit.row.label} s{unit.seed}", progress=progress and is_main_process(),
                         on_eval=on_eval, curve_interval=curve_interval(max_iters, interval))
     runner.register_hook(hook, priority="LOW")
     from cac.mmseg.checkpoint import trusted_dir
@@ -361,8 +361,9 @@ def _log_final(unit: RunUnit, tracker: RunTracker, metrics: dict, classes: list[
 def run_spec(spec_path: str, preset: str = "quick", rows: Optional[str] = None, seeds: Optional[int] = None,
              tracking_uri: Optional[str] = None, dry_run: bool = False, launcher: str = "none",
              multiscale: bool = False, echo: Callable[[str], None] = print,
-             options: Optional[RunOptions] = None) -> int:
-    """The ``cac-exp run`` command. Returns the exit code."""
+             options: Optional[RunOptions] = None, dispatch=None) -> int:
+    """The ``cac-exp run`` command. Returns the exit code. ``dispatch`` (a ``DispatchOptions``) hands
+    the units to submitit jobs instead of training them here."""
     import dataclasses
 
     spec = load_spec(spec_path)
@@ -371,18 +372,38 @@ def run_spec(spec_path: str, preset: str = "quick", rows: Optional[str] = None, 
     options = options or RunOptions()
     plan_runs(spec, preset, rows, seeds, options)  # a bad spec or option fails before processes start
     if launcher != "none":
-        _init_distributed(launcher)
+        init_distributed(launcher)
         from mmengine.dist import get_world_size
 
         options = dataclasses.replace(options, world_size=get_world_size())
     units = plan_runs(spec, preset, rows, seeds, options)
     uri = resolve_tracking_uri(tracking_uri)
-    main = _is_main_process()
-    states = _broadcast([unit_state(u, uri) for u in units] if main else None)
+    main = is_main_process()
+    states = broadcast([unit_state(u, uri) for u in units] if main else None)
     if dry_run:
         if main:
             _print_plan(spec, preset, units, states, uri, echo)
+            if dispatch is not None and dispatch.executor != "inline":
+                echo(f"executor {dispatch.executor}: {sum(s not in ('finished', 'shared') for s, _ in states)} job(s), "
+                     f"{dispatch.jobs} at a time, {dispatch.gpus_per_run} GPU(s) each")
+            if dispatch.executor == "slurm":
+                from cac.exp.dispatch import slurm_script
+
+                echo("sbatch file of each job:\n" + slurm_script(dispatch, Path(dispatch.folder or WORK_ROOT / "submitit")))
         return 0
+    if dispatch is not None and dispatch.executor != "inline":
+        from cac.exp.dispatch import dispatch_units
+
+        todo = []
+        for unit, (state, run_id) in zip(units, states):
+            if state in ("finished", "shared"):
+                echo(f"skip  {unit.name}: {'shared with ' if state == 'shared' else ''}FINISHED run {run_id}")
+            else:
+                todo.append(unit)
+        failures = dispatch_units(str(spec.path), preset, todo, options, uri, dispatch, echo) if todo else 0
+        if failures:
+            echo(f"{failures} of {len(units)} runs failed (see above); finished runs are kept")
+        return 1 if failures else 0
     failures = 0
     for unit, (state, run_id) in zip(units, states):
         if state == "finished":
@@ -448,13 +469,13 @@ def execute_unit(unit: RunUnit, state: str, run_id: Optional[str], uri: str, *, 
     Optuna prune) mark the run KILLED — resumable — and propagate."""
     from cac.mmseg.hooks import NonFiniteLossError
 
-    main = _is_main_process()
+    main = is_main_process()
     if main:  # before any MLflow run is opened: a missing dataset must leave nothing behind
         ensure_data(unit)
     if launcher != "none":
-        _broadcast(None)  # other ranks wait for the data
+        broadcast(None)  # other ranks wait for the data
     with work_dir_lock(unit.work_dir, enabled=main) as locked:
-        locked = _broadcast(locked) if launcher != "none" else locked
+        locked = broadcast(locked) if launcher != "none" else locked
         if not locked:
             if main:
                 echo(f"busy  {unit.name}: another process is training it now")

@@ -378,5 +378,18 @@ def register(subparsers) -> None:
     p.add_argument("--tracking-uri")
     p.add_argument("--out", default="reports", help="where the best parameters and figures go")
     add_run_options(p)
-    p.set_defaults(func=lambda a: run_sweep(a.spec, a.trials, a.preset, a.storage, a.tracking_uri, report_dir=a.out,
-                                            options=run_options(a)))
+    from cac.exp.dispatch import add_dispatch_options
+
+    add_dispatch_options(p)
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_sweep(args) -> int:
+    from cac.exp.dispatch import dispatch_options, dispatch_sweep
+
+    d = dispatch_options(args)
+    if d.executor == "inline":
+        return run_sweep(args.spec, args.trials, args.preset, args.storage, args.tracking_uri, report_dir=args.out,
+                         options=run_options(args))
+    return 1 if dispatch_sweep(args.spec, args.trials, args.preset, args.storage, args.tracking_uri, args.out,
+                               run_options(args), d) else 0

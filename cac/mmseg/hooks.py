@@ -96,6 +96,8 @@ class TrackingHook(Hook):
         # A resumed run repeats the iterations between its checkpoint and the kill, whose metrics the
         # killed process may have logged already: those steps are not logged a second time.
         self._logged = _logged_steps(self.tracker) if self.tracker is not None and runner.iter > 0 else {}
+        if self.tracker is not None and runner.iter > 0:  # where each resume started: the run's history
+            self.tracker.log_metrics({"resume/start_iter": float(runner.iter)}, runner.iter)
 
     def _log(self, metrics: dict, step: int) -> None:
         fresh = {k: v for k, v in metrics.items() if step > self._logged.get(k, -1)}

@@ -1,0 +1,319 @@
+"""Hand a plan to a cluster: one submitit job per unit (row x seed), or per sweep worker.
+
+``--executor slurm`` submits to Slurm; ``--executor local`` runs the same jobs as local processes,
+``--jobs`` at a time, each pinned to its own GPUs where there are GPUs (one 8-GPU box, and the tests
+on CPU). A job with G GPUs runs G tasks that train with torch.distributed (submitit's distributed
+environment gives mmengine its rank, world size and master address). A job is planned again when it
+starts, so a requeued or resubmitted job sees what the tracking store holds by then: a preempted or
+timed-out job (submitit's checkpoint hook) and a job whose process died (``--retries``) resume from
+the newest complete checkpoint in the same MLflow run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from cac.errors import CacError
+from cac.exp.options import RunOptions
+
+__all__ = ["DispatchOptions", "UnitJob", "SweepJob", "dispatch_units", "dispatch_sweep", "make_executor",
+           "slurm_parameters", "slurm_script",
+           "add_dispatch_options", "dispatch_options", "EXECUTORS"]
+
+EXECUTORS = ("inline", "local", "slurm")
+_ENV_KEYS = ("CAC_DATA_ROOT", "CAC_WORK_DIR", "MLFLOW_TRACKING_URI", "CAC_LOG_LEVEL")
+
+
+@dataclass(frozen=True)
+class DispatchOptions:
+    """Where the units of a plan run. ``inline`` (default): in this process, one after another."""
+
+    executor: str = "inline"
+    jobs: int = 1  # jobs running at once (local), or Slurm's array-style throttle
+    gpus_per_run: int = 0  # 0: no GPU (CPU runs, or whatever this process sees)
+    partition: Optional[str] = None
+    time_min: int = 24 * 60
+    cpus_per_task: Optional[int] = None
+    retries: int = 2  # resubmissions of a job that failed without finishing its unit
+    folder: Optional[str] = None  # submitit's logs and pickles
+    slurm: dict = field(default_factory=dict)  # more sbatch options (account, qos, constraint, ...)
+    poll_s: float = 2.0
+
+    @property
+    def tasks(self) -> int:
+        return max(1, self.gpus_per_run)
+
+
+def _job_env() -> dict:
+    return {k: os.environ[k] for k in _ENV_KEYS if k in os.environ}
+
+
+def _distributed_launcher() -> str:
+    """Inside a job: export submitit's distributed environment for torch.distributed when the job
+    has several tasks; returns the launcher the runner should use."""
+    import submitit
+
+    env = submitit.JobEnvironment()
+    if env.num_tasks <= 1:
+        return "none"
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+    return "pytorch"
+
+
+def _limit_threads(threads: Optional[int]) -> None:
+    """CPU jobs sharing a machine split its cores instead of each taking all of them."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+class UnitJob:
+    """One unit as a picklable submitit job. Checkpointable: on preemption or timeout submitit calls
+    :meth:`checkpoint`, the job is requeued, and the requeued job resumes the unit's MLflow run from
+    its newest complete checkpoint."""
+
+    def __init__(self, spec_path: str, row: str, seed: int, preset: str, options: RunOptions, uri: str,
+                 work_root: str, env: Optional[dict] = None, threads: Optional[int] = None) -> None:
+        self.spec_path, self.row, self.seed, self.preset = spec_path, row, seed, preset
+        self.options, self.uri, self.work_root = options, uri, work_root
+        self.env, self.threads = dict(env or {}), threads
+
+    def __call__(self) -> dict:
+        os.environ.update(self.env)
+        _limit_threads(self.threads)
+        from cac.exp.runner import broadcast, init_distributed, is_main_process, execute_unit, make_unit, unit_state
+        from cac.exp.spec import load_spec
+
+        launcher = _distributed_launcher()
+        options = self.options
+        if launcher != "none":
+            init_distributed(launcher)
+            from mmengine.dist import get_world_size
+
+            options = dataclasses.replace(options, world_size=get_world_size())
+        spec = load_spec(self.spec_path)
+        unit = make_unit(spec, spec.row(self.row), self.seed, self.preset, options=options,
+                         work_root=Path(self.work_root))
+        state, run_id = broadcast(unit_state(unit, self.uri) if is_main_process() else None)
+        if state in ("finished", "shared"):
+            return {"state": state, "run_id": run_id}
+        metrics = execute_unit(unit, state, run_id, self.uri, launcher=launcher)
+        if metrics is None:
+            return {"state": "busy"}
+        if metrics is False:
+            return {"state": "failed"}
+        return {"state": "done", "mIoU": metrics.get("mIoU")}
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+class SweepJob:
+    """One Optuna worker as a job: workers share the study's storage, each trains trials until the
+    study holds the requested total. Requeued like :class:`UnitJob` (an interrupted trial's run is
+    resumed when its point is proposed again)."""
+
+    def __init__(self, path: str, trials: int, preset: str, storage: Optional[str], uri: Optional[str],
+                 report_dir: str, options: RunOptions, env: Optional[dict] = None, threads: Optional[int] = None) -> None:
+        self.args = (path, trials, preset, storage, uri)
+        self.report_dir, self.options, self.env, self.threads = report_dir, options, dict(env or {}), threads
+
+    def __call__(self) -> int:
+        os.environ.update(self.env)
+        _limit_threads(self.threads)
+        from cac.exp.sweep import run_sweep
+
+        return run_sweep(*self.args, report_dir=self.report_dir, options=self.options)
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def slurm_parameters(d: DispatchOptions) -> dict:
+    """submitit's SlurmExecutor parameters for ``d``: one node, one task per GPU (DDP), USR2 two
+    minutes before the time limit (checkpoint and requeue), ``--jobs`` as the array throttle."""
+    params: dict = {"time": d.time_min, "ntasks_per_node": d.tasks, "nodes": 1, "signal_delay_s": 120,
+                    "array_parallelism": max(1, d.jobs)}
+    if d.gpus_per_run:
+        params["gpus_per_node"] = d.gpus_per_run
+    if d.partition:
+        params["partition"] = d.partition
+    if d.cpus_per_task:
+        params["cpus_per_task"] = d.cpus_per_task
+    extra = dict(d.slurm)
+    params.update({k: extra.pop(k) for k in list(extra) if k in ("account", "qos", "constraint", "mem", "comment",
+                                                                    "exclusive")})
+    if extra:
+        params["additional_parameters"] = extra
+    return params
+
+
+def slurm_script(d: DispatchOptions, folder: Path, command: str = "<the job>") -> str:
+    """The sbatch file submitit would write for one job of ``d`` (what ``--dry-run`` shows)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    try:
+        return _make_sbatch_string(command=command, folder=str(folder), **slurm_parameters(d))
+    except (TypeError, ValueError) as err:
+        raise CacError(f"--slurm: {err}") from None
+
+
+def make_executor(d: DispatchOptions, folder: Path):
+    """A submitit executor for ``d`` (jobs, GPUs, partition, time) writing its logs under ``folder``."""
+    import submitit
+
+    if d.executor == "local":
+        executor = submitit.LocalExecutor(folder=str(folder))
+        executor.update_parameters(timeout_min=d.time_min, tasks_per_node=d.tasks, gpus_per_node=d.gpus_per_run)
+        return executor
+    if d.executor == "slurm":
+        try:
+            executor = submitit.SlurmExecutor(folder=str(folder))
+        except RuntimeError as err:  # no srun on this machine
+            raise CacError(f"--executor slurm: {err} (on one machine, use --executor local)") from None
+        executor.update_parameters(**slurm_parameters(d))
+        return executor
+    raise CacError(f"unknown executor {d.executor!r}; use one of {', '.join(EXECUTORS)}")
+
+
+def _threads(d: DispatchOptions) -> Optional[int]:
+    """CPU cores per local CPU job: the machine's cores split over the jobs running at once."""
+    if d.executor != "local" or d.gpus_per_run:
+        return None
+    return max(1, (os.cpu_count() or 1) // max(1, d.jobs))
+
+
+def _gpu_slots(d: DispatchOptions) -> list[tuple[int, ...]]:
+    """GPUs of each local job slot: slot i gets GPUs [i*G, (i+1)*G)."""
+    g = d.gpus_per_run
+    return [tuple(range(i * g, (i + 1) * g)) for i in range(max(1, d.jobs))] if g else [()] * max(1, d.jobs)
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    tail = [ln for ln in text if ln.strip()][-1:] or [type(err).__name__]
+    return tail[0][:200]
+
+
+def _run_jobs(make_job: Callable[[Any], Any], items: list, label: Callable[[Any], str], d: DispatchOptions,
+              folder: Path, echo: Callable[[str], None]) -> list[tuple[Any, Any]]:
+    """Submit one job per item, ``d.jobs`` at a time; a failed job is resubmitted up to ``d.retries``
+    times. Returns ``(item, result or exception)`` per item."""
+    executor = make_executor(d, folder)
+    slots = _gpu_slots(d)
+    free = list(range(len(slots)))
+    pending = [(item, 0) for item in items]
+    running: dict = {}
+    out: list = []
+    while pending or running:
+        while pending and free:
+            item, attempt = pending.pop(0)
+            slot = free.pop(0)
+            if d.executor == "local" and d.gpus_per_run:
+                executor.update_parameters(visible_gpus=slots[slot])
+            job = executor.submit(make_job(item))
+            echo(f"job   {label(item)}: {d.executor} job {job.job_id}"
+                 + (f" on GPUs {','.join(map(str, slots[slot]))}" if slots[slot] else "")
+                 + (f" (attempt {attempt + 1})" if attempt else ""))
+            running[job.job_id] = (job, item, attempt, slot)
+        time.sleep(d.poll_s)
+        for job_id in list(running):
+            job, item, attempt, slot = running[job_id]
+            if not job.done():
+                continue
+            del running[job_id]
+            free.append(slot)
+            try:
+                out.append((item, job.result()))
+            except Exception as err:  # the job's process died or raised: its unit resumes when resubmitted
+                if attempt < d.retries:
+                    echo(f"retry {label(item)}: job {job_id} ended without finishing ({_short(err)}); "
+                         "resubmitted, it resumes from its last checkpoint")
+                    pending.append((item, attempt + 1))
+                else:
+                    echo(f"error {label(item)}: job {job_id} failed {attempt + 1} time(s): {_short(err)} "
+                         f"(log: {job.paths.stderr})")
+                    out.append((item, err))
+    return out
+
+
+def dispatch_units(spec_path: str, preset: str, units: list, options: RunOptions, uri: str, d: DispatchOptions,
+                   echo: Callable[[str], None] = print) -> int:
+    """Run ``units`` as jobs; returns how many failed."""
+    from cac.exp.runner import WORK_ROOT
+
+    folder = Path(d.folder) if d.folder else WORK_ROOT / "submitit"
+    env, threads, root = _job_env(), _threads(d), str(WORK_ROOT.resolve())
+
+    def make_job(unit) -> UnitJob:
+        return UnitJob(spec_path, unit.row.label, unit.seed, preset, options, uri, root, env, threads)
+
+    failures = 0
+    for unit, result in _run_jobs(make_job, units, lambda u: u.name, d, folder, echo):
+        if isinstance(result, BaseException) or result.get("state") == "failed":
+            failures += 1
+        elif result["state"] == "done":
+            echo(f"done  {unit.name}: val mIoU {result.get('mIoU') or float('nan'):.2f} (job)")
+        elif result["state"] == "busy":
+            echo(f"busy  {unit.name}: another process is training it now")
+        else:
+            echo(f"skip  {unit.name}: {result['state']} (run {result.get('run_id')})")
+    return failures
+
+
+def dispatch_sweep(path: str, trials: int, preset: str, storage: Optional[str], uri: Optional[str], report_dir: str,
+                   options: RunOptions, d: DispatchOptions, echo: Callable[[str], None] = print) -> int:
+    """``d.jobs`` sweep workers as jobs on one shared Optuna storage."""
+    from cac.exp.runner import WORK_ROOT
+
+    if storage is None or storage.startswith("sqlite:///:memory:"):
+        storage = f"sqlite:///{Path('optuna.db').resolve()}"  # workers in other processes must share it
+    folder = Path(d.folder) if d.folder else WORK_ROOT / "submitit"
+    env, threads = _job_env(), _threads(d)
+    workers = list(range(max(1, d.jobs)))
+    results = _run_jobs(lambda i: SweepJob(path, trials, preset, storage, uri, report_dir, options, env, threads),
+                        workers, lambda i: f"sweep worker {i}", d, folder, echo)
+    return sum(1 for _, r in results if isinstance(r, BaseException) or r)
+
+
+def add_dispatch_options(parser) -> None:
+    from mmengine.config import DictAction
+
+    parser.add_argument("--executor", choices=EXECUTORS, default="inline",
+                        help="inline: this process (default); local: submitit jobs on this machine; slurm: a Slurm cluster")
+    parser.add_argument("--jobs", type=int, default=1, help="jobs running at once (local), Slurm array throttle")
+    parser.add_argument("--gpus-per-run", type=int, default=0, help="GPUs (and DDP processes) per job")
+    parser.add_argument("--partition", help="Slurm partition")
+    parser.add_argument("--time-min", type=int, default=24 * 60, help="a job's time limit; it is requeued after")
+    parser.add_argument("--cpus-per-task", type=int)
+    parser.add_argument("--retries", type=int, default=2, help="resubmissions of a job whose process died")
+    parser.add_argument("--submitit-folder", help="submitit's logs (default: <work dir root>/submitit)")
+    parser.add_argument("--slurm", nargs="+", action=DictAction, default={}, metavar="KEY=VALUE",
+                        help="more sbatch options, e.g. account=abc qos=high constraint=a100")
+
+
+def dispatch_options(args) -> DispatchOptions:
+    d = DispatchOptions(executor=getattr(args, "executor", "inline"), jobs=getattr(args, "jobs", 1),
+                        gpus_per_run=getattr(args, "gpus_per_run", 0), partition=getattr(args, "partition", None),
+                        time_min=getattr(args, "time_min", 24 * 60), cpus_per_task=getattr(args, "cpus_per_task", None),
+                        retries=getattr(args, "retries", 2), folder=getattr(args, "submitit_folder", None),
+                        slurm=dict(getattr(args, "slurm", None) or {}))
+    for name in ("jobs", "time_min"):
+        if getattr(d, name) < 1:
+            raise CacError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(d, name)}")
+    for name in ("gpus_per_run", "retries"):
+        if getattr(d, name) < 0:
+            raise CacError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(d, name)}")
+    if d.executor == "inline" and (d.jobs > 1 or d.gpus_per_run or d.partition):
+        raise CacError("--jobs, --gpus-per-run and --partition need --executor local or slurm")
+    return d

@@ -1,0 +1,150 @@
+"""submitit dispatch on this machine (the local executor): one job per unit, K at a time; a preempted
+job is requeued by submitit and a job whose process is killed is resubmitted, and both resume their
+unit's MLflow run from its last checkpoint."""
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cac.cli import main
+from cac.exp.dispatch import DispatchOptions, UnitJob, dispatch_units, make_executor
+from cac.exp.options import RunOptions
+from cac.exp.runner import make_unit
+from cac.exp.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE3 = ROOT / "ablations" / "table3.yaml"
+
+
+def _client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _runs(uri, experiment="table3"):
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def _assert_resumed_once(uri, run):
+    """FINISHED, resumed at iteration > 0, and no metric step logged twice."""
+    client = _client(uri)
+    assert run.info.status == "FINISHED" and "val/mIoU" in run.data.metrics
+    starts = [m.value for m in client.get_metric_history(run.info.run_id, "resume/start_iter")]
+    assert starts and all(s > 0 for s in starts)
+    for key in ("train/loss", "curve/val_mIoU_p"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps and len(steps) == len(set(steps)), key
+
+
+def _wait_for(path_glob: Path, pattern: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not list(path_glob.rglob(pattern)):
+        assert time.time() < deadline, f"no {pattern} under {path_glob} after {timeout} s"
+        time.sleep(0.2)
+
+
+def test_local_executor_runs_each_unit_as_a_job(workspace, capsys):
+    uri = f"sqlite:///{workspace}/mlflow.db"
+    code = main(["run", str(TABLE3), "--preset", "quick", "--rows", "(a),(e)", "--executor", "local", "--jobs", "2",
+                 "--tracking-uri", uri, "--submitit-folder", str(workspace / "jobs")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.count("local job") == 2
+    runs = _runs(uri)
+    assert sorted(r.data.tags["row"] for r in runs) == ["(a)", "(e)"]
+    assert all(r.info.status == "FINISHED" and "val/mIoU" in r.data.metrics for r in runs)
+    assert len(list((workspace / "jobs").glob("*_log.out"))) == 2  # submitit's per-job logs
+    assert main(["run", str(TABLE3), "--preset", "quick", "--rows", "(a),(e)", "--executor", "local", "--jobs", "2",
+                 "--tracking-uri", uri]) == 0
+    assert capsys.readouterr().out.count("skip") == 2  # nothing submitted again
+
+
+def test_preempted_job_is_requeued_and_resumes(workspace):
+    uri = f"sqlite:///{workspace}/mlflow.db"
+    spec = load_spec(TABLE3)
+    unit = make_unit(spec, spec.row("(e)"), 0, "quick")
+    executor = make_executor(DispatchOptions(executor="local"), workspace / "jobs")
+    job = executor.submit(UnitJob(str(TABLE3), "(e)", 0, "quick", RunOptions(), uri, str(workspace / "work_dirs"),
+                                  {k: os.environ[k] for k in ("CAC_DATA_ROOT", "CAC_WORK_DIR")}))
+    _wait_for(unit.work_dir, "iter_50.pth")
+    time.sleep(1.0)  # into the iterations after the checkpoint
+    (pid,) = _task_pids(workspace / "jobs")
+    os.kill(pid, signal.SIGUSR2)  # what Slurm sends a preempted or timed-out job: submitit checkpoints and requeues it
+    assert job.result()["state"] == "done"
+    (run,) = _runs(uri)
+    _assert_resumed_once(uri, run)
+    assert "Requeued" in Path(job.paths.stderr).read_text() + Path(job.paths.stdout).read_text()
+
+
+def _task_pids(folder: Path) -> list[int]:
+    """Process ids of the tasks (the training processes) of submitit jobs logging to ``folder``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "submitit.core._submit" in cmd and str(folder) in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+def _kill_task_when(pattern: str, under: Path, folder: Path, done: threading.Event) -> None:
+    """SIGKILL the training process of a submitit job once ``pattern`` exists under ``under``."""
+    _wait_for(under, pattern)
+    time.sleep(1.0)
+    for pid in _task_pids(folder):
+        os.kill(pid, signal.SIGKILL)
+        done.set()
+
+
+def test_killed_job_is_resubmitted_and_resumes(workspace):
+    uri = f"sqlite:///{workspace}/mlflow.db"
+    spec = load_spec(TABLE3)
+    unit = make_unit(spec, spec.row("(a)"), 0, "quick")
+    folder = workspace / "jobs"
+    killed = threading.Event()
+    killer = threading.Thread(target=_kill_task_when, args=("iter_50.pth", unit.work_dir, folder, killed), daemon=True)
+    killer.start()
+    lines: list[str] = []
+    failures = dispatch_units(str(TABLE3), "quick", [unit], RunOptions(), uri,
+                              DispatchOptions(executor="local", folder=str(folder), poll_s=0.5), echo=lines.append)
+    killer.join(timeout=5)
+    assert killed.is_set()
+    assert failures == 0, lines
+    assert any(line.startswith("retry") for line in lines) and sum("local job" in line for line in lines) == 2
+    (run,) = _runs(uri)
+    _assert_resumed_once(uri, run)
+
+
+def test_slurm_dry_run_and_bad_dispatch_flags(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["run", str(TABLE3), "--preset", "quick", "--tracking-uri", uri, "--dry-run", "--executor", "slurm",
+                 "--jobs", "4", "--gpus-per-run", "2", "--partition", "gpu"]) == 0
+    assert "executor slurm: 7 job(s), 4 at a time, 2 GPU(s) each" in capsys.readouterr().out
+    assert main(["run", str(TABLE3), "--tracking-uri", uri, "--dry-run", "--jobs", "2"]) == 2
+    assert "need --executor local or slurm" in capsys.readouterr().err
+
+
+def test_slurm_submission_script(tmp_path, capsys):
+    """What sbatch would get (no Slurm here): GPUs, tasks for DDP, partition, time, the requeue signal;
+    submitting without Slurm is one line."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["run", str(TABLE3), "--preset", "quick", "--tracking-uri", uri, "--executor", "slurm", "--gpus-per-run", "4",
+            "--partition", "gpu", "--time-min", "600", "--slurm", "account=seg", "exclusive=True"]
+    assert main([*args, "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    for line in ("#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=4", "#SBATCH --partition=gpu",
+                 "#SBATCH --time=600", "#SBATCH --account=seg", "#SBATCH --signal=USR2@120", "#SBATCH --exclusive"):
+        assert line in text, line
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--executor slurm" in err and "--executor local" in err and "\n" not in err

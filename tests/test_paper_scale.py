@@ -1,0 +1,214 @@
+"""The paper-scale command line: run options, the paper's total batch, tiny real-layout datasets, the
+paper preset end to end on them, runs shared across specs, AMP's fp32 losses and the GPU check's
+dry mode."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cac.cli import main
+from cac.errors import CacError
+from cac.exp.options import RunOptions, shipped_total_batch
+from cac.exp.runner import make_unit, unit_state
+from cac.exp.spec import load_spec
+from cac.exp.tracking import RunTracker
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE1 = ROOT / "experiments" / "table1_ade20k.yaml"
+
+
+def _has_pretrained(node) -> bool:
+    if isinstance(node, dict):
+        if "pretrained" in node or (isinstance(node.get("init_cfg"), dict) and node["init_cfg"].get("type") == "Pretrained"):
+            return True
+        return any(_has_pretrained(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_has_pretrained(v) for v in node)
+    return False
+
+
+def test_run_options_change_the_config_and_its_identity():
+    spec = load_spec(TABLE1)
+    row = spec.row("upernet-swin-t+cac")
+    plain = make_unit(spec, row, 0, "paper")
+    assert _has_pretrained(plain.cfg["model"]) and plain.cfg["optim_wrapper"]["type"] == "OptimWrapper"
+    opts = RunOptions(cfg_options={"train_cfg.max_iters": 2, "model.decode_head.head.channels": 64},
+                      amp=True, no_pretrained=True)
+    changed = make_unit(spec, row, 0, "paper", options=opts)
+    assert changed.cfg["train_cfg"]["max_iters"] == 2
+    assert changed.cfg["model"]["decode_head"]["head"]["channels"] == 64
+    assert changed.cfg["optim_wrapper"]["type"] == "AmpOptimWrapper"
+    assert not _has_pretrained(changed.cfg["model"])
+    assert changed.cfg_hash != plain.cfg_hash
+    assert make_unit(spec, row, 0, "paper", options=opts).cfg_hash == changed.cfg_hash  # deterministic
+    assert changed.options.params()["pretrained"] == "none"
+    assert changed.options.params()["cfg_options.train_cfg.max_iters"] == 2
+
+
+def test_paper_total_batch_on_any_world_size():
+    spec = load_spec(TABLE1)
+    swin, fcn = spec.row("upernet-swin-t"), spec.row("fcn-mv2")
+    assert shipped_total_batch("swin/x_upernet_8xb2-160k_ade20k-512x512.py") == 16
+    batch = lambda row, world, **kw: make_unit(spec, row, 0, "paper", options=RunOptions(world_size=world, **kw)).cfg[  # noqa: E731
+        "train_dataloader"]["batch_size"]
+    assert [batch(swin, w) for w in (1, 2, 4, 8, 16)] == [16, 8, 4, 2, 1]  # the shipped config says 2 (8 GPUs)
+    assert batch(fcn, 4) == 4 and batch(fcn, 8) == 2
+    assert batch(swin, 4, cfg_options={"train_dataloader.batch_size": 3}) == 3  # an explicit value wins
+    with pytest.raises(CacError, match="total batch 16 does not divide over 3 processes"):
+        batch(swin, 3)
+    quick = load_spec(ROOT / "ablations" / "table3.yaml")
+    assert make_unit(quick, quick.row("(e)"), 0, "quick", options=RunOptions(world_size=2)).cfg[
+        "train_dataloader"]["batch_size"] == make_unit(quick, quick.row("(e)"), 0, "quick").cfg["train_dataloader"]["batch_size"]
+
+
+def test_subset_is_other_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAC_DATA_ROOT", str(tmp_path))
+    spec = load_spec(TABLE1)
+    full = make_unit(spec, spec.row("fcn-mv2"), 0, "paper")
+    subset = make_unit(spec, spec.row("fcn-mv2"), 0, "paper", options=RunOptions(expected={"train": 6, "val": 2}))
+    assert full.tags["data_version"] == "ade20k"
+    assert subset.tags["data_version"] == "ade20k-subset-train6-val2"
+    assert subset.work_dir != full.work_dir
+
+
+def test_bad_cfg_options_and_counts_are_one_line(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code = main(["run", str(ROOT / "ablations" / "table3.yaml"), "--preset", "quick", "--tracking-uri", uri,
+                 "--dry-run", "--cfg-options", "train_dataloader.dataset.pipeline.99.x=1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("cac-exp: error: --cfg-options") and "\n" not in err
+    assert main(["run", str(ROOT / "ablations" / "table3.yaml"), "--tracking-uri", uri, "--dry-run",
+                 "--expected-train", "0"]) == 2
+    assert "--expected-train must be >= 1" in capsys.readouterr().err
+
+
+def test_tiny_datasets_have_the_official_layouts(tmp_path):
+    from PIL import Image
+
+    from cac.data.real import verify
+    from cac.data.tiny import make_tiny
+
+    ade = make_tiny("ade20k", tmp_path / "a", train=3, val=2, size=48)
+    coco = make_tiny("cocostuff", tmp_path / "a", train=2, val=1, size=48)
+    assert verify("ade20k", ade, {"train": 3, "val": 2})["train"]["images"] == 3
+    assert verify("cocostuff", coco, {"train": 2, "val": 1})["val"]["images"] == 1
+    with pytest.raises(CacError, match="found 3 of 20,210"):
+        verify("ade20k", ade)  # the official count still guards the real benchmark
+    label = Image.open(next((coco / "annotations" / "train2017").glob("*_labelTrainIds.png")))
+    assert max(label.getdata()) == 255 and min(label.getdata()) < 171
+    again = make_tiny("ade20k", tmp_path / "b", train=3, val=2, size=48)
+    first = sorted(p.read_bytes() for p in (ade / "annotations").rglob("*.png"))
+    assert first == sorted(p.read_bytes() for p in (again / "annotations").rglob("*.png"))  # seeded
+
+
+def test_cac_losses_stay_fp32_under_autocast():
+    from cac.mmseg.config import resolve_config
+    from cac.mmseg.params import build_model
+    from cac.synthetic import seg_batch
+
+    cfg = resolve_config("fcn-slim-r18", "quick", cac=True)
+    torch.manual_seed(0)
+    model = build_model(cfg["model"]).train()
+    data = model.data_preprocessor(seg_batch(64, 2, num_classes=8, seed=1), True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model.loss(data["inputs"], data["data_samples"])
+    terms = {k: v for k, v in losses.items() if k.startswith("decode.loss")}
+    assert {"decode.loss_ce", "decode.loss_ctx_ce", "decode.loss_oracle_ce", "decode.loss_kl"} <= set(terms)
+    for name, value in terms.items():
+        assert value.dtype == torch.float32 and torch.isfinite(value), name
+    sum(terms.values()).backward()  # and they train
+
+
+def test_rows_shared_across_specs(workspace, capsys):
+    """Table 3 (a) = Table 2 (d) and Table 3 (e) = Table 2 (f): planned as done, counted in both tables;
+    an evaluation run of a checkpoint never counts as training."""
+    from cac.exp.results import matched_runs
+
+    uri = f"sqlite:///{workspace}/mlflow.db"
+    table2, table3 = load_spec(ROOT / "ablations" / "table2.yaml"), load_spec(ROOT / "ablations" / "table3.yaml")
+    made = {}
+    for label in ("(d)", "(f)"):
+        unit = make_unit(table2, table2.row(label), 0, "quick")
+        tracker = RunTracker.open(uri, table2.name, unit.tags, unit.name)
+        tracker.log_metrics({"val/mIoU": 40.0 + len(made)}, 1)
+        tracker.finish("FINISHED")
+        made[label] = tracker.run_id
+    b_unit = make_unit(table3, table3.row("(b)"), 0, "quick")
+    ev = RunTracker.open(uri, "table3/eval", {**b_unit.tags, "kind": "eval"}, "eval")
+    ev.finish("FINISHED")
+    e_unit = make_unit(table3, table3.row("(e)"), 0, "quick")
+    assert unit_state(e_unit, uri) == ("shared", made["(f)"])
+    assert unit_state(b_unit, uri) == ("new", None)
+    assert main(["run", str(ROOT / "ablations" / "table3.yaml"), "--preset", "quick", "--tracking-uri", uri,
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"skip, shared with table2 (FINISHED run {made['(d)']})" in out
+    assert f"skip, shared with table2 (FINISHED run {made['(f)']})" in out
+    assert "5 to train, 0 to resume, 0 done, 2 shared with other specs" in out
+    runs = matched_runs(table3, "quick", uri)
+    assert runs["(a)"][0].info.run_id == made["(d)"] and runs["(e)"][0].info.run_id == made["(f)"]
+    assert runs["(b)"] == {}
+
+
+@pytest.fixture()
+def tiny_ade(tmp_path, monkeypatch):
+    from cac.data.tiny import make_tiny
+
+    data = tmp_path / "data"
+    make_tiny("ade20k", data, train=6, val=2, size=64)
+    monkeypatch.setenv("CAC_DATA_ROOT", str(data))
+    monkeypatch.setenv("CAC_WORK_DIR", str(tmp_path / "work"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+SMALL_CROPS = ["train_dataloader.dataset.pipeline.2.scale=(128,64)", "train_dataloader.dataset.pipeline.3.crop_size=(64,64)",
+               "model.data_preprocessor.size=(64,64)", "val_dataloader.dataset.pipeline.1.scale=(128,64)",
+               "test_pipeline.1.scale=(128,64)",
+               "train_dataloader.num_workers=0", "train_dataloader.persistent_workers=False",
+               "val_dataloader.num_workers=0", "val_dataloader.persistent_workers=False"]
+
+
+def test_paper_preset_trains_on_tiny_ade20k(tiny_ade, capsys):
+    """The issue's command (plus small crops for 2 CPU cores): FCN-MV2+CAC and the OCRNet cascade
+    train at preset paper, no spec edited, and are tracked with what the command line changed."""
+    uri = f"sqlite:///{tiny_ade}/mlflow.db"
+    rows = "fcn-mv2+cac,ocrnet-hr18+cac"
+    code = main(["run", str(TABLE1), "--preset", "paper", "--rows", rows, "--no-pretrained", "--expected-train", "6",
+                 "--expected-val", "2", "--tracking-uri", uri, "--cfg-options", "train_cfg.max_iters=2",
+                 "train_cfg.val_interval=2", "train_dataloader.batch_size=2", "default_hooks.checkpoint.interval=2",
+                 *SMALL_CROPS])
+    assert code == 0, capsys.readouterr().err
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("table1_ade20k")
+    runs = {r.data.tags["row"]: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"fcn-mv2+cac", "ocrnet-hr18+cac"}
+    for run in runs.values():
+        assert run.info.status == "FINISHED" and "val/mIoU" in run.data.metrics
+        assert run.data.tags["data_version"] == "ade20k-subset-train6-val2"
+        assert run.data.params["pretrained"] == "none" and run.data.params["cfg_options.train_cfg.max_iters"] == "2"
+        assert run.data.params["total_batch"] == "2" and run.data.params["world_size"] == "1"
+    # the same command again is all done
+    assert main(["run", str(TABLE1), "--preset", "paper", "--rows", rows, "--no-pretrained", "--expected-train", "6",
+                 "--expected-val", "2", "--tracking-uri", uri, "--dry-run", "--cfg-options", "train_cfg.max_iters=2",
+                 "train_cfg.val_interval=2", "train_dataloader.batch_size=2", "default_hooks.checkpoint.interval=2",
+                 *SMALL_CROPS]) == 0
+    assert "0 to train, 0 to resume, 2 done" in capsys.readouterr().out
+
+
+def test_gpu_check_dry_runs_every_section(tmp_path):
+    out = tmp_path / "gc"
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, env={**__import__("os").environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+
+    result = json.loads((out / "gpu_check.json").read_text())
+    assert set(result["sections"]) == {"table6", "train_step", "paper"}
+    assert result["sections"]["table6"]["sizes"]["64"]["Ours"]["fps"] > 0
+    assert {"fcn-mv2 fp32", "upernet-swin-t fp32"} <= set(result["sections"]["train_step"])
+    assert result["sections"]["paper"]["upernet-swin-t+cac"]["it_per_s"] > 0
