@@ -280,14 +280,38 @@ def train_unit(unit: RunUnit, tracker: Optional[RunTracker], *, launcher: str = 
     runner.register_hook(hook, priority="LOW")
     from cac.mmseg.checkpoint import trusted_dir
 
+    import urllib.error
+
     with trusted_dir(unit.work_dir):  # resuming reads this unit's own checkpoints, which it wrote
-        runner.train()
+        try:
+            runner.train()
+        except urllib.error.URLError as err:  # mmengine's open-mmlab:// and mmcls:// loaders download directly
+            sources = ", ".join(pretrained_sources(unit.cfg.get("model", {}))) or "named in the config"
+            raise CacError(f"cannot download the pretrained weights {sources} ({err.reason}); offline, "
+                           "put the file in torch hub's cache (~/.cache/torch/hub/checkpoints) or use --no-pretrained") from None
     metrics = {k.replace("mmseg/", ""): float(v) for k, v in _last_val(runner).items()}
     if hook.final_confusion is not None:
         iou, miou = iou_from_confusion(hook.final_confusion)
         metrics["per_class_iou"] = iou.tolist()
         metrics["check_mIoU"] = miou
     return metrics
+
+
+def pretrained_sources(node) -> list[str]:
+    """The pretrained checkpoints a model config loads (``pretrained=`` and ``init_cfg`` of type Pretrained)."""
+    out: list[str] = []
+    if isinstance(node, dict):
+        if isinstance(node.get("pretrained"), str):
+            out.append(node["pretrained"])
+        init = node.get("init_cfg")
+        if isinstance(init, dict) and init.get("type") == "Pretrained" and isinstance(init.get("checkpoint"), str):
+            out.append(init["checkpoint"])
+        for value in node.values():
+            out += [s for s in pretrained_sources(value) if s not in out]
+    elif isinstance(node, list):
+        for value in node:
+            out += [s for s in pretrained_sources(value) if s not in out]
+    return out
 
 
 def evaluate_multiscale(unit: RunUnit, checkpoint: Path, work_dir: Optional[Path] = None) -> float:
