@@ -40,6 +40,13 @@ def _finished_count(spec, preset: str, uri: str) -> int:
     return len(find_runs(uri, spec.name, {"preset": preset}, statuses=["FINISHED"]))
 
 
+def _has_shared_runs(spec, preset: str, uri: str) -> bool:
+    """Whether runs another spec trained count in this one (Table 3 (a) is Table 2 (d))."""
+    from cac.exp.results import matched_runs
+
+    return spec.task == "train" and any(matched_runs(spec, preset, uri).values())
+
+
 def _ignored_note(spec, preset: str, uri: str, results: dict) -> list[str]:
     """Say how many FINISHED runs were not counted (config changed since, or another row set)."""
     counted = sum(len(v) for v in results.values())
@@ -224,7 +231,7 @@ def _main(args: argparse.Namespace) -> int:
         raise CacError(f"--tsne {' '.join(sorted(unknown))}: not a reported training spec "
                        f"(reported: {', '.join(s.name for s in specs if s.task == 'train')})")
     check_tracking_uri(uri)  # after the arguments: a typo in them touches no store
-    with_runs = {s.name for s in specs if _finished_count(s, args.preset, uri) > 0}
+    with_runs = {s.name for s in specs if _finished_count(s, args.preset, uri) > 0 or _has_shared_runs(s, args.preset, uri)}
     for s in specs:
         if s.name not in with_runs:
             print(f"{s.name}: no FINISHED runs at preset {args.preset}" + (" (table written anyway)" if explicit else

@@ -204,3 +204,19 @@ def test_median_pruner_stops_a_clearly_bad_trial(workspace, sweep_spec):
     assert not (work_dir / "iter_20.pth").exists()  # training stopped at the prune
     rows = _report_rows(workspace / "reports" / "sweep_prune.md")
     assert [int(r["trial"]) for r in rows] == [good.number]  # pruned trials are not in the table
+
+
+def test_sweep_workers_as_local_jobs(workspace, sweep_spec, capsys):
+    """--executor local --jobs 2: two worker jobs share the study until it holds the requested total."""
+    storage = f"sqlite:///{workspace}/optuna.db"
+    uri = f"sqlite:///{workspace}/mlflow.db"
+    assert main(["sweep", str(sweep_spec), "--trials", "2", "--storage", storage, "--tracking-uri", uri,
+                 "--out", str(workspace / "reports"), "--executor", "local", "--jobs", "2",
+                 "--submitit-folder", str(workspace / "jobs")]) == 0
+    assert capsys.readouterr().out.count("local job") == 2
+    study, done = _counted(storage)
+    assert 2 <= len(done) <= 3
+    assert len({t.user_attrs["worker"] for t in study.trials}) >= 1
+    runs = mlflow.MlflowClient(tracking_uri=uri).search_runs(
+        [mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("base").experiment_id])
+    assert sorted(int(r.data.tags["trial"]) for r in runs if r.info.status == "FINISHED") == sorted(t.number for t in done)

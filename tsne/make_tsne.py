@@ -45,20 +45,21 @@ IMAGE_COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple",
 
 def pick_run(uri: str, spec, preset: str):
     """The latest FINISHED run of the spec's full-CAC row at ``preset``, else of any +CAC row with a
-    context-aware classifier; None if there is none."""
+    context-aware classifier; None if there is none. Runs another spec trained with the same identity
+    count (they keep their own spec and row in the figure's name)."""
     from cac.core.classifier import CACOptions
-    from cac.exp.tracking import find_runs
+    from cac.exp.results import matched_runs
 
     from analysis.figures import full_cac_row
 
     ctx_rows = {r.label for r in spec.rows if r.cac is not None and CACOptions.from_dict(r.cac).has_context}
-    runs = [r for r in find_runs(uri, spec.name, {"preset": preset}, statuses=["FINISHED"])
-            if r.data.tags.get("row") in ctx_rows]
-    if not runs:
+    by_row = {label: list(seeds.values()) for label, seeds in matched_runs(spec, preset, uri).items()
+              if label in ctx_rows and seeds}
+    if not by_row:
         return None
-    full = full_cac_row(spec, {r.data.tags["row"] for r in runs})
-    preferred = [r for r in runs if full is not None and r.data.tags["row"] == full.label] or runs
-    return max(preferred, key=lambda r: r.info.start_time or 0)
+    full = full_cac_row(spec, set(by_row))
+    preferred = by_row.get(full.label) if full is not None else None
+    return max(preferred or [r for runs in by_row.values() for r in runs], key=lambda r: r.info.start_time or 0)
 
 
 def _label_maps(dataset, limit: int = 200) -> list[np.ndarray]:

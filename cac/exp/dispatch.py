@@ -274,10 +274,17 @@ def dispatch_units(spec_path: str, preset: str, units: list, options: RunOptions
 def dispatch_sweep(path: str, trials: int, preset: str, storage: Optional[str], uri: Optional[str], report_dir: str,
                    options: RunOptions, d: DispatchOptions, echo: Callable[[str], None] = print) -> int:
     """``d.jobs`` sweep workers as jobs on one shared Optuna storage."""
+    import optuna
+
     from cac.exp.runner import WORK_ROOT
+    from cac.exp.sweep import load_sweep, resolve_storage
 
     if storage is None or storage.startswith("sqlite:///:memory:"):
         storage = f"sqlite:///{Path('optuna.db').resolve()}"  # workers in other processes must share it
+    sweep = load_sweep(path)
+    store, storage = resolve_storage(storage)
+    # Created once here: Optuna's own first-creation race between workers is avoided.
+    optuna.create_study(study_name=sweep.study, storage=store, direction=sweep.direction, load_if_exists=True)
     folder = Path(d.folder) if d.folder else WORK_ROOT / "submitit"
     env, threads = _job_env(), _threads(d)
     workers = list(range(max(1, d.jobs)))
