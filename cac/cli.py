@@ -14,19 +14,33 @@ __all__ = ["main"]
 
 
 def _cmd_run(args) -> int:
-    from cac.exp.dispatch import dispatch_options
+    from cac.exp.dispatch import dispatch_options, dispatch_units, slurm_script
     from cac.exp.options import run_options
-    from cac.exp.runner import run_spec
+    from cac.exp.runner import WORK_ROOT, run_spec
     from cac.exp.spec import load_spec
+    from cac.exp.tracking import resolve_tracking_uri
 
     spec = load_spec(args.spec)
     if spec.task == "benchmark":
         from cac.bench.table6 import run_benchmark
 
         return run_benchmark(spec, args.preset, rows=args.rows, tracking_uri=args.tracking_uri, dry_run=args.dry_run)
-    return run_spec(args.spec, preset=args.preset, rows=args.rows, seeds=args.seeds,
+    options, dispatch = run_options(args), dispatch_options(args)
+    execute = None
+    if dispatch.executor != "inline":
+        uri = resolve_tracking_uri(args.tracking_uri)
+        execute = lambda units: dispatch_units(str(spec.path), args.preset, units, options, uri, dispatch)  # noqa: E731
+    code = run_spec(args.spec, preset=args.preset, rows=args.rows, seeds=args.seeds,
                     tracking_uri=args.tracking_uri, dry_run=args.dry_run, launcher=args.launcher,
-                    multiscale=args.ms, options=run_options(args), dispatch=dispatch_options(args))
+                    multiscale=args.ms, options=options, execute=execute)
+    if args.dry_run and dispatch.executor != "inline":
+        print(f"executor {dispatch.executor}: one job per unit to train, {dispatch.jobs} at a time, "
+              f"{dispatch.gpus_per_run} GPU(s) each")
+        if dispatch.executor == "slurm":
+            from pathlib import Path
+
+            print("sbatch file of each job:\n" + slurm_script(dispatch, Path(dispatch.folder or WORK_ROOT / "submitit")))
+    return code
 
 
 def _cmd_config(args) -> int:

@@ -129,7 +129,8 @@ def test_slurm_dry_run_and_bad_dispatch_flags(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     assert main(["run", str(TABLE3), "--preset", "quick", "--tracking-uri", uri, "--dry-run", "--executor", "slurm",
                  "--jobs", "4", "--gpus-per-run", "2", "--partition", "gpu"]) == 0
-    assert "executor slurm: 7 job(s), 4 at a time, 2 GPU(s) each" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "plan: 7 to train" in out and "executor slurm: one job per unit to train, 4 at a time, 2 GPU(s) each" in out
     assert main(["run", str(TABLE3), "--tracking-uri", uri, "--dry-run", "--jobs", "2"]) == 2
     assert "need --executor local or slurm" in capsys.readouterr().err
 

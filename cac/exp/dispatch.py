@@ -20,8 +20,8 @@ from typing import Any, Callable, Optional
 from cac.errors import CacError
 from cac.exp.options import RunOptions
 
-__all__ = ["DispatchOptions", "UnitJob", "SweepJob", "dispatch_units", "dispatch_sweep", "make_executor",
-           "slurm_parameters", "slurm_script",
+__all__ = ["DispatchOptions", "UnitJob", "dispatch_units", "run_jobs", "make_executor", "job_env", "cpu_threads",
+           "limit_threads", "slurm_parameters", "slurm_script",
            "add_dispatch_options", "dispatch_options", "EXECUTORS"]
 
 EXECUTORS = ("inline", "local", "slurm")
@@ -48,7 +48,8 @@ class DispatchOptions:
         return max(1, self.gpus_per_run)
 
 
-def _job_env() -> dict:
+def job_env() -> dict:
+    """The environment a job needs from the submitting process (data, work and tracking locations)."""
     return {k: os.environ[k] for k in _ENV_KEYS if k in os.environ}
 
 
@@ -65,7 +66,7 @@ def _distributed_launcher() -> str:
     return "pytorch"
 
 
-def _limit_threads(threads: Optional[int]) -> None:
+def limit_threads(threads: Optional[int]) -> None:
     """CPU jobs sharing a machine split its cores instead of each taking all of them."""
     if threads:
         import torch
@@ -86,7 +87,7 @@ class UnitJob:
 
     def __call__(self) -> dict:
         os.environ.update(self.env)
-        _limit_threads(self.threads)
+        limit_threads(self.threads)
         from cac.exp.runner import broadcast, init_distributed, is_main_process, execute_unit, make_unit, unit_state
         from cac.exp.spec import load_spec
 
@@ -109,29 +110,6 @@ class UnitJob:
         if metrics is False:
             return {"state": "failed"}
         return {"state": "done", "mIoU": metrics.get("mIoU")}
-
-    def checkpoint(self, *args: Any, **kwargs: Any):
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(self)
-
-
-class SweepJob:
-    """One Optuna worker as a job: workers share the study's storage, each trains trials until the
-    study holds the requested total. Requeued like :class:`UnitJob` (an interrupted trial's run is
-    resumed when its point is proposed again)."""
-
-    def __init__(self, path: str, trials: int, preset: str, storage: Optional[str], uri: Optional[str],
-                 report_dir: str, options: RunOptions, env: Optional[dict] = None, threads: Optional[int] = None) -> None:
-        self.args = (path, trials, preset, storage, uri)
-        self.report_dir, self.options, self.env, self.threads = report_dir, options, dict(env or {}), threads
-
-    def __call__(self) -> int:
-        os.environ.update(self.env)
-        _limit_threads(self.threads)
-        from cac.exp.sweep import run_sweep
-
-        return run_sweep(*self.args, report_dir=self.report_dir, options=self.options)
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         import submitit
@@ -186,7 +164,7 @@ def make_executor(d: DispatchOptions, folder: Path):
     raise CacError(f"unknown executor {d.executor!r}; use one of {', '.join(EXECUTORS)}")
 
 
-def _threads(d: DispatchOptions) -> Optional[int]:
+def cpu_threads(d: DispatchOptions) -> Optional[int]:
     """CPU cores per local CPU job: the machine's cores split over the jobs running at once."""
     if d.executor != "local" or d.gpus_per_run:
         return None
@@ -205,7 +183,7 @@ def _short(err: BaseException) -> str:
     return tail[0][:200]
 
 
-def _run_jobs(make_job: Callable[[Any], Any], items: list, label: Callable[[Any], str], d: DispatchOptions,
+def run_jobs(make_job: Callable[[Any], Any], items: list, label: Callable[[Any], str], d: DispatchOptions,
               folder: Path, echo: Callable[[str], None]) -> list[tuple[Any, Any]]:
     """Submit one job per item, ``d.jobs`` at a time; a failed job is resubmitted up to ``d.retries``
     times. Returns ``(item, result or exception)`` per item."""
@@ -253,13 +231,13 @@ def dispatch_units(spec_path: str, preset: str, units: list, options: RunOptions
     from cac.exp.runner import WORK_ROOT
 
     folder = Path(d.folder) if d.folder else WORK_ROOT / "submitit"
-    env, threads, root = _job_env(), _threads(d), str(WORK_ROOT.resolve())
+    env, threads, root = job_env(), cpu_threads(d), str(WORK_ROOT.resolve())
 
     def make_job(unit) -> UnitJob:
         return UnitJob(spec_path, unit.row.label, unit.seed, preset, options, uri, root, env, threads)
 
     failures = 0
-    for unit, result in _run_jobs(make_job, units, lambda u: u.name, d, folder, echo):
+    for unit, result in run_jobs(make_job, units, lambda u: u.name, d, folder, echo):
         if isinstance(result, BaseException) or result.get("state") == "failed":
             failures += 1
         elif result["state"] == "done":
@@ -269,28 +247,6 @@ def dispatch_units(spec_path: str, preset: str, units: list, options: RunOptions
         else:
             echo(f"skip  {unit.name}: {result['state']} (run {result.get('run_id')})")
     return failures
-
-
-def dispatch_sweep(path: str, trials: int, preset: str, storage: Optional[str], uri: Optional[str], report_dir: str,
-                   options: RunOptions, d: DispatchOptions, echo: Callable[[str], None] = print) -> int:
-    """``d.jobs`` sweep workers as jobs on one shared Optuna storage."""
-    import optuna
-
-    from cac.exp.runner import WORK_ROOT
-    from cac.exp.sweep import load_sweep, resolve_storage
-
-    if storage is None or storage.startswith("sqlite:///:memory:"):
-        storage = f"sqlite:///{Path('optuna.db').resolve()}"  # workers in other processes must share it
-    sweep = load_sweep(path)
-    store, storage = resolve_storage(storage)
-    # Created once here: Optuna's own first-creation race between workers is avoided.
-    optuna.create_study(study_name=sweep.study, storage=store, direction=sweep.direction, load_if_exists=True)
-    folder = Path(d.folder) if d.folder else WORK_ROOT / "submitit"
-    env, threads = _job_env(), _threads(d)
-    workers = list(range(max(1, d.jobs)))
-    results = _run_jobs(lambda i: SweepJob(path, trials, preset, storage, uri, report_dir, options, env, threads),
-                        workers, lambda i: f"sweep worker {i}", d, folder, echo)
-    return sum(1 for _, r in results if isinstance(r, BaseException) or r)
 
 
 def add_dispatch_options(parser) -> None:

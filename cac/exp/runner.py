@@ -385,9 +385,10 @@ def _log_final(unit: RunUnit, tracker: RunTracker, metrics: dict, classes: list[
 def run_spec(spec_path: str, preset: str = "quick", rows: Optional[str] = None, seeds: Optional[int] = None,
              tracking_uri: Optional[str] = None, dry_run: bool = False, launcher: str = "none",
              multiscale: bool = False, echo: Callable[[str], None] = print,
-             options: Optional[RunOptions] = None, dispatch=None) -> int:
-    """The ``cac-exp run`` command. Returns the exit code. ``dispatch`` (a ``DispatchOptions``) hands
-    the units to submitit jobs instead of training them here."""
+             options: Optional[RunOptions] = None,
+             execute: Optional[Callable[[list], int]] = None) -> int:
+    """The ``cac-exp run`` command. Returns the exit code. ``execute(units)`` trains the units to be
+    trained elsewhere (submitit jobs: ``cac.exp.dispatch``) and returns how many failed."""
     import dataclasses
 
     spec = load_spec(spec_path)
@@ -407,24 +408,15 @@ def run_spec(spec_path: str, preset: str = "quick", rows: Optional[str] = None, 
     if dry_run:
         if main:
             _print_plan(spec, preset, units, states, uri, echo)
-            if dispatch is not None and dispatch.executor != "inline":
-                echo(f"executor {dispatch.executor}: {sum(s not in ('finished', 'shared') for s, _ in states)} job(s), "
-                     f"{dispatch.jobs} at a time, {dispatch.gpus_per_run} GPU(s) each")
-            if dispatch.executor == "slurm":
-                from cac.exp.dispatch import slurm_script
-
-                echo("sbatch file of each job:\n" + slurm_script(dispatch, Path(dispatch.folder or WORK_ROOT / "submitit")))
         return 0
-    if dispatch is not None and dispatch.executor != "inline":
-        from cac.exp.dispatch import dispatch_units
-
+    if execute is not None:
         todo = []
         for unit, (state, run_id) in zip(units, states):
             if state in ("finished", "shared"):
                 echo(f"skip  {unit.name}: {'shared with ' if state == 'shared' else ''}FINISHED run {run_id}")
             else:
                 todo.append(unit)
-        failures = dispatch_units(str(spec.path), preset, todo, options, uri, dispatch, echo) if todo else 0
+        failures = execute(todo) if todo else 0
         if failures:
             echo(f"{failures} of {len(units)} runs failed (see above); finished runs are kept")
         return 1 if failures else 0

@@ -385,7 +385,7 @@ def register(subparsers) -> None:
 
 
 def _cmd_sweep(args) -> int:
-    from cac.exp.dispatch import dispatch_options, dispatch_sweep
+    from cac.exp.dispatch import dispatch_options
 
     d = dispatch_options(args)
     if d.executor == "inline":
@@ -393,3 +393,47 @@ def _cmd_sweep(args) -> int:
                          options=run_options(args))
     return 1 if dispatch_sweep(args.spec, args.trials, args.preset, args.storage, args.tracking_uri, args.out,
                                run_options(args), d) else 0
+
+
+class SweepJob:
+    """One Optuna worker as a submitit job: workers share the study's storage and each trains trials
+    until the study holds the requested total. Checkpointable like ``cac.exp.dispatch.UnitJob`` (an
+    interrupted trial is retried with its parameters and resumes its run)."""
+
+    def __init__(self, path: str, trials: int, preset: str, storage: Optional[str], uri: Optional[str],
+                 report_dir: str, options, env: Optional[dict] = None, threads: Optional[int] = None) -> None:
+        self.args = (path, trials, preset, storage, uri)
+        self.report_dir, self.options, self.env, self.threads = report_dir, options, dict(env or {}), threads
+
+    def __call__(self) -> int:
+        from cac.exp.dispatch import limit_threads
+
+        os.environ.update(self.env)
+        limit_threads(self.threads)
+        return run_sweep(*self.args, report_dir=self.report_dir, options=self.options)
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def dispatch_sweep(path: str, trials: int, preset: str, storage: Optional[str], uri: Optional[str], report_dir: str,
+                   options, d, echo: Callable[[str], None] = print) -> int:
+    """``d.jobs`` sweep workers as submitit jobs on one shared Optuna storage; returns how many failed."""
+    import optuna
+
+    from cac.exp.dispatch import cpu_threads, job_env, run_jobs
+    from cac.exp.runner import WORK_ROOT
+
+    if storage is None or storage.startswith("sqlite:///:memory:"):
+        storage = f"sqlite:///{Path('optuna.db').resolve()}"  # workers in other processes must share it
+    sweep = load_sweep(path)
+    store, storage = resolve_storage(storage)
+    # Created once here: Optuna's own first-creation race between workers is avoided.
+    optuna.create_study(study_name=sweep.study, storage=store, direction=sweep.direction, load_if_exists=True)
+    folder = Path(d.folder) if d.folder else WORK_ROOT / "submitit"
+    env, threads = job_env(), cpu_threads(d)
+    results = run_jobs(lambda i: SweepJob(path, trials, preset, storage, uri, report_dir, options, env, threads),
+                       list(range(max(1, d.jobs))), lambda i: f"sweep worker {i}", d, folder, echo)
+    return sum(1 for _, r in results if isinstance(r, BaseException) or r)

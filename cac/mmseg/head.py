@@ -114,7 +114,8 @@ class CACHead(BaseModule):
         out = self.all_logits(*inputs, labels=labels)
         # Under AMP the logits may be half precision: the losses, and the KL's softmaxes, entropies and
         # class-wise sums above all, are computed in float32 with autocast off.
-        out = CACOutputs(*(None if t is None else t.float() for t in out))
+        out = CACOutputs(*(t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
+                           for t in out))
         with torch.autocast(device_type=labels.device.type, enabled=False):
             return cac_losses(out, labels, self.options,
                               ce=lambda logits, accuracy: self.segmentation_loss(logits, seg_label, accuracy),
