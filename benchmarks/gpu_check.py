@@ -88,9 +88,9 @@ def section_table6(device: str, dry: bool) -> dict:
     rows = {r.label: r for r in spec.rows}
     sizes, warmup, repeats = ([64], 1, 2) if dry else ([512, 1280, 2560], 3, 10)
     cfgs = {label: bench_model_cfg(spec, row, "paper") for label, row in rows.items()}
-    memory: dict[str, dict[int, float | None]] = {label: {} for label in rows}
+    memory: dict[str, dict[int, float | None]] = {label: {size: None for size in sizes} for label in rows}
     for label, cfg in cfgs.items():  # each model alone: weights + activations of one inference
-        for size in sizes:
+        for size in sizes if device == "cuda" else []:  # the CPU's RSS is not comparable: not measured
             def build_and_infer(cfg=cfg, size=size) -> None:
                 model = build_eval_model(cfg, device)
                 inference_fn(model, size, 1)()
@@ -119,7 +119,7 @@ def section_train_step(device: str, dry: bool) -> dict:
 
     from train_step import build_train, make_train_batch, step_fn
 
-    crop, batch, warmup, repeats = (64, 2, 1, 2) if dry else (512, 4, 3, 10)
+    crop, batch, warmup, repeats = (64, 2, 0, 1) if dry else (512, 4, 3, 10)
     precisions = ["fp32"] + (["amp"] if device == "cuda" else [])  # mmengine's AMP wrapper needs a GPU
     out: dict = {}
     for model in ("fcn-mv2", "upernet-swin-t"):
@@ -133,7 +133,7 @@ def section_train_step(device: str, dry: bool) -> dict:
                 nets[label] = (net, optim)
             data = make_train_batch(crop, batch)
             fns = {label: step_fn(net, optim, data) for label, (net, optim) in nets.items()}
-            for fn in fns.values():  # optimizer state exists and cuDNN's autotuning is done from here on
+            for fn in fns.values() if device == "cuda" else []:  # optimizer state exists, cuDNN autotuned
                 fn()
             mem = {label: peak_mb(device, fn) for label, fn in fns.items()}
             times = timed(fns, warmup, repeats, device)

@@ -91,7 +91,7 @@ def test_dry_run_prints_plan(tmp_path, capsys):
     path = _write(tmp_path, GOOD)
     assert main(["run", str(path), "--dry-run", "--seeds", "2", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 0
     out = capsys.readouterr().out
-    assert out.count("train") == 4 and "tau=10.0" in out and "cac=off" in out
+    assert out.count("] train: ") == 4 and "plan: 4 to train" in out and "tau=10.0" in out and "cac=off" in out
 
 
 def test_load_spec_error_type(tmp_path):
