@@ -1,6 +1,7 @@
 """The paper-scale command line: run options, the paper's total batch, tiny real-layout datasets, the
 paper preset end to end on them, runs shared across specs, AMP's fp32 losses and the GPU check's
 dry mode."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -203,7 +204,7 @@ def test_paper_preset_trains_on_tiny_ade20k(tiny_ade, capsys):
 def test_gpu_check_dry_runs_every_section(tmp_path):
     out = tmp_path / "gc"
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900, env={**__import__("os").environ, "PYTHON": sys.executable})
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stderr[-2000:]
     import json
 
