@@ -1,6 +1,6 @@
-"""submitit dispatch on this machine (the local executor): one job per unit, K at a time; a preempted
-job is requeued by submitit and a job whose process is killed is resubmitted, and both resume their
-unit's MLflow run from its last checkpoint."""
+"""submitit dispatch on this machine (the local executor): one job per unit, K at a time; a timed-out
+job is checkpointed and requeued by submitit and a job whose process is killed is resubmitted, and both
+resume their unit's MLflow run from its last checkpoint."""
 import os
 import signal
 import threading
@@ -65,21 +65,25 @@ def test_local_executor_runs_each_unit_as_a_job(workspace, capsys):
     assert capsys.readouterr().out.count("skip") == 2  # nothing submitted again
 
 
-def test_preempted_job_is_requeued_and_resumes(workspace):
+def test_timed_out_job_checkpoints_requeues_and_resumes(workspace):
+    """USR2 near the time limit: submitit requeues a timed-out job only through its ``checkpoint``
+    (a job without one ends "timed-out and not checkpointable"), so this exercises UnitJob.checkpoint.
+    With a limit under 10 minutes submitit counts any USR2 as a timeout."""
     uri = f"sqlite:///{workspace}/mlflow.db"
     spec = load_spec(TABLE3)
     unit = make_unit(spec, spec.row("(e)"), 0, "quick")
-    executor = make_executor(DispatchOptions(executor="local"), workspace / "jobs")
+    executor = make_executor(DispatchOptions(executor="local", time_min=8), workspace / "jobs")
     job = executor.submit(UnitJob(str(TABLE3), "(e)", 0, "quick", RunOptions(), uri, str(workspace / "work_dirs"),
                                   {k: os.environ[k] for k in ("CAC_DATA_ROOT", "CAC_WORK_DIR")}))
     _wait_for(unit.work_dir, "iter_50.pth")
     time.sleep(1.0)  # into the iterations after the checkpoint
     (pid,) = _task_pids(workspace / "jobs")
-    os.kill(pid, signal.SIGUSR2)  # what Slurm sends a preempted or timed-out job: submitit checkpoints and requeues it
+    os.kill(pid, signal.SIGUSR2)  # what Slurm sends before the time limit (and on preemption)
     assert job.result()["state"] == "done"
     (run,) = _runs(uri)
     _assert_resumed_once(uri, run)
-    assert "Requeued" in Path(job.paths.stderr).read_text() + Path(job.paths.stdout).read_text()
+    log = Path(job.paths.stderr).read_text() + Path(job.paths.stdout).read_text()
+    assert "timed-out" in log and "Requeued" in log
 
 
 def _task_pids(folder: Path) -> list[int]:
