@@ -21,6 +21,7 @@ def _cmd_run(args) -> int:
     from cac.exp.tracking import resolve_tracking_uri
 
     spec = load_spec(args.spec)
+    _refuse_model_on_benchmark(spec, args)
     if spec.task == "benchmark":
         from cac.bench.table6 import run_benchmark
 
@@ -43,6 +44,12 @@ def _cmd_run(args) -> int:
     return code
 
 
+def _refuse_model_on_benchmark(spec, args) -> None:
+    if getattr(args, "model", None) and spec.task == "benchmark":
+        raise CacError(f"{spec.path}: --model does not apply to a benchmark spec (Table 6 times its own rows' "
+                       "models); give the model in the spec's rows instead")
+
+
 def _cmd_config(args) -> int:
     from cac.mmseg.config import dump_config
     from cac.exp.runner import make_unit
@@ -58,7 +65,9 @@ def _cmd_config(args) -> int:
 def _cmd_params(args) -> int:
     from cac.exp.param_counts import count_spec_params
 
-    rows = count_spec_params(args.spec, preset=args.preset)
+    from cac.exp.options import model_option
+
+    rows = count_spec_params(args.spec, preset=args.preset, model=model_option(args))
     if args.json:
         print(json.dumps([{"row": r["row"], "params": r["params"]} for r in rows]))
     else:
@@ -74,12 +83,16 @@ def _cmd_results(args) -> int:
     from cac.exp.spec import load_spec
     from cac.exp.tracking import resolve_tracking_uri
 
+    from cac.exp.options import model_option
+
     spec = load_spec(args.spec)
+    _refuse_model_on_benchmark(spec, args)
     if spec.task == "benchmark":
         from cac.bench.table6 import print_tracked_benchmark
 
         return print_tracked_benchmark(spec, args.preset, resolve_tracking_uri(args.tracking_uri))
-    return print_tracked(args.spec, preset=args.preset, tracking_uri=args.tracking_uri, out=args.out)
+    return print_tracked(args.spec, preset=args.preset, tracking_uri=args.tracking_uri, out=args.out,
+                         model=model_option(args))
 
 
 def _cmd_demo(args) -> int:
@@ -106,7 +119,7 @@ def _cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from cac.exp.dispatch import add_dispatch_options
-    from cac.exp.options import add_run_options
+    from cac.exp.options import add_model_option, add_run_options
 
     parser = argparse.ArgumentParser(prog="cac-exp", description="Context-Aware Classifier experiments")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--preset", default="paper")
     p.add_argument("--json", action="store_true")
+    add_model_option(p)
     p.set_defaults(func=_cmd_params)
 
     p = sub.add_parser("results", help="print a spec's tracked results (mean ± std per row)")
@@ -145,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="quick")
     p.add_argument("--tracking-uri")
     p.add_argument("--out", help="also write the per-row, per-seed values as JSON")
+    add_model_option(p)
     p.set_defaults(func=_cmd_results)
 
     p = sub.add_parser("demo", help="run ablations/table3.yaml at the quick preset and print its table")

@@ -107,7 +107,7 @@ def evaluate_checkpoint(spec_path: str, row: str, preset: str, checkpoint: str, 
     """Evaluate ``checkpoint`` as ``row`` of the spec at ``preset``; returns the logged metrics."""
     import torch
 
-    from cac.mmseg.evaluation import evaluate_classifiers, iou_from_confusion
+    from cac.mmseg.evaluation import evaluate_pass, explain_artifacts, explain_metrics, iou_from_confusion
 
     spec = load_spec(spec_path)
     ckpt = read_checkpoint(checkpoint)
@@ -130,16 +130,19 @@ def evaluate_checkpoint(spec_path: str, row: str, preset: str, checkpoint: str, 
     tags = {**unit.tags, "kind": "eval", "checkpoint": str(checkpoint)[-250:], "checkpoint_sha256": digest}
     tracker = RunTracker.open(uri, eval_experiment(spec.name), tags, f"eval {unit.name}")
     try:
-        tracker.set_tags({"git_commit": git_commit(), "model": unit.model, "description": target.description})
+        tracker.set_tags({"git_commit": git_commit(), "model": unit.model, "base_model": unit.model,
+                          "description": target.description})
         tracker.log_params({**{f"setting.{k}": v for k, v in unit.settings().items()},
                             **flatten(unit.cfg.get("model", {}), "cfg.model."), **unit.options.params()})
         t0 = time.time()
         scores = runner.test()
         metrics = {f"val/{k}": float(v) for k, v in scores.items() if k in ("mIoU", "mAcc", "aAcc")}
         num_classes = len(runner.test_dataloader.dataset.metainfo["classes"])
-        confs = evaluate_classifiers(runner.model, runner.test_dataloader, num_classes)
+        result = evaluate_pass(runner.model, runner.test_dataloader, num_classes, explain=True)
+        confs = result.confusion
         short = {"p": "p", "p_p": "pp", "p_y": "py"}
         metrics.update({f"val/mIoU_{short[k]}": iou_from_confusion(c)[1] for k, c in confs.items()})
+        metrics.update(explain_metrics(result))  # val/ece_*, val/changed_pixels, ... as training runs log them
         if multiscale:
             metrics["val/mIoU_ms"] = evaluate_multiscale(unit, Path(checkpoint), work_dir=work_dir / "ms")
         metrics["time/eval_seconds"] = time.time() - t0
@@ -153,6 +156,8 @@ def evaluate_checkpoint(spec_path: str, row: str, preset: str, checkpoint: str, 
             table.write_text("class,iou\n" + "".join(f"{c},{'' if torch.isnan(v) else round(float(v) * 100, 2)}\n"
                                                        for c, v in zip(classes, iou)))
             tracker.log_artifact(table)
+            for path in explain_artifacts(result, classes, work_dir):
+                tracker.log_artifact(path)
     except BaseException:
         tracker.finish("FAILED")
         raise

@@ -1,7 +1,8 @@
 """What the command line may change about a planned run, applied to its resolved config.
 
 ``--cfg-options`` (mmengine's ``DictAction`` syntax), ``--amp``, ``--no-pretrained``, a dataset subset
-(``--expected-train/--expected-val``) and the world size. Each one that changes what is trained
+(``--expected-train/--expected-val``), the world size and ``--batch-per-gpu`` (gradient accumulation up
+to the total batch). Each one that changes what is trained
 changes the config, so it is part of the run's identity (its config hash); the subset is part of
 the data version.
 """
@@ -15,7 +16,7 @@ from cac.errors import CacError
 from cac.mmseg.cfgtree import strip_pretrained, to_plain
 
 __all__ = ["RunOptions", "apply_run_options", "shipped_total_batch", "per_process_batch", "add_run_options",
-           "run_options"]
+           "run_options", "add_model_option", "model_option", "accumulation_steps"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class RunOptions:
     no_pretrained: bool = False
     expected: Mapping[str, int] = field(default_factory=dict)  # {"train": n, "val": m}: a subset
     world_size: int = 1
+    model: Optional[str] = None  # --model: every row's base model (a registered name, or a config file)
+    batch_per_gpu: Optional[int] = None  # --batch-per-gpu: the total batch kept by gradient accumulation
 
     def params(self) -> dict:
         """What MLflow records about them (the config itself is logged too)."""
@@ -51,6 +54,51 @@ def per_process_batch(total: int, world_size: int, where: str) -> int:
         raise CacError(f"{where}: the total batch {total} does not divide over {world_size} processes; "
                        f"use a GPU count that divides {total}, or set train_dataloader.batch_size with --cfg-options")
     return total // world_size
+
+
+def accumulation_steps(total: int, batch_per_gpu: int, world_size: int, where: str) -> int:
+    """Gradient-accumulation steps that keep ``total`` = ``batch_per_gpu`` x ``world_size`` x steps."""
+    if batch_per_gpu >= 1 and world_size >= 1 and total % (batch_per_gpu * world_size) == 0:
+        return total // (batch_per_gpu * world_size)
+    fits = [n for n in range(1, total + 1) if total % (n * max(1, world_size)) == 0]
+    hint = f"use one of {', '.join(map(str, fits))}" if fits else f"use a GPU count that divides {total}"
+    raise CacError(f"{where}: --batch-per-gpu {batch_per_gpu} x {world_size} process(es) does not divide the "
+                   f"total batch {total}; {hint}")
+
+
+# Schedule entries counted in iterations. With accumulation an iteration is one micro-batch, so they
+# are scaled by the steps: the run makes the optimizer steps (and sees the images) of the unscaled one.
+_ITER_PATHS = (("train_cfg", "max_iters"), ("train_cfg", "val_interval"), ("train_cfg", "val_begin"),
+               ("default_hooks", "checkpoint", "interval"), ("default_hooks", "logger", "interval"))
+_SCHEDULER_ITER_KEYS = ("begin", "end", "T_max", "step_size", "milestones")
+
+
+def _scale_iters(value: Any, steps: int) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, list, tuple)):
+        return value
+    return [v * steps for v in value] if isinstance(value, (list, tuple)) else value * steps
+
+
+def _accumulate(cfg: dict, batch_per_gpu: int, steps: int) -> None:
+    """Per-GPU batch ``batch_per_gpu``, mmengine's ``accumulative_counts`` = ``steps``, and the
+    iteration-counted schedule (length, val/checkpoint/log intervals, the LR schedule's iteration
+    bounds) multiplied by ``steps``."""
+    cfg["train_dataloader"]["batch_size"] = batch_per_gpu
+    if steps == 1:
+        return
+    cfg["optim_wrapper"] = {**(cfg.get("optim_wrapper") or {}), "accumulative_counts": steps}
+    for path in _ITER_PATHS:
+        node = cfg
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] in node:
+            node[path[-1]] = _scale_iters(node[path[-1]], steps)
+    schedulers = cfg.get("param_scheduler") or []
+    for sched in [schedulers] if isinstance(schedulers, dict) else schedulers:
+        if isinstance(sched, dict) and sched.get("by_epoch", True) is False:
+            for key in _SCHEDULER_ITER_KEYS:
+                if key in sched:
+                    sched[key] = _scale_iters(sched[key], steps)
 
 
 def _merge_cfg_options(cfg: dict, options: Mapping[str, Any]) -> dict:
@@ -86,6 +134,18 @@ def apply_run_options(cfg: dict, options: RunOptions, *, embedded: bool, config_
         # mmseg's configs hold a per-GPU batch for the GPU count in their name; the paper's total
         # batch (16) is kept on any count.
         cfg["train_dataloader"]["batch_size"] = per_process_batch(total, options.world_size, where)
+    if options.batch_per_gpu is not None:
+        if "train_dataloader.batch_size" in options.cfg_options:
+            raise CacError("--batch-per-gpu and --cfg-options train_dataloader.batch_size both set the per-GPU "
+                           "batch; use one of them")
+        # the total kept: the paper's (the shipped config's name), or an embedded preset's batch
+        kept = cfg["train_dataloader"]["batch_size"] if embedded else total
+        if kept is None:
+            raise CacError(f"{where}: --batch-per-gpu needs the config's total batch, which its name does not "
+                           "declare (no _NxbM-); set train_dataloader.batch_size and "
+                           "optim_wrapper.accumulative_counts with --cfg-options")
+        _accumulate(cfg, options.batch_per_gpu, accumulation_steps(kept, options.batch_per_gpu,
+                                                                   1 if embedded else options.world_size, where))
     if options.cfg_options:
         cfg = _merge_cfg_options(cfg, options.cfg_options)
     return cfg
@@ -97,12 +157,38 @@ def add_run_options(parser, *, training: bool = True) -> None:
 
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={}, metavar="KEY=VALUE",
                         help="override the resolved config, as mmseg's tools do (part of the run's identity)")
+    add_model_option(parser)
     parser.add_argument("--expected-train", type=int, help="train on a dataset subset of this many images")
     parser.add_argument("--expected-val", type=int, help="validate on a dataset subset of this many images")
     if training:
         parser.add_argument("--amp", action="store_true", help="mixed precision (mmengine's AmpOptimWrapper)")
         parser.add_argument("--no-pretrained", action="store_true",
                             help="random init instead of the config's pretrained backbone (recorded)")
+        parser.add_argument("--batch-per-gpu", type=int, metavar="N",
+                            help="per-GPU batch N; gradient accumulation keeps the total batch (16 at preset "
+                                 "paper) and the schedule counts the optimizer steps (part of the run's identity)")
+
+
+def add_model_option(parser) -> None:
+    parser.add_argument("--model", metavar="NAME|PATH",
+                        help="replace every row's base model: a registered name, an mmseg config file, "
+                             "or mmseg::<config>")
+
+
+def model_option(args) -> Optional[str]:
+    """``--model`` as a reference that means the same from any directory (a file path made absolute),
+    checked now: a missing or unreadable config is one line before anything is planned."""
+    from cac.mmseg.zoo import MMSEG_PREFIX, is_model_file, resolve_model
+
+    ref = getattr(args, "model", None)
+    if not ref:
+        return None
+    if is_model_file(ref) and not ref.startswith(MMSEG_PREFIX):
+        from pathlib import Path
+
+        ref = str(Path(ref).expanduser().resolve())
+    resolve_model(ref)
+    return ref
 
 
 def run_options(args) -> RunOptions:
@@ -112,5 +198,9 @@ def run_options(args) -> RunOptions:
     for split, n in expected.items():
         if n < 1:
             raise CacError(f"--expected-{split} must be >= 1, got {n}")
+    batch_per_gpu = getattr(args, "batch_per_gpu", None)
+    if batch_per_gpu is not None and batch_per_gpu < 1:
+        raise CacError(f"--batch-per-gpu must be >= 1, got {batch_per_gpu}")
     return RunOptions(cfg_options=dict(getattr(args, "cfg_options", None) or {}), amp=bool(getattr(args, "amp", False)),
-                      no_pretrained=bool(getattr(args, "no_pretrained", False)), expected=expected)
+                      no_pretrained=bool(getattr(args, "no_pretrained", False)), expected=expected,
+                      model=model_option(args), batch_per_gpu=batch_per_gpu)

@@ -10,8 +10,10 @@ from cac.mmseg.params import count_params
 __all__ = ["count_spec_params"]
 
 
-def count_spec_params(spec_path: str, preset: str = "paper", rows: Optional[list[str]] = None) -> list[dict]:
-    spec = load_spec(spec_path)
+def count_spec_params(spec_path: str, preset: str = "paper", rows: Optional[list[str]] = None,
+                      model: Optional[str] = None) -> list[dict]:
+    """``model`` (``--model``) replaces every row's base model."""
+    spec = load_spec(spec_path).with_model(model)
     out = []
     for row in spec.rows:
         if rows and row.label not in rows:

@@ -7,27 +7,27 @@ from cac.exp.spec import Spec, load_spec
 from cac.exp.stats import fmt_summary, summarize
 from cac.exp.tracking import find_runs, resolve_tracking_uri
 
-__all__ = ["matched_runs", "collect", "collect_evaluations", "print_tracked"]
+__all__ = ["matched_runs", "collect", "collect_evaluations", "print_tracked", "base_model_name"]
 
 
 def matched_runs(spec: Spec, preset: str, uri: str) -> dict[str, dict[int, object]]:
     """``{row label: {seed: mlflow Run}}``: the FINISHED runs of ``spec`` at ``preset`` whose config
     hash and data version are the row's current ones, so a changed row (or regenerated data) never
-    mixes with its old results."""
-    from cac.exp.runner import data_version, make_unit
+    mixes with its old results; runs of another base model (``Spec.with_model``) never mix either."""
+    from cac.exp.runner import make_unit
 
     rows = {r.label: r for r in spec.rows}
-    version = data_version(preset, spec.dataset)
     out: dict[str, dict[int, object]] = {label: {} for label in rows}
-    expected: dict[tuple[str, int], str] = {}
+    expected: dict[tuple[str, int], tuple[str, str]] = {}
     for run in find_runs(uri, spec.name, {"preset": preset}, statuses=["FINISHED"]):
         label, seed = run.data.tags.get("row"), run.data.tags.get("seed")
         if label not in rows or seed is None:
             continue
         key = (label, int(seed))
         if key not in expected:
-            expected[key] = make_unit(spec, rows[label], int(seed), preset).cfg_hash
-        if run.data.tags.get("config_hash") == expected[key] and run.data.tags.get("data_version") == version:
+            unit = make_unit(spec, rows[label], int(seed), preset)
+            expected[key] = (unit.cfg_hash, unit.extra_tags["data_version"])
+        if (run.data.tags.get("config_hash"), run.data.tags.get("data_version")) == expected[key]:
             out[label][int(seed)] = run
     _add_shared(spec, preset, uri, out)
     return out
@@ -52,18 +52,33 @@ def collect(spec: Spec, preset: str, uri: str, metric: str = "val/mIoU") -> dict
             for label, runs in matched_runs(spec, preset, uri).items()}
 
 
+def base_model_name(spec: Spec, preset: str) -> str:
+    """What report titles name: the base model(s) of the spec's rows at ``preset``."""
+    from cac.mmseg.zoo import resolve_model
+
+    names = []
+    for row in spec.rows:
+        name = resolve_model(spec.model_for(row, preset)).name
+        if name not in names:
+            names.append(name)
+    return ", ".join(names)
+
+
 def collect_evaluations(spec: Spec, preset: str, uri: str, metric: str = "val/mIoU") -> dict[str, dict[int, float]]:
     """``{row label: {0: metric}}`` from the newest FINISHED evaluation run (``cac-exp eval``) of each
     row at ``preset`` on the current data version: the fallback of reports for rows with no training
     run (Table 1 from released checkpoints)."""
     from cac.exp.evaluate import eval_experiment
-    from cac.exp.runner import data_version
+    from cac.exp.runner import make_unit
 
-    version = data_version(preset, spec.dataset)
+    wanted = {r.label: make_unit(spec, r, 0, preset) for r in spec.rows}
     newest: dict[str, object] = {}
     for run in find_runs(uri, eval_experiment(spec.name), {"preset": preset, "kind": "eval"}, statuses=["FINISHED"]):
         label = run.data.tags.get("row")
-        if run.data.tags.get("data_version") != version or metric not in run.data.metrics:
+        unit = wanted.get(label)
+        if unit is None or metric not in run.data.metrics:
+            continue
+        if run.data.tags.get("data_version") != unit.extra_tags["data_version"]:
             continue
         if label not in newest or run.info.start_time > newest[label].info.start_time:
             newest[label] = run
@@ -71,8 +86,8 @@ def collect_evaluations(spec: Spec, preset: str, uri: str, metric: str = "val/mI
 
 
 def print_tracked(spec_path: str, preset: str = "quick", tracking_uri: Optional[str] = None,
-                  out: Optional[str] = None) -> int:
-    spec = load_spec(spec_path)
+                  out: Optional[str] = None, model: Optional[str] = None) -> int:
+    spec = load_spec(spec_path).with_model(model)
     uri = resolve_tracking_uri(tracking_uri)
     results = collect(spec, preset, uri)
     if out:  # a small DVC-trackable record of what the table stands on
@@ -80,7 +95,8 @@ def print_tracked(spec_path: str, preset: str = "quick", tracking_uri: Optional[
         from pathlib import Path
 
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps({"spec": spec.name, "preset": preset, "val/mIoU": results},
+        Path(out).write_text(json.dumps({"spec": spec.name, "preset": preset, "val/mIoU": results,
+                                         "base_model": base_model_name(spec, preset)},
                                         indent=1, sort_keys=True) + "\n")
     print(f"{spec.title} — preset {preset} (val mIoU, %; tracking {uri})")
     print(f"{'row':>10}  {'description':<44} {'ours':>22}  {'paper':>6}")

@@ -53,6 +53,7 @@ class RunUnit:
     work_dir: Path
     extra_tags: dict = field(default_factory=dict)
     options: RunOptions = field(default_factory=RunOptions)
+    dataset: str = ""  # the data it trains on at preset paper: the spec's, or a user config's own
 
     @property
     def name(self) -> str:
@@ -73,7 +74,7 @@ class RunUnit:
     def settings(self) -> dict:
         """The key settings, flattened: what a reader of the plan or the MLflow params wants."""
         out = {"model": self.model, "cac": "off" if self.row.cac is None else "on", "seed": self.seed,
-               "preset": self.preset, "dataset": self.spec.dataset}
+               "preset": self.preset, "dataset": self.dataset or self.spec.dataset}
         if self.row.cac is not None:
             from cac.core.classifier import CACOptions
 
@@ -84,26 +85,30 @@ class RunUnit:
 def make_unit(spec: Spec, row: Row, seed: int, preset: str, *, cac_extra: Optional[dict] = None,
               overrides_extra: Optional[dict] = None, extra_tags: Optional[dict] = None,
               work_root: Optional[Path] = None, options: Optional[RunOptions] = None) -> RunUnit:
-    from cac.mmseg.zoo import get_model
+    from cac.mmseg.config import dataset_of_config
+    from cac.mmseg.zoo import resolve_model
 
     options = options or RunOptions()
-    model = spec.model_for(row, preset)
+    model = options.model or spec.model_for(row, preset)  # --model: Spec.with_model for a single row
+    entry = resolve_model(model)
     cac = row.cac if row.cac is None or not cac_extra else {**row.cac, **cac_extra}
     row = row if cac is row.cac else Row(row.label, row.description, cac, row.model, row.overrides, row.paper)
     cfg = resolve_config(model, preset, cac=cac if cac is not None else False,
                          overrides={**spec.overrides_for(row, preset), **(overrides_extra or {})},
                          seed=seed, dataset=spec.dataset)
-    cfg = apply_run_options(cfg, options, embedded=get_preset(preset).embedded, config_name=get_model(model).config,
+    cfg = apply_run_options(cfg, options, embedded=get_preset(preset).embedded, config_name=entry.config,
                             where=f"{spec.name} {row.label}")
     digest = config_hash(cfg)
+    # A user's config at preset paper trains on its own data (whatever the spec's dataset says).
+    dataset = dataset_of_config(cfg) if entry.own_data and not get_preset(preset).embedded else spec.dataset
     # The data version is part of a unit's identity (its tags and its work dir): after the generator
     # changes, an unchanged config is neither skipped as done nor resumed from the old data's checkpoint.
-    version = data_version(preset, spec.dataset, dict(options.expected))
+    version = data_version(preset, dataset, dict(options.expected))
     work_dir = ((work_root or WORK_ROOT) / spec.name / preset / slug(version)
                 / f"{slug(row.label)}-s{seed}-{digest[:8]}")
     cfg["work_dir"] = str(work_dir)
-    return RunUnit(spec, row, seed, preset, model, cfg, digest, work_dir,
-                   {"data_version": version, **(extra_tags or {})}, options)
+    return RunUnit(spec, row, seed, preset, entry.name, cfg, digest, work_dir,
+                   {"data_version": version, **(extra_tags or {})}, options, dataset)
 
 
 def plan_runs(spec: Spec, preset: str, rows: Optional[str] = None, seeds: Optional[int] = None,
@@ -173,9 +178,16 @@ def ensure_data(unit: RunUnit) -> None:
 
         context_scenes.ensure(preset.data)
         return
-    from cac.data.real import verify
+    from cac.data.real import known_dataset, verify
 
-    verify(unit.spec.dataset, unit.cfg.get("data_root"), dict(unit.options.expected) or None)
+    dataset = unit.dataset or unit.spec.dataset
+    if known_dataset(dataset):
+        verify(dataset, unit.cfg.get("data_root"), dict(unit.options.expected) or None)
+        return
+    root = unit.cfg.get("data_root")  # a user's own dataset: its layout is the dataset class's business
+    if isinstance(root, str) and not Path(root).is_dir():
+        raise CacError(f"{unit.name}: the model config's data_root {root} does not exist "
+                       "(relative roots are under $CAC_DATA_ROOT)")
 
 
 def init_distributed(launcher: str) -> None:
@@ -440,14 +452,19 @@ def run_spec(spec_path: str, preset: str = "quick", rows: Optional[str] = None, 
 
 
 def _scale_params(unit: RunUnit) -> dict:
-    """How many processes train the unit and the batch one optimizer step sees (per-process batch
-    x world size): the same config trains differently under DDP. A resumed run keeps the values
-    logged first (MLflow params are immutable)."""
+    """How many processes train the unit, the batch one optimizer step sees (per-process batch
+    x world size x gradient-accumulation steps) and torch's CPU thread count: the same config trains differently under DDP, and
+    not bit-identically on another thread count (float reductions in another order). None of them
+    is in the config hash: the unit is the same experiment. A resumed run keeps the values logged
+    first (MLflow params are immutable)."""
+    import torch
     from mmengine.dist import get_world_size
 
     world = get_world_size()
     per_process = int((unit.cfg.get("train_dataloader") or {}).get("batch_size", 0))
-    return {"world_size": world, "total_batch": per_process * world}
+    accumulation = int((unit.cfg.get("optim_wrapper") or {}).get("accumulative_counts", 1))  # --batch-per-gpu
+    return {"world_size": world, "batch_per_gpu": per_process, "accumulation": accumulation,
+            "total_batch": per_process * world * accumulation, "num_threads": torch.get_num_threads()}
 
 
 OWNER_FILE = "owner.json"
@@ -507,7 +524,7 @@ def execute_unit(unit: RunUnit, state: str, run_id: Optional[str], uri: str, *, 
             _close_stale(unit, uri, keep=tracker.run_id)
             claim_work_dir(unit.work_dir, uri, tracker.run_id, echo)
             tracker.set_tags({"git_commit": git_commit(),
-                              "model": unit.model, "description": unit.row.description,
+                              "model": unit.model, "base_model": unit.model, "description": unit.row.description,
                               "work_dir": str(unit.work_dir.resolve()), **(tags or {})})
             tracker.log_params({**{f"setting.{k}": v for k, v in unit.settings().items()},
                                 **flatten(unit.cfg.get("model", {}), "cfg.model."), **_scale_params(unit),

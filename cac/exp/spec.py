@@ -6,7 +6,9 @@ Schema (unknown keys are refused everywhere)::
     task: train | benchmark                        # benchmark: Table 6 timing/memory, no training
     benchmark: {sizes: [512], warmup: 3, repeats: 10, batch_size: 1, device: auto}
     model: upernet-swin-t | {paper: upernet-swin-t, bench: fcn-slim-r18, quick: fcn-slim-r18}
-    dataset: ade20k | cocostuff                    # the paper preset's data (default ade20k)
+                                                   # or an mmseg config file (relative to this file)
+                                                   # or mmseg::<config>; `--model` replaces it for all rows
+    dataset: ade20k | cocostuff | cityscapes | pascal-context   # the paper preset's data (default ade20k)
     baseline: "(a)"                                # the row Δ is measured against
     seeds: 3 | [0, 1, 2]                           # default 3 -> [0, 1, 2]
     cac: {tau: 15, lambda_kl: 1, ...}              # CAC options shared by all +CAC rows
@@ -50,7 +52,7 @@ _BENCH = {"sizes": (list, "a non-empty list of positive image sizes"), "warmup":
           "repeats": (int, "an integer >= 1"), "batch_size": (int, "an integer >= 1"),
           "device": (str, "auto, cpu or cuda")}
 _PAPER = {"ss", "ms", "fps", "params", "mem", "fps_delta", "mem_delta", "ss_cocostuff", "ms_cocostuff"}
-_DATASETS = ("ade20k", "cocostuff")
+_DATASETS = ("ade20k", "cocostuff", "cityscapes", "pascal-context")
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,21 @@ class Spec:
     def overrides_for(self, row: Row, preset: str) -> dict:
         return {**self.overrides, **self.presets.get(preset, {}).get("overrides", {}), **row.overrides}
 
+    def with_model(self, model: Optional[str]) -> "Spec":
+        """This spec with ``model`` (``--model``: a name or an absolute config path) as every row's base
+        model, at every preset; the spec itself when ``model`` is None."""
+        if not model:
+            return self
+        import dataclasses
+
+        from cac.mmseg.zoo import resolve_model
+
+        presets = {k: {kk: vv for kk, vv in v.items() if kk != "model"} for k, v in self.presets.items()}
+        rows = [dataclasses.replace(r, model=model) for r in self.rows]
+        # Report titles name the model the rows were trained on.
+        title = f"{self.title} — on {resolve_model(model).name}"
+        return dataclasses.replace(self, presets=presets, rows=rows, title=title)
+
     def model_for(self, row: Row, preset: str) -> str:
         model = self.presets.get(preset, {}).get("model") or row.model_for(preset)
         if model is None:
@@ -122,16 +139,29 @@ def _check_type(path: Path, where: str, value: Any, types: tuple, what: str) -> 
         _fail(path, where, f"must be {what}, got {type(value).__name__} {value!r}")
 
 
-def _check_model(path: Path, where: str, model: Any) -> None:
-    from cac.mmseg.zoo import MODELS
+def _check_model(path: Path, where: str, model: Any) -> Any:
+    """A model reference (or one per preset), with config file paths made absolute (they are relative
+    to the spec file); an unknown name or an unusable config file fails here, naming the key."""
+    from cac.mmseg.zoo import MMSEG_PREFIX, MODELS, is_model_file, resolve_model
 
-    names = model.values() if isinstance(model, Mapping) else [model]
+    def one(where: str, name: Any) -> str:
+        _check_type(path, where, name, (str,), "a model name or an mmseg config file")
+        if not is_model_file(name):
+            if name not in MODELS:
+                _fail(path, where, f"unknown model {name!r} (known: {', '.join(sorted(MODELS))}; "
+                                   "or give an mmseg config file, or mmseg::<config>)")
+            return name
+        ref = name if name.startswith(MMSEG_PREFIX) else str((path.parent / Path(name).expanduser()).resolve())
+        try:
+            resolve_model(ref)
+        except CacError as err:
+            _fail(path, where, str(err))
+        return ref
+
     if isinstance(model, Mapping):
         _check_keys(path, where, model, set(PRESETS))
-    for name in names:
-        _check_type(path, where, name, (str,), "a model name")
-        if name not in MODELS:
-            _fail(path, where, f"unknown model {name!r} (known: {', '.join(sorted(MODELS))})")
+        return {k: one(f"{where}.{k}", v) for k, v in model.items()}
+    return one(where, model)
 
 
 def _check_cac(path: Path, where: str, value: Any) -> Optional[dict]:
@@ -215,8 +245,7 @@ def parse_spec(data: Any, path: Path) -> Spec:
     dataset = data.get("dataset", "ade20k")
     if dataset not in _DATASETS:
         _fail(path, "dataset", f"must be one of {', '.join(_DATASETS)}, got {dataset!r}")
-    if "model" in data:
-        _check_model(path, "model", data["model"])
+    top_model = _check_model(path, "model", data["model"]) if "model" in data else None
     base_cac = _check_cac(path, "cac", data.get("cac", True)) or {}
     seeds = _check_seeds(path, "seeds", data.get("seeds", 3))
     presets = data.get("presets") or {}
@@ -229,7 +258,8 @@ def parse_spec(data: Any, path: Path) -> Spec:
         if "seeds" in adj:
             _check_seeds(path, f"presets.{name}.seeds", adj["seeds"])
         if "model" in adj:
-            _check_model(path, f"presets.{name}.model", adj["model"])
+            adj = {**adj, "model": _check_model(path, f"presets.{name}.model", adj["model"])}
+            presets = {**presets, name: adj}
         _check_overrides(path, f"presets.{name}.overrides", adj.get("overrides"))
         _check_benchmark(path, f"presets.{name}.benchmark", adj.get("benchmark"))
     rows_data = data["rows"]
@@ -246,10 +276,9 @@ def parse_spec(data: Any, path: Path) -> Spec:
         where = f"rows[{i}] {r['label']}"
         if any(x.label == r["label"] for x in rows):
             _fail(path, where, "duplicate row label")
-        model = r.get("model", data.get("model"))
+        model = _check_model(path, f"{where}.model", r["model"]) if "model" in r else top_model
         if model is None:
             _fail(path, where, "no model (set `model` at the top or in the row)")
-        _check_model(path, f"{where}.model", model)
         row_cac = r.get("cac", True)
         cac = _check_cac(path, f"{where}.cac", row_cac)
         if cac is not None:

@@ -3,10 +3,15 @@ models the embedded presets train on 2 CPU cores.
 
 A model is a name (``<head>-<backbone>``) mapped to a config that mmseg ships (under
 ``mmseg/.mim/configs``) or to a model dict defined here. Adding a model is one ``register_model`` call.
+
+A user's own model needs no registration: :func:`resolve_model` also takes a path to an mmseg config
+file or ``mmseg::<config>`` (one of mmseg's shipped configs, as mmengine writes it), and names it by
+its file name and a hash of its loaded content, so the same file under another path is the same model.
 """
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -14,7 +19,8 @@ from typing import Optional
 
 from cac.errors import CacError
 
-__all__ = ["ModelEntry", "MODELS", "register_model", "get_model", "mmseg_config_dir", "load_base_config"]
+__all__ = ["ModelEntry", "MODELS", "register_model", "get_model", "mmseg_config_dir", "load_base_config",
+           "resolve_model", "is_model_file", "MMSEG_PREFIX", "dataset_config", "DATASET_CONFIG_ENDINGS"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,11 @@ class ModelEntry:
     backbone: str  # for reports: the paper's backbone name
     config: Optional[str] = None  # an mmseg shipped config (ADE20K, 512x512), relative to configs/
     model: Optional[dict] = field(default=None, compare=False)  # or a model dict given here
+    own_data: bool = False  # a config file given by the user: at preset paper it keeps its own data
+
+    @property
+    def registered(self) -> bool:
+        return MODELS.get(self.name) is self
 
 
 MODELS: dict[str, ModelEntry] = {}
@@ -60,8 +71,84 @@ def load_base_config(entry: ModelEntry):
     from mmengine.config import Config
 
     if entry.config is not None:
-        return Config.fromfile(str(mmseg_config_dir() / entry.config))
+        return _load_config_file(str(mmseg_config_dir() / entry.config))  # an absolute path stays itself
     return Config(dict(model=copy.deepcopy(entry.model)))
+
+
+MMSEG_PREFIX = "mmseg::"
+
+
+def is_model_file(ref: str) -> bool:
+    """A model reference that names a config file (a path or ``mmseg::...``), not a registered name."""
+    return ref.startswith(MMSEG_PREFIX) or ref.endswith(".py") or "/" in ref
+
+
+def _load_config_file(path: str):
+    """``Config.fromfile`` with every failure as one line naming the file and the reason."""
+    from mmengine.config import Config
+
+    if not Path(path).is_file():
+        raise CacError(f"model config {path}: file not found")
+    try:
+        return Config.fromfile(path)
+    except SyntaxError as err:
+        raise CacError(f"model config {path}: syntax error at line {err.lineno}: {err.msg}") from None
+    except FileNotFoundError as err:  # a `_base_` that is not there
+        missing = err.filename or str(err).split(":")[-1].strip()
+        raise CacError(f"model config {path}: a _base_ file was not found ({missing})") from None
+    except Exception as err:  # noqa: BLE001 - mmengine raises many kinds; the user needs the file and the reason
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise CacError(f"model config {path}: cannot be read ({type(err).__name__}: {reason})") from None
+
+
+def _content_hash(cfg_dict: dict) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(cfg_dict, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _type_name(node) -> str:
+    return str(node.get("type", "?")) if isinstance(node, dict) else "?"
+
+
+@lru_cache(maxsize=64)
+def _file_entry(path: str, mtime_ns: int, label: str) -> ModelEntry:
+    """A config file as a model entry, checked to have what CAC wraps: a segmentor with a decode head."""
+    from cac.mmseg.cfgtree import to_plain
+
+    cfg = to_plain(_load_config_file(path).to_dict())
+    model = cfg.get("model")
+    if not isinstance(model, dict):
+        raise CacError(f"model config {path}: it defines no `model`")
+    heads = model.get("decode_head")
+    if not heads:
+        raise CacError(f"model config {path}: its model ({_type_name(model)}) has no decode_head for CAC to wrap")
+    head = heads[-1] if isinstance(heads, (list, tuple)) else heads
+    if not isinstance(head, dict) or "type" not in head:
+        raise CacError(f"model config {path}: model.decode_head has no `type`")
+    backbone = model.get("backbone")
+    return ModelEntry(f"{label}@{_content_hash(cfg)}", _type_name(head), _type_name(backbone), config=path,
+                      own_data=True)
+
+
+def resolve_model(ref: str) -> ModelEntry:
+    """A model reference as an entry: a registered name, an mmseg config file path (absolute, or
+    relative to the current directory), or ``mmseg::<config>`` (one of mmseg's shipped configs).
+
+    A file's entry is named ``<file name>@<hash of its loaded content>``: the same content under another
+    path or checkout is the same model (and the same run identity, which hashes the resolved config)."""
+    if not is_model_file(ref):
+        return get_model(ref)
+    if ref.startswith(MMSEG_PREFIX):
+        rel = ref[len(MMSEG_PREFIX):].lstrip("/")
+        path, label = (mmseg_config_dir() / rel).resolve(), ref
+    else:
+        path = Path(ref).expanduser().resolve()
+        label = path.name
+    if not path.is_file():
+        raise CacError(f"model config {ref}: file not found" + (f" (looked at {path})" if str(path) != ref else ""))
+    return _file_entry(str(path), path.stat().st_mtime_ns, label)
 
 
 # -- Table 1 (ADE20K, 512x512, 160k) --------------------------------------------------------------
@@ -83,6 +170,33 @@ for _name, _head, _bb, _cfg in [
      "swin/swin-large-patch4-window12-in22k-384x384-pre_upernet_8xb2-160k_ade20k-512x512.py"),
 ]:
     register_model(ModelEntry(_name, _head, _bb, config=_cfg))
+
+
+# -- the supplementary's datasets: mmseg's own config of a Table 1 model for another dataset -------
+# The ending of mmseg's config names for each dataset, with the 80k schedule: the one the official
+# CAC code's Cityscapes and Pascal-Context configs use, and one mmseg ships for every such model.
+DATASET_CONFIG_ENDINGS = {"cityscapes": "80k_cityscapes-512x1024", "pascal-context": "80k_pascal-context-59-480x480"}
+_ADE_ENDING = re.compile(r"_\d+xb\d+-\d+k_ade20k-512x512\.py$")
+
+
+def dataset_config(entry: ModelEntry, dataset: str) -> Optional[str]:
+    """mmseg's shipped config of ``entry``'s model for ``dataset`` (relative to configs/), or None when
+    mmseg ships none (then the ADE20K config gets the dataset's data section). The same file name up
+    to its GPUs x batch part: ``mobilenet-v2-d8_fcn_4xb4-160k_ade20k-512x512.py`` ->
+    ``mobilenet-v2-d8_fcn_4xb2-80k_cityscapes-512x1024.py`` (not ``..._4xb2-amp-80k_...``)."""
+    ending = DATASET_CONFIG_ENDINGS.get(dataset)
+    if ending is None or entry.config is None or entry.own_data:
+        return None
+    rel = Path(entry.config)
+    match = _ADE_ENDING.search(rel.name)
+    if match is None:
+        return None
+    wanted = re.compile(re.escape(rel.name[:match.start()]) + r"_\d+xb\d+-" + re.escape(ending) + r"\.py")
+    found = sorted(p.name for p in (mmseg_config_dir() / rel.parent).glob("*.py") if wanted.fullmatch(p.name))
+    if len(found) > 1:
+        raise CacError(f"model {entry.name}: mmseg ships several {dataset} configs ({', '.join(found)}); "
+                       "give one with --model mmseg::<config>")
+    return str(rel.parent / found[0]) if found else None
 
 
 # -- small models for the embedded presets (2 CPU cores, 64x64 crops) ----------------------------

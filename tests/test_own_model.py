@@ -1,0 +1,191 @@
+"""Bring your own model (issue 19): any mmseg config as the base model of a spec's rows.
+
+A model outside Table 1 (a slim SegFormer written here, in the test's temporary directory) trains
+Table 3's rows with ``--model PATH``; the same file under another path is the same unit; reports
+select its runs with ``--model``; a config that cannot be used is one line, exit 2, nothing tracked.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cac.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE3 = str(ROOT / "ablations" / "table3.yaml")
+
+# SegFormer (MiT-B0 shape, one block per stage) from mmseg's shipped config: not a Table 1 model.
+SEGFORMER = """\
+_base_ = ['mmseg::segformer/segformer_mit-b0_8xb2-160k_ade20k-512x512.py']
+model = dict(
+    backbone=dict(embed_dims=16, num_layers=[1, 1, 1, 1], num_heads=[1, 2, 5, 8]),
+    decode_head=dict(in_channels=[16, 32, 80, 128], channels=32))
+"""
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _runs(uri: str, experiment: str = "table3") -> list:
+    from cac.exp.tracking import find_runs
+
+    return find_runs(uri, experiment, {})
+
+
+def test_same_file_under_another_path_is_the_same_unit(workspace):
+    """Identity is the resolved config's content: two copies plan the same config hash and name."""
+    from cac.exp.options import RunOptions
+    from cac.exp.runner import plan_runs
+    from cac.exp.spec import load_spec
+
+    one = _write(workspace / "a" / "my_segformer.py", SEGFORMER)
+    two = _write(workspace / "checkout2" / "configs" / "my_segformer.py", SEGFORMER)
+    spec = load_spec(TABLE3)
+    units = [plan_runs(spec, "quick", "(a),(e)", options=RunOptions(model=str(p)))
+             for p in (one, two)]
+    assert [u.cfg_hash for u in units[0]] == [u.cfg_hash for u in units[1]]
+    assert units[0][0].model == units[1][0].model
+    assert units[0][0].model.startswith("my_segformer.py@")
+    # ...and a different model is a different unit
+    other = _write(workspace / "b" / "my_segformer.py", SEGFORMER.replace("channels=32", "channels=48"))
+    third = plan_runs(spec, "quick", "(a)", options=RunOptions(model=str(other)))
+    assert third[0].cfg_hash != units[0][0].cfg_hash
+    assert third[0].model != units[0][0].model
+    # the model (backbone + head) is the file's; the data and class count are the generated data's
+    cfg = units[0][1].cfg
+    assert cfg["model"]["backbone"]["type"] == "MixVisionTransformer"
+    assert cfg["model"]["decode_head"]["type"] == "CACHead"
+    assert cfg["model"]["decode_head"]["head"]["type"] == "SegformerHead"
+    assert cfg["dataset_type"] == "ContextScenesDataset"
+
+
+def test_spec_model_path_is_relative_to_the_spec_file(workspace):
+    """`model:` in a spec may name a config file next to the spec; `--model` wins over it."""
+    from cac.exp.options import RunOptions
+    from cac.exp.runner import plan_runs
+    from cac.exp.spec import load_spec
+
+    _write(workspace / "specs" / "models" / "seg.py", SEGFORMER)
+    spec_path = _write(workspace / "specs" / "mine.yaml", "title: mine\nmodel: models/seg.py\nseeds: 1\n"
+                       "rows:\n  - {label: base, description: b, cac: false}\n  - {label: cac, description: c}\n")
+    spec = load_spec(spec_path)
+    assert spec.rows[0].model == str((workspace / "specs" / "models" / "seg.py").resolve())
+    units = plan_runs(spec, "quick")
+    assert units[0].cfg["model"]["decode_head"]["type"] == "SegformerHead"
+    assert units[1].cfg["model"]["decode_head"]["head"]["type"] == "SegformerHead"
+    replaced = plan_runs(spec, "quick", options=RunOptions(model="fcn-slim-r18"))
+    assert replaced[1].cfg["model"]["decode_head"]["head"]["type"] == "FCNHead"
+
+
+def test_paper_preset_keeps_the_configs_own_data(workspace, capsys, monkeypatch):
+    """At preset paper a user config trains with its own data section (roots under CAC_DATA_ROOT),
+    schedule and optimizer; CAC wraps its head."""
+    import runpy
+
+    cfg_file = _write(workspace / "my_segformer.py", SEGFORMER)
+    out = workspace / "resolved.py"
+    assert main(["config", TABLE3, "--row", "(e)", "--preset", "paper", "--model", str(cfg_file),
+                 "--out", str(out)]) == 0
+    resolved = runpy.run_path(str(out))
+    import os
+
+    assert resolved["train_dataloader"]["dataset"]["type"] == "ADE20KDataset"
+    assert resolved["train_dataloader"]["dataset"]["data_root"] == os.path.join(
+        os.environ["CAC_DATA_ROOT"], "ade", "ADEChallengeData2016")
+    assert resolved["train_cfg"]["max_iters"] == 160000
+    assert resolved["optim_wrapper"]["optimizer"]["type"] == "AdamW"  # SegFormer's own optimizer
+    assert resolved["model"]["decode_head"]["type"] == "CACHead"
+    assert resolved["model"]["decode_head"]["head"]["in_channels"] == [16, 32, 80, 128]
+
+
+@pytest.mark.parametrize("case, text, needle", [
+    ("missing", None, "file not found"),
+    ("syntax", "model = dict(type='EncoderDecoder'\n", "syntax error"),
+    ("base", "_base_ = ['./nowhere/base.py']\n", "nowhere"),
+    ("nohead", "model = dict(type='EncoderDecoder', backbone=dict(type='ResNetV1c'))\n", "no decode_head"),
+])
+def test_unusable_config_is_one_line_and_tracks_nothing(workspace, capsys, case, text, needle):
+    cfg_file = workspace / f"{case}.py"
+    if text is not None:
+        cfg_file.write_text(text)
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    code = main(["run", TABLE3, "--preset", "quick", "--rows", "(a)", "--model", str(cfg_file),
+                 "--tracking-uri", uri])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert str(cfg_file) in err and needle in err, err
+    assert "Traceback" not in err
+    assert _runs(uri) == []
+
+
+def test_model_on_a_benchmark_spec_is_refused(workspace, capsys):
+    code = main(["run", str(ROOT / "ablations" / "table6.yaml"), "--model", "fcn-slim-r18", "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "--model does not apply to a benchmark spec" in err
+
+
+def test_unknown_model_name_is_one_line(workspace, capsys):
+    code = main(["config", TABLE3, "--row", "(a)", "--model", "no-such-model"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "unknown model 'no-such-model'" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_own_model_trains_table3_rows_skips_a_copy_and_reports(workspace, capsys):
+    """The acceptance of issue 19 (1): (a) and (e) of Table 3 at quick on a SegFormer config from a
+    temporary directory; a byte-identical copy elsewhere is skipped as done; reports select by --model."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from analysis.make_tables import main as make_tables
+
+    cfg_file = _write(workspace / "mine" / "my_segformer.py", SEGFORMER)
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    args = ["--preset", "quick", "--rows", "(a),(e)", "--tracking-uri", uri]
+    assert main(["run", TABLE3, *args, "--model", str(cfg_file)]) == 0
+    runs = [r for r in _runs(uri) if r.info.status == "FINISHED"]
+    assert sorted(r.data.tags["row"] for r in runs) == ["(a)", "(e)"]
+    for run in runs:
+        assert "val/mIoU" in run.data.metrics
+        assert run.data.tags["base_model"].startswith("my_segformer.py@")
+        assert run.data.params["cfg.model.backbone.type"] == "MixVisionTransformer"
+
+    copy = workspace / "elsewhere" / "my_segformer.py"
+    copy.parent.mkdir()
+    shutil.copyfile(cfg_file, copy)
+    capsys.readouterr()
+    assert main(["run", TABLE3, *args, "--model", str(copy)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skip") == 2, out
+    assert len(_runs(uri)) == 2  # nothing trained again
+
+    # results: the runs of this model only, under --model; the spec's own model has none
+    summary = workspace / "results.json"
+    assert main(["results", TABLE3, "--preset", "quick", "--tracking-uri", uri, "--model", str(copy),
+                 "--out", str(summary)]) == 0
+    data = json.loads(summary.read_text())
+    client = MlflowClient(uri)
+    logged = {r.data.tags["row"]: client.get_run(r.info.run_id).data.metrics["val/mIoU"] for r in runs}
+    assert data["val/mIoU"]["(a)"] == {"0": logged["(a)"]} and data["val/mIoU"]["(e)"] == {"0": logged["(e)"]}
+    assert data["base_model"] == runs[0].data.tags["base_model"]
+    assert main(["results", TABLE3, "--preset", "quick", "--tracking-uri", uri, "--out", str(summary)]) == 0
+    assert all(not v for v in json.loads(summary.read_text())["val/mIoU"].values())
+
+    # the report for --model PATH has both rows, and its title names the base model
+    out_dir = workspace / "reports"
+    assert make_tables(["--spec", "table3", "--preset", "quick", "--tracking-uri", uri, "--out", str(out_dir),
+                        "--no-figures", "--model", str(cfg_file)]) == 0
+    table = (out_dir / "table3.md").read_text()
+    assert runs[0].data.tags["base_model"] in table.splitlines()[0]
+    for label in ("(a)", "(e)"):
+        line = next(ln for ln in table.splitlines() if ln.startswith(f"| {label} "))
+        assert f"{logged[label]:.2f}" in line, line
