@@ -24,7 +24,8 @@ from cac.exp.spec import Row, Spec, slug  # noqa: E402
 __all__ = ["matched_runs", "full_cac_row", "metric_history", "plot_oracle_curves", "save_figure",
            "run_work_dir", "run_config", "run_checkpoint", "load_run_model", "build_val_dataset",
            "val_batch", "predict_masks", "colorize", "plot_masks", "oracle_curves_figure", "masks_figure",
-           "pick_seed", "evenly_spaced"]
+           "pick_seed", "evenly_spaced", "run_artifact_text", "read_class_table", "train_pixel_frequency",
+           "plot_class_deltas", "pool_reliability", "plot_reliability"]
 
 CLASSIFIERS = (("p", "original p"), ("pp", "context-aware p_p"), ("py", "oracle p_y"))
 # Fig. 4 draws the oracle in red and the original classifier in blue; p_p gets the third colour.
@@ -316,3 +317,124 @@ def masks_figure(spec: Spec, preset: str, uri: str, out_dir: Path, n_images: int
     title = (f"{spec.name} (preset {preset}, seed {seed}): baseline {base_row.label} {base_row.description} "
              f"vs {cac_row.label} {cac_row.description}")
     return save_figure(plot_masks(images, gts, rows, palette, title), out_dir / f"masks_{spec.name}_{preset}")
+
+
+# -- where CAC helps per class; calibration ----------------------------------------------------------
+def run_artifact_text(uri: str, run, name: str, work_root: Optional[Path] = None) -> Optional[str]:
+    """A run's logged artifact ``name`` (the local work dir's ``artifacts/`` copy, else MLflow's), or
+    None when the run never logged it (runs from before the artifact existed)."""
+    import mlflow
+
+    local = run_work_dir(run, work_root)
+    if local is not None and (local / "artifacts" / name).is_file():
+        return (local / "artifacts" / name).read_text()
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    if name not in {a.path for a in client.list_artifacts(run.info.run_id)}:
+        return None
+    return Path(client.download_artifacts(run.info.run_id, name, str(_artifact_dir(run)))).read_text()
+
+
+def read_class_table(text: str, column: str) -> dict[str, float]:
+    """``{class: value}`` from a per-class CSV (``per_class_iou.csv``: column ``iou``;
+    ``per_class_iou_classifiers.csv``: ``iou_p``, ``iou_pp``, ``iou_py``); empty cells are NaN."""
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(text)))
+    if rows and column not in rows[0]:
+        raise KeyError(f"no column {column!r} in the per-class table (has {', '.join(rows[0])})")
+    return {r["class"]: float(r[column]) if r[column] not in ("", None) else float("nan") for r in rows}
+
+
+def train_pixel_frequency(cfg: Mapping, limit: int = 2000) -> dict[str, float]:
+    """Each class's share (%) of the labelled pixels of the config's train set (up to ``limit``
+    evenly spaced images), read from the label maps as the dataset decodes them."""
+    import copy
+
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import DATASETS
+    from PIL import Image
+
+    import cac  # noqa: F401
+
+    init_default_scope("mmseg")
+    ds_cfg = copy.deepcopy(dict(cfg["train_dataloader"]["dataset"]))
+    while "dataset" in ds_cfg and "data_root" not in ds_cfg:  # RepeatDataset and the like
+        ds_cfg = dict(ds_cfg["dataset"])
+    root = ds_cfg.get("data_root")
+    if root and not Path(root).is_dir():
+        raise FileNotFoundError(f"the run's train data {root} is not on this machine")
+    ds_cfg["pipeline"] = []
+    dataset = DATASETS.build(ds_cfg)
+    names = list(dataset.metainfo["classes"])
+    counts = np.zeros(len(names), dtype=np.int64)
+    for i in evenly_spaced(len(dataset), min(limit, len(dataset))):
+        info = dataset.get_data_info(i)
+        label = np.asarray(Image.open(info["seg_map_path"])).astype(np.int64)
+        if info.get("reduce_zero_label"):
+            label = np.where(label == 0, IGNORE_INDEX, label - 1)
+        label = label[(label >= 0) & (label < len(names))]
+        counts += np.bincount(label, minlength=len(names))[: len(names)]
+    total = max(int(counts.sum()), 1)
+    return {name: 100.0 * int(c) / total for name, c in zip(names, counts)}
+
+
+def plot_class_deltas(sections: Mapping[str, Sequence], title: str):
+    """Δ IoU (points) against the class's share of train pixels (log scale), a panel per comparison,
+    with each class's paired 95% CI as a bar (:class:`analysis.tables.ClassDelta` points)."""
+    fig, axes = plt.subplots(1, len(sections), figsize=(6.0 * len(sections), 4.2), squeeze=False)
+    for ax, (name, deltas) in zip(axes[0], sections.items()):
+        pts = [d for d in deltas if d.delta is not None and d.frequency]
+        for d in pts:
+            ci = d.delta
+            err = [[ci.mean - ci.low], [ci.high - ci.mean]] if ci.has_interval else None
+            ax.errorbar(d.frequency, ci.mean, yerr=err, fmt="o", ms=4, color="tab:green", ecolor="grey",
+                        capsize=2)
+            ax.annotate(d.name, (d.frequency, ci.mean), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.axhline(0.0, color="black", lw=0.8)
+        if pts:
+            ax.set_xscale("log")
+        ax.set_xlabel("share of train pixels (%)")
+        ax.set_ylabel("Δ IoU (points), mean over seeds ± 95% CI")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def pool_reliability(tables: Sequence[Sequence[Mapping]]) -> list[dict]:
+    """Several runs' reliability bins (``calibration.json``'s ``bins``) pooled pixel-weighted."""
+    out = []
+    for bins in zip(*tables):
+        n = sum(b["pixels"] for b in bins)
+        conf = sum(b["pixels"] * (b["confidence"] or 0.0) for b in bins)
+        acc = sum(b["pixels"] * (b["accuracy"] or 0.0) for b in bins)
+        out.append({"low": bins[0]["low"], "high": bins[0]["high"], "pixels": n,
+                    "confidence": conf / n if n else None, "accuracy": acc / n if n else None})
+    return out
+
+
+def plot_reliability(curves: Mapping[str, Sequence[Mapping]], title: str):
+    """Reliability diagram: accuracy against mean confidence per bin for each curve, the diagonal
+    (perfect calibration), and below it each bin's share of pixels."""
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 6.0), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
+    width = 1.0 / max(len(next(iter(curves.values()), [])), 1) / (len(curves) + 1)
+    for i, (name, bins) in enumerate(curves.items()):
+        used = [b for b in bins if b["pixels"]]
+        ax.plot([b["confidence"] for b in used], [b["accuracy"] for b in used], marker="o", ms=3, label=name)
+        total = sum(b["pixels"] for b in bins) or 1
+        hist.bar([b["low"] + (i + 0.5) * width for b in bins], [100.0 * b["pixels"] / total for b in bins],
+                 width=width, label=name)
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    hist.set_xlabel("confidence (top softmax probability)")
+    hist.set_ylabel("% of pixels")
+    hist.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

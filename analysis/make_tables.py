@@ -5,8 +5,10 @@
 
 Without ``--spec`` every spec (``ablations/table{2..6}.yaml``, ``experiments/table1_*.yaml``) that has
 FINISHED runs at the preset is reported. Writes ``<out>/table{N}.{md,csv,tex}`` (Table 6 from the
-tracked benchmark runs) and, unless ``--no-figures``, ``<out>/figures/oracle_curves_<spec>_<preset>``
-and ``masks_<spec>_<preset>`` (PNG and PDF); ``--tsne`` adds the t-SNE figures (Fig. 7 and Fig. 1
+tracked benchmark runs; an ablation's Markdown ends with where and how CAC helps: calibration and
+changed pixels per row, per-class Δ IoU in ``table{N}_classes.csv``) and, unless ``--no-figures``,
+``<out>/figures/oracle_curves_<spec>_<preset>``, ``masks_<spec>_<preset>``, ``class_delta_<spec>_<preset>``
+and ``reliability_<spec>_<preset>`` (PNG and PDF); ``--tsne`` adds the t-SNE figures (Fig. 7 and Fig. 1
 views, with the cosine sidecar JSON) of the latest +CAC run of every reported spec, ``--tsne table3``
 of the named specs only (then a t-SNE that cannot be made is an error, exit 1).
 """
@@ -30,7 +32,7 @@ from analysis.tables import (DATASET_NAMES, ablation_csv, ablation_latex, ablati
                              build_ablation, build_table1, paper_model, table1_csv, table1_latex,
                              table1_markdown, table_number)
 
-__all__ = ["report_ablation", "report_table1", "report_table6", "report_figures", "main"]
+__all__ = ["report_ablation", "report_table1", "report_table6", "report_figures", "explain_sections", "main"]
 
 REPORTED_TASKS = ("train", "benchmark")
 
@@ -67,14 +69,100 @@ def _write(out_dir: Path, stem: str, texts: dict[str, str]) -> list[Path]:
     return paths
 
 
-def report_ablation(spec, preset: str, uri: str, out_dir: Path) -> list[Path]:
-    """``table{N}.{md,csv,tex}`` for one spec."""
+def report_ablation(spec, preset: str, uri: str, out_dir: Path, fig_dir: Optional[Path] = None,
+                    echo: Callable[[str], None] = print) -> list[Path]:
+    """``table{N}.{md,csv,tex}`` for one spec; the Markdown ends with :func:`explain_sections` and
+    ``table{N}_classes.csv`` holds its per-class table (figures in ``fig_dir`` when given)."""
     from cac.exp.results import collect
 
     results = collect(spec, preset, uri)
     table = build_ablation(spec, results, preset, notes=_ignored_note(spec, preset, uri, results))
-    return _write(out_dir, table_number(spec.name), {"md": ablation_markdown(table, uri), "csv": ablation_csv(table),
-                                                     "tex": ablation_latex(table)})
+    stem = table_number(spec.name)
+    extra, classes_csv, figures = explain_sections(spec, preset, uri, fig_dir, echo)
+    texts = {"md": ablation_markdown(table, uri) + extra, "csv": ablation_csv(table), "tex": ablation_latex(table)}
+    paths = _write(out_dir, stem, texts) + figures
+    if classes_csv:
+        paths += _write(out_dir, f"{stem}_classes", {"csv": classes_csv})
+    return paths
+
+
+def _class_tables(uri: str, runs: dict, name: str, column: str) -> dict[int, dict[str, float]]:
+    """``{seed: {class: value}}`` from each run's logged per-class CSV (runs without it left out)."""
+    from analysis.figures import read_class_table, run_artifact_text
+
+    out = {}
+    for seed, run in sorted(runs.items()):
+        text = run_artifact_text(uri, run, name)
+        if text is not None:
+            out[seed] = read_class_table(text, column)
+    return out
+
+
+def explain_sections(spec, preset: str, uri: str, fig_dir: Optional[Path] = None,
+                     echo: Callable[[str], None] = print) -> tuple[str, str, list[Path]]:
+    """The report's evidence on where and how CAC helps, from the runs' logged per-class IoU tables,
+    calibration bins and metrics: ``(Markdown, per-class CSV, figure files)``.
+
+    Per class: the full-CAC row against the spec's baseline (test-time output, ``per_class_iou.csv``)
+    and p_p against p within the full-CAC row's runs (``per_class_iou_classifiers.csv``), each the
+    mean over seeds of per-seed differences with a paired 95% CI, beside the class's share of train
+    pixels; the calibration and changed-pixel metrics of every row; a reliability diagram."""
+    import json
+
+    from analysis.figures import (full_cac_row, matched_runs, plot_class_deltas, plot_reliability, pool_reliability,
+                                  run_artifact_text, run_config, save_figure, train_pixel_frequency)
+    from analysis.tables import (EXPLAIN_METRICS, class_delta_csv, class_delta_markdown, explain_metrics_markdown,
+                                 per_class_deltas)
+
+    runs = matched_runs(spec, preset, uri)
+    metrics = {m: {label: {s: r.data.metrics[m] for s, r in seeds.items() if m in r.data.metrics}
+                   for label, seeds in runs.items()} for m, _ in EXPLAIN_METRICS}
+    if not any(v for per_row in metrics.values() for v in per_row.values()):
+        return "", "", []  # runs from before these measures were logged: nothing to add
+    parts = ["", "## Where and how CAC helps (measured on these runs)", "", explain_metrics_markdown(spec, metrics)]
+    base = spec.baseline if spec.baseline and runs.get(spec.baseline) else None
+    full = full_cac_row(spec, [label for label, seeds in runs.items() if seeds and label != base])
+    sections: dict = {}
+    if full is not None:
+        if base is not None:
+            row_iou = _class_tables(uri, runs[full.label], "per_class_iou.csv", "iou")
+            base_iou = _class_tables(uri, runs[base], "per_class_iou.csv", "iou")
+            sections[f"{full.label} vs baseline {base}"] = (row_iou, base_iou, (
+                f"Per-class IoU (test-time output) of {full.label} {full.description} minus the baseline "
+                f"{base}'s, per seed, then the mean over seeds with a paired 95% t-interval; sorted, largest first."))
+        pp = _class_tables(uri, runs[full.label], "per_class_iou_classifiers.csv", "iou_pp")
+        p = _class_tables(uri, runs[full.label], "per_class_iou_classifiers.csv", "iou_p")
+        sections[f"p_p vs p within {full.label}"] = (pp, p, (
+            f"Per-class IoU of the context-aware classifier p_p minus the original classifier p on the same "
+            f"features, within each run of {full.label}; mean over seeds with a paired 95% t-interval."))
+    deltas: dict = {}
+    classes = next((list(t[s]) for t, _, _ in sections.values() for s in t), [])
+    if classes:
+        try:
+            frequency = train_pixel_frequency(run_config(uri, next(iter(runs[full.label].values()))))
+        except (FileNotFoundError, OSError, KeyError) as err:
+            echo(f"  train pixel shares for {spec.name}: unknown ({type(err).__name__}: {err})")
+            frequency = {}
+        for name, (row_iou, base_iou, what) in sections.items():
+            deltas[name] = per_class_deltas(row_iou, base_iou, frequency, classes)
+            parts.append(class_delta_markdown(f"Per class: {name}", deltas[name], what))
+    paths: list[Path] = []
+    if fig_dir is not None and deltas:
+        paths += save_figure(plot_class_deltas(deltas, f"{spec.name} (preset {preset}): Δ IoU per class against "
+                                                        f"its share of train pixels"),
+                             fig_dir / f"class_delta_{spec.name}_{preset}")
+        parts.append(f"![per-class Δ IoU against train pixel share](figures/class_delta_{spec.name}_{preset}.png)\n")
+    curves: dict = {}
+    for label, short in ([(base, "p")] if base else []) + ([(full.label, "p"), (full.label, "pp")] if full else []):
+        tables = [json.loads(t)[short]["bins"] for t in (run_artifact_text(uri, r, "calibration.json")
+                                                         for r in runs[label].values()) if t and short in json.loads(t)]
+        if tables:
+            curves[f"{label} {'p_p' if short == 'pp' else 'p'} ({len(tables)} runs)"] = pool_reliability(tables)
+    if fig_dir is not None and curves:
+        paths += save_figure(plot_reliability(curves, f"{spec.name} (preset {preset}): reliability on val, bins pooled "
+                                                       f"over seeds"), fig_dir / f"reliability_{spec.name}_{preset}")
+        parts.append(f"![reliability diagram](figures/reliability_{spec.name}_{preset}.png)\n")
+    return "\n".join(parts), class_delta_csv(deltas) if deltas else "", paths
 
 
 def report_table6(spec, preset: str, uri: str, out_dir: Path) -> list[Path]:
@@ -251,7 +339,7 @@ def _main(args: argparse.Namespace) -> int:
         if spec.task == "benchmark":
             written += report_table6(spec, args.preset, uri, out)
         else:
-            written += report_ablation(spec, args.preset, uri, out)
+            written += report_ablation(spec, args.preset, uri, out, None if args.no_figures else out / "figures")
     missing = []
     if not args.no_figures:
         for spec in (s for s in chosen if s.name in with_runs and s.task == "train"):

@@ -21,7 +21,9 @@ from cac.exp.stats import (NO_RUNS, Ordering, PairedCI, Summary, fmt_summary, ke
 __all__ = ["AblationRow", "AblationTable", "Table1Row", "Table1", "paper_value", "build_ablation",
            "build_table1", "ablation_markdown", "ablation_csv", "ablation_latex", "table1_markdown",
            "table1_csv", "table1_latex", "Table6Row", "Table6", "build_table6", "table6_markdown", "table6_csv",
-           "table6_latex", "fmt_summary", "fmt_delta", "table_number", "paper_model", "tex_escape"]
+           "table6_latex", "fmt_summary", "fmt_delta", "table_number", "paper_model", "tex_escape",
+           "EXPLAIN_METRICS", "ClassDelta", "per_class_deltas", "class_delta_markdown", "class_delta_csv",
+           "explain_metrics_markdown"]
 
 DATASET_NAMES = {"ade20k": "ADE20K", "cocostuff": "COCO-Stuff 164K"}
 
@@ -520,4 +522,84 @@ def table6_latex(table: Table6) -> str:
             cells += _t6_cells(row, s, table.with_paper)
         lines.append(" & ".join(tex_escape(c) for c in cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+# -- where CAC helps, per class; what the context changes; calibration --------------------------------
+EXPLAIN_METRICS = (("val/ece_p", "ECE p"), ("val/ece_pp", "ECE p_p"), ("val/changed_pixels", "changed"),
+                   ("val/fixed_by_pp", "fixed by p_p"), ("val/broken_by_pp", "broken by p_p"))
+
+
+@dataclass(frozen=True)
+class ClassDelta:
+    """One class: its share of the train pixels (%, None when unknown) and the mean over seeds of a
+    per-class IoU difference (points of IoU, %) with its paired t-interval."""
+
+    name: str
+    frequency: Optional[float]
+    delta: Optional[PairedCI]
+
+
+def per_class_deltas(row: Mapping[int, Mapping[str, float]], base: Mapping[int, Mapping[str, float]],
+                     frequency: Mapping[str, float], classes: Sequence[str],
+                     confidence: float = 0.95) -> list[ClassDelta]:
+    """``row[s][k] - base[s][k]`` per class ``k`` over the seeds ``s`` both have a finite IoU for,
+    mean and paired CI (:func:`cac.exp.stats.paired_ci`), sorted by the mean difference, largest
+    first (classes without a pair last)."""
+    out = []
+    for k in classes:
+        mine = {s: v[k] for s, v in row.items() if _finite(v.get(k))}
+        theirs = {s: v[k] for s, v in base.items() if _finite(v.get(k))}
+        diffs = paired_differences(mine, theirs)
+        out.append(ClassDelta(k, frequency.get(k), paired_ci(diffs, confidence) if diffs else None))
+    return sorted(out, key=lambda d: (d.delta is None, -(d.delta.mean if d.delta else 0.0), d.name))
+
+
+def _finite(value: Optional[float]) -> bool:
+    return value is not None and math.isfinite(float(value))
+
+
+def _ci_text(ci: Optional[PairedCI]) -> str:
+    if ci is None:
+        return "no pairs"
+    text = f"{ci.mean:+.2f}"
+    return text + (f" [{ci.low:+.2f}, {ci.high:+.2f}]" if ci.has_interval else " (n/a: 1 pair)") + f" ({ci.n_pairs})"
+
+
+def class_delta_markdown(title: str, deltas: Sequence[ClassDelta], what: str) -> str:
+    """A Markdown section: class, train pixel share, Δ IoU [95% CI] (pairs), sorted as given."""
+    lines = [f"### {title}", "", what, "", "| Class | Train pixels (%) | Δ IoU [95% CI] (pairs) |", "|---|---|---|"]
+    for d in deltas:
+        freq = "—" if d.frequency is None else f"{d.frequency:.2f}"
+        lines.append(f"| {_md_escape(d.name)} | {freq} | {_ci_text(d.delta)} |")
+    return "\n".join(lines) + "\n"
+
+
+def class_delta_csv(sections: Mapping[str, Sequence[ClassDelta]]) -> str:
+    """``comparison, class, train_pixels_pct, delta, ci_low, ci_high, pairs`` for every section."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["comparison", "class", "train_pixels_pct", "delta", "ci_low", "ci_high", "pairs"])
+    for name, deltas in sections.items():
+        for d in deltas:
+            ci = d.delta
+            writer.writerow([name, d.name, _csv_num(d.frequency), _csv_num(ci.mean if ci else None),
+                             _csv_num(ci.low if ci and ci.has_interval else None),
+                             _csv_num(ci.high if ci and ci.has_interval else None), ci.n_pairs if ci else 0])
+    return buf.getvalue()
+
+
+def explain_metrics_markdown(spec: Spec, results: Mapping[str, Mapping[str, Mapping[int, float]]]) -> str:
+    """Per row, mean ± std over seeds of each of :data:`EXPLAIN_METRICS` (``results[metric][row][seed]``)."""
+    heads = [name for _, name in EXPLAIN_METRICS]
+    lines = ["### Calibration and what the context changes (val, %)", "",
+             "ECE: expected calibration error of the softmax's top probability, 15 equal-width bins. changed: "
+             "share of labelled val pixels whose argmax differs between p and p_p; fixed / broken by p_p: of the "
+             "changed pixels, the share p_p gets right and p got wrong, and the reverse.", "",
+             "| Row | Description | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(heads)]
+    for row in spec.rows:
+        cells = [fmt_summary(summarize([v for _, v in sorted(results.get(m, {}).get(row.label, {}).items())]))
+                 for m, _ in EXPLAIN_METRICS]
+        lines.append(f"| {row.label} | {_md_escape(row.description)} | "
+                     + " | ".join("—" if c == NO_RUNS else c for c in cells) + " |")
     return "\n".join(lines) + "\n"

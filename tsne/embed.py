@@ -16,7 +16,12 @@ from typing import Optional, Sequence
 import numpy as np
 
 __all__ = ["HeadView", "head_view", "sample_pixels", "Points", "joint_points", "tsne_2d", "choose_images",
-           "unit_rows", "ClassCosine", "cosine_stats", "row_similarity", "mean_cosines", "IGNORE_INDEX"]
+           "unit_rows", "ClassCosine", "cosine_stats", "row_similarity", "mean_cosines", "IGNORE_INDEX",
+           "VIEWS", "image_rows", "PairMeasure", "pair_measures", "view_summary"]
+
+# The two views of Fig. 7: the rows as the classifier holds them, and their class-specific part (each
+# image's rows minus their mean over the classes present in it; see ``image_rows``).
+VIEWS = ("raw", "centred")
 
 IGNORE_INDEX = 255
 
@@ -171,6 +176,71 @@ def mean_cosines(stats: Sequence[ClassCosine]) -> dict[str, Optional[float]]:
     return out
 
 
+def image_rows(view: HeadView, b: int, centred: bool = False,
+               ignore: int = IGNORE_INDEX) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """C's rows and image ``b``'s A_p rows as the cosine classifier sees them (L2-normalised), and the
+    classes present in the image. ``centred``: each set minus its mean row over the classes present
+    (:func:`cac.core.explain.centre_rows`), the part that differs between those classes: the removed
+    mean shifts every present class's cosine logit at a pixel by the same amount."""
+    from cac.core.explain import centre_rows
+
+    present = _present(view.labels[b], ignore)
+    c, a = unit_rows(view.classifier), unit_rows(view.context[b])
+    if centred and present:
+        c, a = centre_rows(c, present), centre_rows(a, present)
+    return c, a, present
+
+
+@dataclass(frozen=True)
+class PairMeasure:
+    """One (image, class) pair: mean cosine of the class's pixel features to C[k] and to the image's
+    A_p[k], and each classifier's smallest margin to the image's other classes (own cosine minus the
+    largest cosine to another present class's row; None when the class is alone in the image)."""
+
+    image: int
+    cls: int
+    pixels: int
+    cos_c: float
+    cos_ap: float
+    margin_c: Optional[float]
+    margin_ap: Optional[float]
+
+
+def pair_measures(view: HeadView, centred: bool = False, ignore: int = IGNORE_INDEX) -> list[PairMeasure]:
+    """Every (image, class) pair of ``view`` in images with at least two classes present (centring
+    over one class leaves nothing), on all of the class's labelled pixels; rows from
+    :func:`image_rows`, L2-normalised again after centring."""
+    f = unit_rows(view.feats, axis=1)
+    out = []
+    for b in range(view.labels.shape[0]):
+        c, a, present = image_rows(view, b, centred, ignore)
+        if len(present) < 2:
+            continue
+        c, a = unit_rows(c[present]), unit_rows(a[present])
+        for i, k in enumerate(present):
+            pix = f[b][:, view.labels[b] == k].T  # [P, D]
+            cos_c, cos_a = (pix @ c.T).mean(0), (pix @ a.T).mean(0)  # to every present class's row
+            others = [j for j in range(len(present)) if j != i]
+            out.append(PairMeasure(b, k, len(pix), float(cos_c[i]), float(cos_a[i]),
+                                   float(cos_c[i] - cos_c[others].max()), float(cos_a[i] - cos_a[others].max())))
+    return out
+
+
+def view_summary(measures: Sequence[PairMeasure]) -> dict:
+    """Means over the (image, class) pairs and the shares (%) of pairs where A_p[k] is closer to the
+    class's pixels than C[k] (``ap_closer``) and where its margin is larger (``ap_margin_larger``)."""
+    margins = [m for m in measures if m.margin_c is not None and m.margin_ap is not None]
+
+    def share(hits: int, n: int) -> Optional[float]:
+        return 100.0 * hits / n if n else None
+
+    return {"pairs": len(measures), "images": len({m.image for m in measures}),
+            "cos_c": _mean([m.cos_c for m in measures]), "cos_ap": _mean([m.cos_ap for m in measures]),
+            "ap_closer": share(sum(m.cos_ap > m.cos_c for m in measures), len(measures)),
+            "margin_c": _mean([m.margin_c for m in margins]), "margin_ap": _mean([m.margin_ap for m in margins]),
+            "ap_margin_larger": share(sum(m.margin_ap > m.margin_c for m in margins), len(margins))}
+
+
 @dataclass(frozen=True)
 class Points:
     """Rows of ``vectors`` (L2-normalised) with their kind (0 feature, 1 classifier C, 2 context A_p),
@@ -184,24 +254,33 @@ class Points:
     FEATURE, CLASSIFIER, CONTEXT = 0, 1, 2
 
 
-def joint_points(view: HeadView, per_class: int = 100, seed: int = 0) -> Points:
+def joint_points(view: HeadView, per_class: int = 100, seed: int = 0, centred: bool = False) -> Points:
     """Sampled pixel features, C's rows for the classes present and each image's A_p rows for the
-    classes in that image, each L2-normalised, stacked for one joint embedding."""
+    classes in that image, each L2-normalised, stacked for one joint embedding. ``centred``: the rows'
+    class-specific part (:func:`image_rows`), which makes C's rows per image too."""
     rng = np.random.default_rng(seed)
     picks = sample_pixels(view.labels, per_class, rng)
     vecs = [view.feats[b, :, y, x] for b, y, x in picks]
     kind = [Points.FEATURE] * len(picks)
     cls = [int(view.labels[b, y, x]) for b, y, x in picks]
     image = [b for b, _, _ in picks]
-    present = sorted(set(cls))
-    for c in present:
-        vecs.append(view.classifier[c])
-        kind.append(Points.CLASSIFIER)
-        cls.append(c)
-        image.append(-1)
-    for b in range(view.labels.shape[0]):
-        for c in sorted({k for k, i in zip(cls, image) if i == b}):
-            vecs.append(view.context[b, c])
+    by_image = {b: sorted({k for k, i in zip(cls, image) if i == b}) for b in range(view.labels.shape[0])}
+    if centred:
+        rows = {b: image_rows(view, b, True) for b in by_image if len(by_image[b]) > 1}
+        vecs += [rows[b][0][c] for b in rows for c in by_image[b]]
+        kind += [Points.CLASSIFIER] * sum(len(by_image[b]) for b in rows)
+        cls += [c for b in rows for c in by_image[b]]
+        image += [b for b in rows for _ in by_image[b]]
+    else:
+        rows = {b: (None, view.context[b]) for b in by_image}
+        present = sorted(set(cls))
+        vecs += [view.classifier[c] for c in present]
+        kind += [Points.CLASSIFIER] * len(present)
+        cls += present
+        image += [-1] * len(present)
+    for b in rows:
+        for c in by_image[b]:
+            vecs.append(rows[b][1][c])
             kind.append(Points.CONTEXT)
             cls.append(c)
             image.append(b)

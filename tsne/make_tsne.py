@@ -10,13 +10,17 @@ and ``..._cosine.json``. All three vector kinds are L2-normalised, as the cosine
 them. The Fig. 7 caption, the printed output and the JSON give the measured mean cosine of each
 class's pixels to C[k] and to their own image's A_p[k] (per image, then averaged over images), so the
 figure states whether A_p moved toward its image's features, or that it did not.
+
+Fig. 7 has two panels: the raw rows, and their class-specific part (each image's A_p rows and C's
+rows minus their mean over the classes present in the image, :func:`tsne.embed.image_rows`). The
+JSON's ``views`` gives both views' measures on 16 evenly spaced val images (``--measure-images``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -34,10 +38,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cac.exp.spec import slug  # noqa: E402
-from tsne.embed import (ClassCosine, Points, choose_images, cosine_stats, head_view, joint_points,  # noqa: E402
-                        mean_cosines, row_similarity, tsne_2d)
+from tsne.embed import (VIEWS, ClassCosine, Points, choose_images, cosine_stats, head_view,  # noqa: E402
+                        joint_points, mean_cosines, pair_measures, row_similarity, tsne_2d, view_summary)
 
-__all__ = ["pick_run", "make_tsne", "cosine_caption", "cosine_lines", "plot_classifiers", "plot_one_class", "main"]
+__all__ = ["pick_run", "make_tsne", "cosine_caption", "cosine_lines", "plot_classifiers", "plot_one_class", "main",
+           "view_caption", "view_measures", "plot_views", "VIEW_TITLES"]
 
 IMAGE_COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink",
                  "tab:olive")
@@ -111,12 +116,13 @@ def cosine_lines(stats: Sequence[ClassCosine], names: Sequence[str]) -> list[str
 
 
 def plot_classifiers(xy: np.ndarray, pts: Points, palette: Sequence[Sequence[int]], names: Sequence[str],
-                     title: str, caption: str = "", stats: Sequence[ClassCosine] = ()):
+                     title: str, caption: str = "", stats: Sequence[ClassCosine] = (), ax=None, legend: bool = True):
     """Fig. 7: features as dots by class, C as large circles, A_p of each image as stars; ``caption``
-    (e.g. the measured cosines) printed under the plot, and each class's ``stats`` in the legend."""
+    (e.g. the measured cosines) printed under the plot, and each class's ``stats`` in the legend.
+    Draws into ``ax`` when given (a panel of :func:`plot_views`)."""
     from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    fig, ax = plt.subplots(figsize=(7.5, 6.5)) if ax is None else (ax.figure, ax)
     colours = np.array([_class_colour(palette, c) for c in pts.cls])
     feat, clf, ctx = (pts.kind == k for k in (Points.FEATURE, Points.CLASSIFIER, Points.CONTEXT))
     ax.scatter(xy[feat, 0], xy[feat, 1], c=colours[feat], s=9, alpha=0.55, linewidths=0)
@@ -133,8 +139,9 @@ def plot_classifiers(xy: np.ndarray, pts: Points, palette: Sequence[Sequence[int
     handles += [Line2D([], [], marker="o", ls="", mfc="white", mec="black", ms=12, label="classifier C"),
                 Line2D([], [], marker="*", ls="", mfc="white", mec="black", ms=14, label="context-aware A_p"),
                 Line2D([], [], marker=".", ls="", color="grey", label="pixel features")]
-    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
-              title="class: mean cos(f, C[k]) / cos(f, A_p[k])" if by_cls else None, title_fontsize=7)
+    if legend:
+        ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
+                  title="class: mean cos(f, C[k]) / cos(f, A_p[k])" if by_cls else None, title_fontsize=7)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title, fontsize=9)
@@ -142,6 +149,34 @@ def plot_classifiers(xy: np.ndarray, pts: Points, palette: Sequence[Sequence[int
         import textwrap
 
         ax.set_xlabel("\n".join(textwrap.wrap(caption, 110)), fontsize=7, family="monospace", loc="left")
+    fig.tight_layout()
+    return fig
+
+
+VIEW_TITLES = {"raw": "raw rows (as the classifiers hold them)",
+               "centred": "class-specific part (rows centred over the image's classes present)"}
+
+
+def view_caption(summary: dict, view: str) -> str:
+    """One view's measures (:func:`tsne.embed.view_summary`) in a sentence."""
+    if not summary["pairs"]:
+        return f"{view}: no image with two or more classes"
+    pct = lambda v: "—" if v is None else f"{v:.0f}%"  # noqa: E731
+    return (f"{view}, {summary['pairs']} (image, class) pairs in {summary['images']} images: mean cos of class-k "
+            f"pixels to C[k] {_f(summary['cos_c'])}, to their image's A_p[k] {_f(summary['cos_ap'])} (A_p closer in "
+            f"{pct(summary['ap_closer'])} of pairs); smallest margin to the image's other classes: C "
+            f"{_f(summary['margin_c'])}, A_p {_f(summary['margin_ap'])} (A_p larger in "
+            f"{pct(summary['ap_margin_larger'])}).")
+
+
+def plot_views(panels: Sequence[tuple], palette: Sequence[Sequence[int]], names: Sequence[str], title: str,
+               stats: Sequence[ClassCosine] = ()):
+    """Fig. 7 in its views side by side: ``panels`` of ``(xy, points, panel title, caption)``; the
+    class legend (with the raw per-class cosines) once, right of the last panel."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.0 * len(panels) + 1.5, 7.0), squeeze=False)
+    for i, (ax, (xy, pts, name, caption)) in enumerate(zip(axes[0], panels)):
+        plot_classifiers(xy, pts, palette, names, name, caption, stats, ax=ax, legend=i == len(panels) - 1)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -174,13 +209,29 @@ def plot_one_class(xy: np.ndarray, pts: Points, cls: int, name: str, images: Seq
     return fig
 
 
+def view_measures(model, dataset, indices: Sequence[int]) -> dict:
+    """Both views' measures (:data:`tsne.embed.VIEWS`) on the val images ``indices``, batched by 8."""
+    from analysis.figures import val_batch
+
+    measures: dict[str, list] = {v: [] for v in VIEWS}
+    for start in range(0, len(indices), 8):
+        view = head_view(model, val_batch(dataset, indices[start:start + 8]))
+        for name in VIEWS:
+            measures[name] += [replace(m, image=int(indices[start + m.image]))  # the val index, not the batch's
+                               for m in pair_measures(view, centred=name == "centred")]
+    return {name: {**view_summary(ms), "caption": view_caption(view_summary(ms), name),
+                   "pairs_list": [asdict(m) for m in ms]} for name, ms in measures.items()}
+
+
 def make_tsne(uri: str, run, out_dir: Path, n_images: int = 4, per_class: int = 100, random_state: int = 0,
-              work_root: Optional[Path] = None, echo: Callable[[str], None] = print) -> list[Path]:
-    """Both t-SNE figures of one finished +CAC run and the cosine sidecar JSON; returns the written
-    files and ``echo``es the measured cosines."""
+              work_root: Optional[Path] = None, echo: Callable[[str], None] = print,
+              measure_images: int = 16) -> list[Path]:
+    """Both t-SNE figures of one finished +CAC run (Fig. 7 in its raw and centred views side by side,
+    and the Fig. 1 view) and the cosine sidecar JSON; returns the written files and ``echo``es the
+    measured cosines. The views' measures are taken on ``measure_images`` evenly spaced val images."""
     from PIL import Image
 
-    from analysis.figures import build_val_dataset, load_run_model, save_figure, val_batch
+    from analysis.figures import build_val_dataset, evenly_spaced, load_run_model, save_figure, val_batch
 
     model, cfg = load_run_model(uri, run, work_root)
     dataset = build_val_dataset(cfg)
@@ -189,6 +240,9 @@ def make_tsne(uri: str, run, out_dir: Path, n_images: int = 4, per_class: int = 
     stats, rows = cosine_stats(view), row_similarity(view)
     pts = joint_points(view, per_class=per_class, seed=random_state)
     xy = tsne_2d(pts.vectors, random_state=random_state)
+    centred_pts = joint_points(view, per_class=per_class, seed=random_state, centred=True)
+    measured = evenly_spaced(len(dataset), measure_images)
+    views = view_measures(model, dataset, measured)
     names = list(dataset.metainfo["classes"])
     palette = dataset.metainfo["palette"]
     tags = run.data.tags
@@ -200,6 +254,8 @@ def make_tsne(uri: str, run, out_dir: Path, n_images: int = 4, per_class: int = 
     echo(f"t-SNE {what}: {caption}")
     for line in table:
         echo(f"  {line}")
+    for name in VIEWS:
+        echo(f"  {views[name]['caption']}")
     sidecar = stem.with_name(stem.name + "_cosine.json")
     sidecar.parent.mkdir(parents=True, exist_ok=True)
     sidecar.write_text(json.dumps({
@@ -212,9 +268,19 @@ def make_tsne(uri: str, run, out_dir: Path, n_images: int = 4, per_class: int = 
         "row_pairwise_cos": {"what": "mean pairwise cosine of an image's rows (classes present), over images",
                              "ap": rows["ap"], "c": rows["c"]},
         "classes": {names[s.cls]: {"id": s.cls, **{k: v for k, v in asdict(s).items() if k != "cls"}}
-                    for s in stats}},
+                    for s in stats},
+        "views": {"what": "per (image, class) pair on all the class's labelled pixels, in the measured images with "
+                          "two or more classes: cos_c / cos_ap = mean cosine of the pixel features f to C[k] / to "
+                          "the image's A_p[k]; margin_* = that cosine minus the largest cosine to another present "
+                          "class's row; ap_closer / ap_margin_larger = % of pairs where A_p's is larger. raw: the "
+                          "L2-normalised rows; centred: those rows minus their mean over the image's classes "
+                          "present, L2-normalised again",
+                  "images": [int(i) for i in measured], **views}},
         indent=1) + "\n")
-    paths = save_figure(plot_classifiers(xy, pts, palette, names, f"t-SNE: {what}", caption, stats), stem)
+    centred_xy = tsne_2d(centred_pts.vectors, random_state=random_state)
+    panels = [(xy, pts, VIEW_TITLES["raw"], f"{caption} {views['raw']['caption']}"),
+              (centred_xy, centred_pts, VIEW_TITLES["centred"], views["centred"]["caption"])]
+    paths = save_figure(plot_views(panels, palette, names, f"t-SNE: {what}", stats), stem)
     images = [np.asarray(Image.open(dataset.get_data_info(i)["img_path"]).convert("RGB")) for i in indices]
     paths += save_figure(plot_one_class(xy, pts, cls, names[cls], images,
                                         f"t-SNE of '{names[cls]}' features across images: {what}"),
@@ -232,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=4, help="val images to embed (default 4)")
     p.add_argument("--per-class", type=int, default=100, help="pixels per class per image (default 100)")
     p.add_argument("--random-state", type=int, default=0)
+    p.add_argument("--measure-images", type=int, default=16,
+                   help="evenly spaced val images of both views' measures (default 16)")
     p.add_argument("--out", default="reports/figures")
     return p
 
@@ -256,8 +324,9 @@ def _main(args: argparse.Namespace) -> int:
 
     uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking_uri(uri, create=False)  # reads only: no store is made here
-    if args.images < 1 or args.per_class < 1:
-        raise CacError(f"--images and --per-class must be >= 1, got {args.images} and {args.per_class}")
+    if args.images < 1 or args.per_class < 1 or args.measure_images < 1:
+        raise CacError(f"--images, --per-class and --measure-images must be >= 1, got {args.images}, "
+                       f"{args.per_class} and {args.measure_images}")
     if args.run_id:
         try:
             run = mlflow.MlflowClient(tracking_uri=uri).get_run(args.run_id)
@@ -276,7 +345,8 @@ def _main(args: argparse.Namespace) -> int:
     if run.info.status != "FINISHED":
         print(f"run {run.info.run_id} is {run.info.status}, not FINISHED", file=sys.stderr)
         return 1
-    for path in make_tsne(uri, run, Path(args.out), args.images, args.per_class, args.random_state):
+    for path in make_tsne(uri, run, Path(args.out), args.images, args.per_class, args.random_state,
+                          measure_images=args.measure_images):
         print(path)
     return 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -13,7 +14,8 @@ from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
 from cac.errors import CacError
-from cac.mmseg.evaluation import evaluate_classifiers, iou_from_confusion
+from cac.mmseg.evaluation import (ClassifierPass, evaluate_classifiers, evaluate_pass, explain_artifacts,
+                                    explain_metrics, iou_from_confusion)
 
 __all__ = ["TrackingHook", "NonFiniteLossError", "metric_name"]
 
@@ -207,13 +209,19 @@ class TrackingHook(Hook):
         num_classes = len(runner.val_dataloader.dataset.metainfo["classes"])
         metrics: dict[str, float] = {}
         for split, batches in (("val", runner.val_dataloader), ("train", self._train_subset_batches(runner))):
-            confs = evaluate_classifiers(runner.model, batches, num_classes)
-            if split == "val":  # under DDP each rank saw its shard of val: sum the confusion matrices
-                confs = {k: _all_reduce(v) for k, v in sorted(confs.items())}
+            result = evaluate_pass(runner.model, batches, num_classes, explain=split == "val")
+            if split == "val":  # under DDP each rank saw its shard of val: sum every count
+                result = ClassifierPass.from_tensors({k: _all_reduce(v) for k, v in result.tensors().items()})
+                metrics.update(explain_metrics(result))  # val/ece_*, val/changed_pixels, ...
+            confs = result.confusion
             for name, conf in confs.items():
                 metrics[f"{split}/mIoU_{_SHORT[name]}"] = iou_from_confusion(conf)[1]
             if split == "val" and final:
                 self.final_confusion = self._test_time_confusion(runner, confs)
+                if self.tracker is not None:  # per-class IoU of every classifier, reliability bins
+                    classes = runner.val_dataloader.dataset.metainfo["classes"]
+                    for path in explain_artifacts(result, classes, Path(runner.work_dir) / "artifacts"):
+                        self.tracker.log_artifact(path)
         self._log(metrics, step)
         if self.on_eval is not None:
             self.on_eval(step, metrics)
