@@ -164,23 +164,18 @@ class ContextAwareClassifier(nn.Module):
             return cosine_logits(feats, weight, self.options.tau)
         return dot_logits(feats, weight, bias)
 
-    def context_logits(self, feats: Tensor, classifier: Tensor, out: Optional[Tensor] = None) -> Tensor:
-        """Eqs. (3)/(6): tau * cos(f, A) (or f A^T for Table 4's "Context (Dot)"); ``out``: see
-        ``cosine_logits`` (used by the cosine form only)."""
+    def context_logits(self, feats: Tensor, classifier: Tensor, out: Optional[Tensor] = None,
+                       dtype: Optional[torch.dtype] = None) -> Tensor:
+        """Eqs. (3)/(6): tau * cos(f, A) (or f A^T for Table 4's "Context (Dot)"); ``out`` and ``dtype``:
+        see ``cosine_logits`` (used by the cosine form only)."""
         if self.options.context == "dot":
             return dot_logits(feats, classifier)
-        return cosine_logits(feats, classifier, self.options.tau, out=out)
+        return cosine_logits(feats, classifier, self.options.tau, out=out, dtype=dtype)
 
     def oracle_prototypes(self, feats: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
         """C_y of Eq. (1), per image or pooled over the batch, absent rows zero or from C."""
-        b = feats.shape[0]
-        if self.options.oracle_pool == "batch":
-            d, h, w = feats.shape[1:]
-            stacked = feats.transpose(0, 1).reshape(1, d, b * h, w)
-            protos, present = mask_pool(stacked, labels.reshape(1, b * h, w), self.num_classes, self.ignore_index)
-            protos, present = protos.expand(b, -1, -1), present.expand(b, -1)
-        else:
-            protos, present = mask_pool(feats, labels, self.num_classes, self.ignore_index)
+        protos, present = mask_pool(feats, labels, self.num_classes, self.ignore_index,
+                                    over_batch=self.options.oracle_pool == "batch")
         if self.options.oracle_absent == "classifier":
             fill = weight.detach().to(protos.dtype).unsqueeze(0).expand_as(protos)
             protos = torch.where(present.unsqueeze(-1), protos, fill)
@@ -203,17 +198,22 @@ class ContextAwareClassifier(nn.Module):
 
         ``dropout`` (the head's, in training) applies only on the way into the original classifier,
         p = C(dropout(f)), as in the official heads; C_p's soft masks come from that p, while the
-        prototypes, p_p and p_y use f itself (the paper's f is the feature generator's output)."""
+        prototypes, p_p and p_y use f itself (the paper's f is the feature generator's output).
+
+        p_p and p_y are computed in one product with one norm of f (their classifiers stacked), and
+        come out in float32 or wider: the losses' dtype, so AMP casts nothing back and forth."""
+        o = self.options
         p = self.original_logits(feats if dropout is None else dropout(feats), weight, bias)
-        if not self.options.has_context:
+        if not o.has_context:
             return CACOutputs(p, None, None)
-        a_p = self.form(self.options.design_p, soft_pool(feats, p), weight, self.proj_p)
-        p_p = self.context_logits(feats, a_p)
-        p_y = None
-        if labels is not None and self.options.needs_oracle:
-            lab = resize_labels(labels, feats.shape[-2:])
-            c_y = self.oracle_prototypes(feats, lab, weight)
-            p_y = self.context_logits(feats, self.form(self.options.design_y, c_y, weight, self.proj_y))
+        a_p = self.form(o.design_p, soft_pool(feats, p), weight, self.proj_p)
+        dtype = torch.promote_types(feats.dtype, torch.float32)
+        if labels is None or not o.needs_oracle:
+            return CACOutputs(p, self.context_logits(feats, a_p, dtype=dtype), None)
+        c_y = self.oracle_prototypes(feats, resize_labels(labels, feats.shape[-2:]), weight)
+        a_y = self.form(o.design_y, c_y, weight, self.proj_y)
+        both = self.context_logits(feats, torch.cat([a_p, a_y.to(a_p.dtype)], dim=1), dtype=dtype)
+        p_p, p_y = both.split(a_p.shape[1], dim=1)
         return CACOutputs(p, p_p, p_y)
 
     def predict(self, feats: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:

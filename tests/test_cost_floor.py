@@ -1,0 +1,263 @@
+"""CAC at its cost floor: the fused upsample + CE on every chunking, one product and one norm for p_p
+and p_y, no host sync and no logit-sized cast chain in a train step, the precision policy, and a
+test-time output equal to the unfused formula. All on CPU; `benchmarks/fused_check.py` runs the same
+comparisons on a GPU."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import cac.core.functional as fn
+from cac.core.classifier import CACOptions, ContextAwareClassifier, cac_losses
+from cac.core.functional import conv_precision, cosine_logits, mask_pool, upsampled_cross_entropy
+
+IGN = 255
+# ops that make the host wait for the device (CUDA): a value read back, or an output size from data
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::bincount", "aten::nonzero", "aten::unique", "aten::_unique",
+            "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::masked_select")
+
+
+class OpLog(TorchDispatchMode):
+    """Every ATen op called (forward and backward), with its output's dtype and size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, tuple, object]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        self.calls.append((func._schema.name, (first.dtype, first.numel()) if first is not None else None,
+                           (out.dtype, out.numel()) if isinstance(out, torch.Tensor) else None))
+        return out
+
+
+def _labels(b: int, h: int, w: int, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, n, (b, h, w), generator=g)
+    labels[0, : max(1, h // 5)] = IGN
+    labels[-1, h // 2:, : w // 3] = IGN
+    return labels
+
+
+# -- the fused upsample + cross-entropy -----------------------------------------------------------------
+@pytest.mark.parametrize("chunking", ["rows", "images"])
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("small_chunks", [True, False])
+def test_fused_ce_equals_interpolate_then_ce(monkeypatch, chunking, align_corners, small_chunks):
+    """Values and gradients equal ``F.interpolate`` + ``F.cross_entropy`` in float64: odd sizes, ignored
+    pixels, ragged last chunk (8-row bands; 2 of 3 images) or one chunk."""
+    b, n, size = 3, 7, (23, 17)
+    monkeypatch.setattr(fn, "_CHUNK_BYTES", 1 if small_chunks else 1 << 30)
+    monkeypatch.setattr(fn, "_ACCEL_CHUNK_MIN", 2 * n * size[0] * size[1] * 8 if small_chunks else 1 << 30)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, n, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = _labels(b, *size, n)
+    ref = F.cross_entropy(F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners), labels,
+                          reduction="none", ignore_index=IGN)
+    out = upsampled_cross_entropy(x, labels, align_corners=align_corners, chunking=chunking)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    assert (out[labels == IGN] == 0).all()
+    w = torch.rand(ref.shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad(out, x, w)[0], torch.autograd.grad(ref, x, w)[0],
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunking", ["rows", "images"])
+def test_fused_ce_saves_no_full_size_tensor_for_backward(chunking):
+    """Only low-resolution tensors and per-pixel scalars live until backward; the unfused path keeps a
+    full-size [B, N, H, W] log-softmax (so the probe does see such tensors)."""
+    b, n, size = 2, 9, (40, 36)
+    x = torch.randn(b, n, 10, 9, dtype=torch.float64, requires_grad=True)
+    labels = _labels(b, *size, n)
+    full = b * n * size[0] * size[1]
+
+    def saved_sizes(loss_fn) -> list[int]:
+        sizes: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            loss_fn().sum().backward()
+        return sizes
+
+    unfused = saved_sizes(lambda: F.cross_entropy(F.interpolate(x, size=size, mode="bilinear"), labels,
+                                                  reduction="none", ignore_index=IGN))
+    assert max(unfused) >= full
+    fused = saved_sizes(lambda: upsampled_cross_entropy(x, labels, chunking=chunking))
+    assert max(fused) <= full // 4
+
+
+def test_fused_ce_lifts_half_precision_and_ignores_autocast():
+    x = torch.randn(2, 5, 4, 4)
+    labels = _labels(2, 9, 11, 5)
+    ref = upsampled_cross_entropy(x, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = upsampled_cross_entropy(x.bfloat16(), labels)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, upsampled_cross_entropy(x.bfloat16().float(), labels))
+    assert (out - ref).abs().max() < 0.1  # only the logits' rounding to bfloat16 differs
+    with pytest.raises(ValueError, match="chunking"):
+        upsampled_cross_entropy(x, labels, chunking="bands")
+
+
+# -- the classifier's products ---------------------------------------------------------------------------
+def _case(dtype=torch.float64, b=2, d=12, n=5, h=7, w=6, options=None, seed=0):
+    torch.manual_seed(seed)
+    cac = ContextAwareClassifier(d, n, options).to(dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    feats = torch.randn(b, d, h, w, generator=g, dtype=dtype)
+    feats[0, :, 0, 0] = 0  # a zero feature: its cosine logits are 0, not NaN
+    weight = torch.randn(n, d, generator=g, dtype=dtype)
+    bias = torch.randn(n, generator=g, dtype=dtype)
+    return cac, feats, weight, bias, _labels(b, 2 * h, 2 * w, n, seed)
+
+
+def _separate(cac, feats, weight, bias, labels):
+    """p_p and p_y as two separate cosine products, straight from the pieces (today's unfused path)."""
+    o = cac.options
+    p = feats.flatten(2).transpose(1, 2).matmul(weight.T).transpose(1, 2).reshape(
+        feats.shape[0], -1, *feats.shape[2:]) + bias[:, None, None]
+    prob = p.flatten(2).softmax(1)
+    c_p = prob @ feats.flatten(2).transpose(1, 2) / prob.sum(2, keepdim=True)
+    a_p = cac.form(o.design_p, c_p, weight, cac.proj_p)
+    small = F.interpolate(labels[:, None].float(), size=feats.shape[-2:], mode="nearest")[:, 0].long()
+    a_y = cac.form(o.design_y, cac.oracle_prototypes(feats, small, weight), weight, cac.proj_y)
+    f_hat = F.normalize(feats, dim=1, eps=1e-6).flatten(2)  # the per-pixel normalised copy of f
+
+    def cos(a):
+        return (o.tau * F.normalize(a, dim=-1, eps=1e-6) @ f_hat).reshape(feats.shape[0], -1, *feats.shape[2:])
+    return p, cos(a_p), cos(a_y)
+
+
+@pytest.mark.parametrize("profile", ["paper", "official"])
+def test_p_p_and_p_y_from_one_product_equal_separate_products(profile, monkeypatch):
+    """One stacked cosine product with one norm of f gives p_p and p_y (values and every gradient) of
+    two separate products over a normalised copy of f."""
+    cac, feats, weight, bias, labels = _case(options={"profile": profile})
+    feats.requires_grad_(True)
+    weight.requires_grad_(True)
+    norms = []
+    real = fn._inv_channel_norm
+    monkeypatch.setattr(fn, "_inv_channel_norm", lambda f: norms.append(1) or real(f))
+    out = cac(feats, weight, bias, labels=labels)
+    assert len(norms) == 1  # one pass for the norm of f, shared by p_p and p_y
+    monkeypatch.setattr(fn, "_inv_channel_norm", real)
+    ref = _separate(cac, feats, weight, bias, labels)
+    params = [feats, weight, *cac.proj_p.parameters(), *cac.proj_y.parameters()]
+    for got, want in zip(out, ref):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+        g = torch.randn_like(want)
+        for prm, a, b in zip(params, torch.autograd.grad(got, params, g, retain_graph=True, allow_unused=True),
+                             torch.autograd.grad(want, params, g, retain_graph=True, allow_unused=True)):
+            a, b = (torch.zeros_like(p) if t is None else t for t, p in ((a, prm), (b, prm)))
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)  # ~1e7 at the zero feature
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_predict_equals_the_unfused_formula(dtype, atol, grad):
+    """The test-time output (p_p written into p's buffer without autograd) equals Eqs. (4)-(6) computed
+    in float64 with a normalised copy of f: to 1e-10 in float64; in float32 to 1e-5, a few float32 ulps
+    of logits up to tau = 15 (any order of the same float32 operations differs by that much)."""
+    cac, feats, weight, bias, labels = _case(dtype=dtype, d=64, n=19, h=16, w=13)
+    cac.eval()
+    with torch.set_grad_enabled(grad):
+        got = cac.predict(feats, weight, bias)
+    with torch.no_grad():
+        _, want, _ = _separate(copy.deepcopy(cac).double(), feats.double(), weight.double(), bias.double(), labels)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=atol)
+
+
+def test_mask_pool_over_batch_is_the_stacked_batch():
+    """``over_batch`` pools every pixel of the batch: the batch laid out as one tall image."""
+    g = torch.Generator().manual_seed(2)
+    feats = torch.randn(3, 4, 5, 6, generator=g, dtype=torch.float64)
+    labels = _labels(3, 5, 6, 7, seed=3)
+    labels[labels == 6] = 0  # class 6 absent everywhere
+    protos, present = mask_pool(feats, labels, 7, IGN, over_batch=True)
+    stacked = feats.transpose(0, 1).reshape(1, 4, 15, 6)
+    want, want_present = mask_pool(stacked, labels.reshape(1, 15, 6), 7, IGN)
+    assert protos.shape == (3, 7, 4) and torch.equal(present, want_present.expand(3, -1))
+    torch.testing.assert_close(protos, want.expand(3, -1, -1))
+    assert not present[:, 6].any() and (protos[:, 6] == 0).all()
+
+
+# -- a whole CAC loss step: no host sync, no logit-sized cast chain ------------------------------------
+def _train_step(cac, feats, weight, bias, labels):
+    out = cac(feats, weight, bias, labels=labels)
+
+    def ce(logits, accuracy):
+        return {"loss_ce": upsampled_cross_entropy(logits, labels).sum() / (labels != IGN).sum().clamp_min(1)}
+    losses = cac_losses(out, labels, cac.options, ce=ce)
+    sum(losses.values()).backward()
+    return out
+
+
+@pytest.mark.parametrize("profile", ["paper", "official"])
+def test_a_cac_train_step_makes_no_host_sync(profile):
+    """Forward and backward of every CAC term (oracle pooling, the two cosine classifiers, the KL, the
+    fused CE terms) call no op that makes a GPU wait (``.item()``, ``bincount``, ``nonzero``, ``unique``)."""
+    cac, feats, weight, bias, labels = _case(dtype=torch.float32, options={"profile": profile})
+    feats.requires_grad_(True)
+    weight.requires_grad_(True)
+    with OpLog() as log:
+        _train_step(cac, feats, weight, bias, labels)
+    names = {name for name, _, _ in log.calls}
+    assert names and not names & set(SYNC_OPS), names & set(SYNC_OPS)
+    with OpLog() as log:  # the probe sees a sync where there is one
+        labels.unique()
+    assert any(name in SYNC_OPS for name, _, _ in log.calls)
+
+
+def test_amp_keeps_p_p_and_p_y_in_float32_after_their_product():
+    """Under autocast, p_p and p_y leave their (half-precision) product scaled straight into float32, the
+    losses' dtype: their [B, 2N, HW] map is never cast from float32 back down to half precision (the
+    old bmm -> float -> half -> float chain)."""
+    cac, feats, weight, bias, labels = _case(dtype=torch.float32, d=16, n=6, h=8, w=8)
+    logit_size = feats.shape[0] * 6 * 8 * 8
+    half = feats.bfloat16()  # as the head's convolutions hand f over under autocast
+    with OpLog() as log, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cac(half, weight, bias, labels=labels)
+    assert out.p_p.dtype == out.p_y.dtype == torch.float32
+    downcasts = [(src, dst) for name, src, dst in log.calls
+                 if name == "aten::_to_copy" and src and dst and src[0] == torch.float32
+                 and dst[0] == torch.bfloat16 and dst[1] >= logit_size * 2]
+    assert not downcasts, downcasts  # a [B, 2N, HW] product output never goes float32 -> bfloat16
+
+
+# -- the precision policy ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("cudnn_tf32", [True, False])
+def test_conv_precision_follows_cudnn_on_cuda_only_and_restores(cudnn_tf32):
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        torch.backends.cuda.matmul.allow_tf32 = not cudnn_tf32
+        with conv_precision("cuda"):
+            assert torch.backends.cuda.matmul.allow_tf32 == cudnn_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 == (not cudnn_tf32)
+        with conv_precision("cpu"):
+            assert torch.backends.cuda.matmul.allow_tf32 == (not cudnn_tf32)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_conv_precision_bmm_is_bmm_forward_and_backward():
+    """The autograd node CUDA float32 products go through: bmm's values and gradients."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(fn._ConvPrecisionBmm.apply, (a, b))
+    torch.testing.assert_close(fn._ConvPrecisionBmm.apply(a, b), torch.bmm(a, b))
+
+
+def test_cosine_logits_dtype_option_keeps_float32_from_half_features():
+    g = torch.Generator().manual_seed(6)
+    feats = torch.randn(2, 8, 3, 3, generator=g).half()
+    weights = torch.randn(4, 8, generator=g)
+    out = cosine_logits(feats, weights, 15.0, dtype=torch.float32)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, cosine_logits(feats.float(), weights, 15.0), rtol=0, atol=2e-2)
+    assert cosine_logits(feats, weights, 15.0).dtype == torch.float16
