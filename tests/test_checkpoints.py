@@ -124,15 +124,19 @@ def test_hostile_checkpoint_runs_nothing(tmp_path):
     assert marker.exists()
 
 
-def test_hostile_checkpoint_via_eval_is_refused(tmp_path, data_root):
+def test_hostile_checkpoint_via_eval_is_refused(tmp_path, data_root, capsys):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {"w": torch.zeros(2)}, "meta": _Payload(marker)}, path)
     spec = tmp_path / "ck.yaml"
     spec.write_text(SPEC)
+    capsys.readouterr()
     code = main(["eval", str(spec), "--row", "(f)", "--checkpoint", str(path),
                  "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    err = capsys.readouterr().err.strip()
+    # refused by the checkpoint loader (not by any earlier failure): one line naming the file and the way out
     assert code == 2 and not marker.exists()
+    assert len(err.splitlines()) == 1 and "--trust-checkpoint" in err and str(path) in err, err
 
 
 def test_mmengine_training_checkpoints_load_weights_only(tmp_path):

@@ -284,8 +284,13 @@ def test_gradients_reach_theta_p_and_none_flow_into_the_kl_teacher():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cac.proj_p.parameters())
 
 
-@pytest.mark.parametrize("bad", [{"tau": 0.0}, {"tau": -1.0}, {"lambda_kl": -0.1}, {"design_p": "nope"},
-                                 {"context": "sin"}, {"kl_target_mix": 2.0}, {"nope": 1}])
-def test_options_refuse_bad_values(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, message", [
+    ({"tau": 0.0}, r"cac\.tau must be > 0, got 0\.0"), ({"tau": -1.0}, r"cac\.tau must be > 0, got -1\.0"),
+    ({"lambda_kl": -0.1}, r"cac\.lambda_kl must be >= 0, got -0\.1"),
+    ({"design_p": "nope"}, r"cac\.design_p must be one of .*got 'nope'"),
+    ({"context": "sin"}, r"cac\.context must be one of .*got 'sin'"),
+    ({"kl_target_mix": 2.0}, r"cac\.kl_target_mix must be in \[0, 1\], got 2\.0"),
+    ({"nope": 1}, r"unknown cac option\(s\) \['nope'\]")])
+def test_options_refuse_bad_values(bad, message):
+    with pytest.raises(ValueError, match=message):
         CACOptions.from_dict(bad)

@@ -179,7 +179,6 @@ def test_default_root(monkeypatch, tmp_path):
 # ---------------------------------------------------------------- mmseg dataset
 
 def test_mmseg_pipeline_loads_quick(quick):
-    pytest.importorskip("mmseg.datasets")
     from mmengine.registry import init_default_scope
     from mmseg.registry import DATASETS
 
@@ -242,13 +241,12 @@ def test_prepare_ade20k(tmp_path):
     assert (root / "annotations" / "validation" / "ADE_val_00000002.png").is_file()
     report = verify("ade20k", root, {"train": 3, "val": 2})
     assert report["train"] == {"images": 3, "annotations": 3} and report["val"]["images"] == 2
-    with pytest.raises(DatasetError) as err:  # the official counts are the default
+    with pytest.raises(DatasetError, match="found 3 of 20,210 training images") as err:  # the official counts
         verify("ade20k", root)
     msg = str(err.value)
     assert "\n" not in msg and str(root) in msg and "found 3 of 20,210 training images" in msg
     assert "cac-exp data ade20k --archive" in msg and isinstance(err.value, CacError)
 
-    pytest.importorskip("mmseg.datasets")
     from mmseg.datasets import ADE20KDataset
 
     ds = ADE20KDataset(data_root=str(root), data_prefix=dict(img_path="images/training",
@@ -267,7 +265,7 @@ def test_ade20k_missing_and_incomplete(tmp_path):
         prepare_ade20k(tmp_path / "bad.zip", tmp_path)
     prepare_ade20k(_ade_zip(tmp_path / "a.zip"), tmp_path, expected={"train": 3, "val": 2})
     (root / "annotations" / "training" / "ADE_train_00000002.png").unlink()
-    with pytest.raises(DatasetError) as err:
+    with pytest.raises(DatasetError, match="annotations for 2 of 3 training images") as err:
         verify("ade20k", root, {"train": 3, "val": 2})
     assert "annotations for 2 of 3 training images" in str(err.value)
     assert "ADE_train_00000002.png" in str(err.value)
@@ -293,7 +291,6 @@ def test_prepare_cocostuff_converts_labels(tmp_path):
     with pytest.raises(DatasetError, match="found 1 of 5,000 validation images"):
         verify("cocostuff", root, {"train": 2})
 
-    pytest.importorskip("mmseg.datasets")
     from mmseg.datasets import COCOStuffDataset
 
     ds = COCOStuffDataset(data_root=str(root), data_prefix=dict(img_path="images/train2017",
@@ -308,8 +305,8 @@ def test_coco_stuff_lut():
 
 
 def test_verify_unknown_name(tmp_path):
-    with pytest.raises(ValueError, match="ade20k, cocostuff"):
-        verify("cityscapes", tmp_path)
+    with pytest.raises(ValueError, match="ade20k, cocostuff, cityscapes, pascal-context"):
+        verify("kitti", tmp_path)
 
 
 # ---------------------------------------------------------------- CLI

@@ -253,11 +253,19 @@ def test_all_ignored_batch_gives_zero_not_nan_and_backprops():
 
 
 def test_one_hot_teacher_zero_entropy_is_finite():
-    """A saturated teacher has zero entropy everywhere: Eq. (10)/(11) must not divide by zero."""
+    """A saturated teacher has zero entropy everywhere: Eq. (10)/(11) must not divide by zero. Every
+    pixel's weight H_i is 0, so the weighted sums are 0 over a clamped 0 denominator: the loss is 0
+    (no pixel teaches anything), in both normalisers and both forms."""
     teacher = torch.full((1, 3, 2, 2), -1e4)
     teacher[:, 0] = 1e4
-    loss = entropy_kl_loss(torch.randn(1, 3, 2, 2), teacher, torch.zeros(1, 2, 2, dtype=torch.long))
-    assert torch.isfinite(loss)
+    student = torch.randn(1, 3, 2, 2, requires_grad=True)
+    labels = torch.zeros(1, 2, 2, dtype=torch.long)
+    for normaliser in ("batch", "literal"):
+        for classwise in (True, False):
+            loss = entropy_kl_loss(student, teacher, labels, classwise=classwise, normaliser=normaliser)
+            assert loss.item() == 0.0, (normaliser, classwise, loss)
+            (grad,) = torch.autograd.grad(loss, student)
+            assert torch.equal(grad, torch.zeros_like(grad)), (normaliser, classwise)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
