@@ -11,7 +11,7 @@ def build_model(model_cfg: dict) -> torch.nn.Module:
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
 
-    import cac  # noqa: F401  (registers CACHead)
+    import cac.mmseg  # noqa: F401  (registers CACHead; the package root is an upper layer)
 
     from mmengine.config import ConfigDict
 
