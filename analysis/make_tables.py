@@ -251,6 +251,9 @@ def _report_figures(spec, preset: str, uri: str, fig_dir: Path, images: int, tsn
     if tsne:
         makers.append(("t-SNE", "no FINISHED +CAC run with a context-aware classifier",
                        lambda: _tsne(spec, preset, uri, fig_dir, images)))
+    if table_number(spec.name) == "table1":
+        makers.append(("Fig. 2", "no model with runs of both its rows",
+                       lambda: _fig2(spec, preset, uri, fig_dir)))
     for name, why, make in makers:
         try:
             made = make()
@@ -263,6 +266,16 @@ def _report_figures(spec, preset: str, uri: str, fig_dir: Path, images: int, tsn
             skipped.append(name)
         paths += made
     return paths, skipped
+
+
+def _fig2(spec, preset: str, uri: str, fig_dir: Path) -> list[Path]:
+    """Fig. 2 (mIoU against #params and time) of a Table 1 spec; time from the speed spec's runs."""
+    from cac.exp.spec import REPO, load_spec
+
+    from analysis.efficiency import SPEED_SPEC, fig2_figure
+
+    speed = REPO / "experiments" / f"{SPEED_SPEC}.yaml"
+    return fig2_figure(spec, preset, uri, fig_dir, load_spec(speed) if speed.is_file() else None)
 
 
 def _tsne(spec, preset: str, uri: str, fig_dir: Path, images: int) -> list[Path]:
@@ -284,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tsne", nargs="*", metavar="SPEC",
                    help="also the t-SNE figures (tsne/make_tsne.py): of every reported spec, or of the named ones")
     p.add_argument("--images", type=int, default=4, help="val images in the mask and t-SNE figures")
+    p.add_argument("--model", metavar="NAME|PATH",
+                   help="report the runs of this base model (as given to `cac-exp run --model`)")
     return p
 
 
@@ -313,6 +328,11 @@ def _main(args: argparse.Namespace) -> int:
     explicit = bool(args.spec)
     specs = [load_spec(find_spec(s)) for s in args.spec] if explicit else [load_spec(p) for p in spec_files()]
     specs = [s for s in specs if s.task in REPORTED_TASKS]
+    if args.model:  # the runs `cac-exp run --model` trained: the same specs over that base model
+        from cac.exp.options import model_option
+
+        model = model_option(args)
+        specs = [s.with_model(model) for s in specs if s.task == "train"]
     tsne_names = set(args.tsne or ())
     unknown = tsne_names - {s.name for s in specs if s.task == "train"}
     if unknown:
@@ -331,7 +351,8 @@ def _main(args: argparse.Namespace) -> int:
     t0 = time.time()
     table1 = [s for s in chosen if table_number(s.name) == "table1"]
     if table1 and not explicit:  # the paper's layout has both data sets: keep the one without runs as paper-only
-        table1 = [s for s in specs if table_number(s.name) == "table1"]
+        table1 = [s for s in specs if table_number(s.name) == "table1"  # a paper-only column needs paper figures
+                  and (s.name in with_runs or any(r.paper is not None for r in s.rows))]
     written: list[Path] = []
     if table1:
         written += report_table1(table1, args.preset, uri, out, params=args.params)

@@ -50,10 +50,14 @@ def bench_settings(spec: Spec, preset: str) -> BenchSettings:
 
 
 def bench_model_name(spec: Spec, row: Row, preset: str) -> str:
-    """The row's model, or the Table 1 model ``CAC_BENCH_MODEL`` names."""
-    from cac.mmseg.zoo import get_model
+    """The row's model (a name or a config file's ``name@hash``), or the one ``CAC_BENCH_MODEL`` names."""
+    from cac.mmseg.zoo import resolve_model
 
-    return get_model(os.environ.get(MODEL_ENV) or spec.model_for(row, preset)).name
+    return resolve_model(_bench_model_ref(spec, row, preset)).name
+
+
+def _bench_model_ref(spec: Spec, row: Row, preset: str) -> str:
+    return os.environ.get(MODEL_ENV) or spec.model_for(row, preset)
 
 
 def bench_model_cfg(spec: Spec, row: Row, preset: str) -> dict:
@@ -62,7 +66,7 @@ def bench_model_cfg(spec: Spec, row: Row, preset: str) -> dict:
     from cac.mmseg.config import resolve_config
     from cac.mmseg.cfgtree import replace_norm, strip_pretrained
 
-    cfg = resolve_config(bench_model_name(spec, row, preset), "paper",
+    cfg = resolve_config(_bench_model_ref(spec, row, preset), "paper",
                          cac=row.cac if row.cac is not None else False,
                          overrides=spec.overrides_for(row, preset), dataset=spec.dataset)
     model = strip_pretrained(replace_norm(cfg["model"], "SyncBN", "BN"))
