@@ -5,7 +5,9 @@ wrapped head, makes its ``cls_seg`` hand the features back unchanged, and classi
 the head's own ``conv_seg`` as the original classifier ``C`` plus the context-aware classifier. So the
 head's feature path, its loss configuration and its ``predict_by_feat`` all stay the head's own, and
 no head is copied. Cascade heads (OCRNet) are wrapped the same way: extra forward arguments such as
-``prev_output`` pass straight through.
+``prev_output`` pass straight through. ``cac.mmseg.heads.HEADS`` says, for every decode head mmseg
+registers, which output CAC classifies (an adapter for heads whose forward returns several maps) or why
+the head is refused.
 
 In a plain mmseg config::
 
@@ -26,6 +28,7 @@ from torch import Tensor
 
 from cac.core.classifier import CACOptions, CACOutputs, ContextAwareClassifier, cac_losses
 from cac.core.functional import resize_bilinear, upsampled_cross_entropy
+from cac.mmseg.heads import head_support
 
 __all__ = ["CACHead", "is_plain_cross_entropy"]
 
@@ -55,6 +58,8 @@ class CACHead(BaseModule):
             head = dict(type=head_type, **head_kwargs)
         elif head_type is not None or head_kwargs:
             raise ValueError("CACHead takes either `head=` or `head_type=` with the head's arguments, not both")
+        # A head CAC cannot wrap is refused by name, with the reason, before it is built.
+        support = head_support(head.get("type"))
         self.head: BaseDecodeHead = MODELS.build(head)
         if not isinstance(self.head, BaseDecodeHead):
             raise TypeError(f"CACHead wraps BaseDecodeHead subclasses, got {type(self.head).__name__}")
@@ -62,6 +67,8 @@ class CACHead(BaseModule):
             raise ValueError("CACHead needs a multi-class head (out_channels == num_classes >= 2)")
         # An instance attribute shadows the class method: the head's forward now returns features.
         self.head.cls_seg = _features_unchanged
+        # Which of the forward's outputs CAC classifies, and the other branches' losses (DAHead, EncHead, ...).
+        self.outputs = support.outputs(self.head)
         self.options = CACOptions.from_dict(cac)
         conv = self.head.conv_seg
         if self.options.original == "cos" and conv.bias is not None:
@@ -84,7 +91,7 @@ class CACHead(BaseModule):
 
     def features(self, *inputs: Any) -> Tensor:
         """The features f the head hands its classifier (before the head's dropout)."""
-        return self.head(*inputs)
+        return self.outputs.split(self.head(*inputs))[0]
 
     def classify(self, feats: Tensor, labels: Optional[Tensor] = None) -> CACOutputs:
         """p, p_p and (given labels) p_y at the features' resolution. The head's dropout (active in
@@ -111,15 +118,17 @@ class CACHead(BaseModule):
         *inputs, batch_data_samples, _train_cfg = args
         seg_label = self.head._stack_batch_gt(batch_data_samples)
         labels = seg_label.squeeze(1)
-        out = self.all_logits(*inputs, labels=labels)
+        feats, branches = self.outputs.split(self.head(*inputs))
+        out = self.classify(feats, labels)
+        branch_losses = self.outputs.branch_losses(branches, out.p, batch_data_samples)
         # Under AMP the logits may be half precision: the losses, and the KL's softmaxes, entropies and
         # class-wise sums above all, are computed in float32 with autocast off.
         out = CACOutputs(*(t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
                            for t in out))
         with torch.autocast(device_type=labels.device.type, enabled=False):
-            return cac_losses(out, labels, self.options,
-                              ce=lambda logits, accuracy: self.segmentation_loss(logits, seg_label, accuracy),
-                              ignore_index=self.ignore_index)
+            return {**cac_losses(out, labels, self.options,
+                                 ce=lambda logits, accuracy: self.segmentation_loss(logits, seg_label, accuracy),
+                                 ignore_index=self.ignore_index), **branch_losses}
 
     def segmentation_loss(self, logits: Tensor, seg_label: Tensor, accuracy: bool = True) -> dict:
         """The wrapped head's own loss terms (its ``loss_decode`` list and pixel sampler), as its
