@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from cac.errors import CacError
 from cac.exp.options import RunOptions
 
 __all__ = ["DispatchOptions", "UnitJob", "dispatch_units", "run_jobs", "make_executor", "job_env", "cpu_threads",
-           "limit_threads", "slurm_parameters", "slurm_script",
+           "limit_threads", "end_reason", "describe_ended", "slurm_parameters", "slurm_script",
            "add_dispatch_options", "dispatch_options", "EXECUTORS"]
 
 EXECUTORS = ("inline", "local", "slurm")
@@ -151,7 +152,9 @@ def make_executor(d: DispatchOptions, folder: Path):
     import submitit
 
     if d.executor == "local":
-        executor = submitit.LocalExecutor(folder=str(folder))
+        from cac.exp.localjobs import RecordingLocalExecutor
+
+        executor = RecordingLocalExecutor(folder=str(folder))
         executor.update_parameters(timeout_min=d.time_min, tasks_per_node=d.tasks, gpus_per_node=d.gpus_per_run)
         return executor
     if d.executor == "slurm":
@@ -177,10 +180,81 @@ def _gpu_slots(d: DispatchOptions) -> list[tuple[int, ...]]:
     return [tuple(range(i * g, (i + 1) * g)) for i in range(max(1, d.jobs))] if g else [()] * max(1, d.jobs)
 
 
-def _short(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    tail = [ln for ln in text if ln.strip()][-1:] or [type(err).__name__]
-    return tail[0][:200]
+_SLURM_STATES = {"OUT_OF_MEMORY": "ran out of memory", "TIMEOUT": "timed out", "PREEMPTED": "was preempted",
+                 "NODE_FAIL": "lost its node", "BOOT_FAIL": "could not boot its node", "DEADLINE": "passed its deadline",
+                 "CANCELLED": "was cancelled", "FAILED": "failed"}
+
+
+def describe_ended(record: dict, time_min: Optional[int] = None) -> Optional[str]:
+    """Why a local job's tasks ended without finishing, from its controller's record (see
+    ``cac.exp.localjobs``): killed by signal N, out of memory, exit code N, timed out; None when
+    every task exited with 0 (the job's own outcome then says what happened)."""
+    codes = list(record.get("exit_codes") or [])
+    if record.get("timed_out"):
+        return "timed out" + (f" (limit {time_min} min)" if time_min else "")
+    for task, code in enumerate(codes):
+        if not code:
+            continue
+        who = f"task {task}" if len(codes) > 1 else "its process"
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = "unknown signal"
+            if -code == signal.SIGKILL and (record.get("oom_kills") or 0) > 0:
+                return (f"ran out of memory ({who} was killed by signal 9, SIGKILL: the kernel's OOM killer "
+                        "ran while it did)")
+            return f"was killed: {who} got signal {-code} ({name})"
+        return f"exited with code {code}: {who} ended before finishing"
+    return None
+
+
+def _exception_line(trace: str) -> str:
+    """The last line of a Python traceback: ``RuntimeError: boom``."""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+    return lines[-1][:200] if lines else "an exception"
+
+
+def end_reason(job, err: BaseException, record: Optional[dict] = None, time_min: Optional[int] = None) -> str:
+    """What happened to a job that ended without a result, in words, from the job's state: a local
+    job's recorded task ends, a Slurm job's final state, or the exception the function raised."""
+    from submitit.core.utils import FailedJobError
+
+    if isinstance(err, FailedJobError):  # the job's function raised: submitit pickled the traceback
+        trace = str(err).split("-" * 22)
+        line = _exception_line(trace[1] if len(trace) > 2 else str(err))
+        if "timed-out" in line:  # submitit's own UncompletedJobError on the last allowed timeout
+            return "timed out" + (f" (limit {time_min} min)" if time_min else "") + f": {line}"
+        return f"raised {line}"
+    why = describe_ended(record, time_min) if record is not None else None
+    if why:
+        return why
+    state = str(getattr(job, "state", "") or "").split()
+    if state and state[0] in _SLURM_STATES:
+        return f"{_SLURM_STATES[state[0]]} (Slurm state {' '.join(state)})"
+    if state and state[0] not in ("FINISHED", "COMPLETED", "UNKNOWN"):
+        return f"ended in state {' '.join(state)} without a result"
+    return f"ended without a result ({type(err).__name__})"
+
+
+def _outcome(job, d: DispatchOptions) -> tuple[Any, Optional[str]]:
+    """``(result, None)`` for a job whose function returned, else ``(exception, why it ended)``. A
+    local job whose tasks were killed or exited non-zero is answered from its controller's record,
+    without submitit's wait for a result file that will never come."""
+    from submitit.core.utils import UncompletedJobError
+
+    record = None
+    if d.executor == "local":
+        from cac.exp.localjobs import read_ended
+
+        record = read_ended(job.paths.folder, job.job_id)
+        if record is not None and describe_ended(record) and not job.paths.result_pickle.exists():
+            err = UncompletedJobError(f"job {job.job_id} ended without a result")
+            return err, end_reason(job, err, record, d.time_min)
+    try:
+        return job.result(), None
+    except Exception as err:  # the job's process died or raised: its unit resumes when resubmitted
+        return err, end_reason(job, err, record, d.time_min)
 
 
 def run_jobs(make_job: Callable[[Any], Any], items: list, label: Callable[[Any], str], d: DispatchOptions,
@@ -211,17 +285,16 @@ def run_jobs(make_job: Callable[[Any], Any], items: list, label: Callable[[Any],
                 continue
             del running[job_id]
             free.append(slot)
-            try:
-                out.append((item, job.result()))
-            except Exception as err:  # the job's process died or raised: its unit resumes when resubmitted
-                if attempt < d.retries:
-                    echo(f"retry {label(item)}: job {job_id} ended without finishing ({_short(err)}); "
-                         "resubmitted, it resumes from its last checkpoint")
-                    pending.append((item, attempt + 1))
-                else:
-                    echo(f"error {label(item)}: job {job_id} failed {attempt + 1} time(s): {_short(err)} "
-                         f"(log: {job.paths.stderr})")
-                    out.append((item, err))
+            result, why = _outcome(job, d)
+            if why is None:
+                out.append((item, result))
+            elif attempt < d.retries:
+                echo(f"retry {label(item)}: job {job_id} {why}; resubmitted, it resumes from its last checkpoint")
+                pending.append((item, attempt + 1))
+            else:
+                echo(f"error {label(item)}: job {job_id} {why}; {attempt + 1} attempt(s), none finished "
+                     f"(log: {job.paths.stderr})")
+                out.append((item, result))
     return out
 
 
@@ -229,9 +302,11 @@ def dispatch_units(spec_path: str, preset: str, units: list, options: RunOptions
                    echo: Callable[[str], None] = print) -> int:
     """Run ``units`` as jobs; returns how many failed."""
     from cac.exp.runner import WORK_ROOT
+    from cac.exp.tracking import prepare_store
 
     folder = Path(d.folder) if d.folder else WORK_ROOT / "submitit"
     env, threads, root = job_env(), cpu_threads(d), str(WORK_ROOT.resolve())
+    prepare_store(uri, sorted({u.spec.name for u in units}))  # before any job: jobs never race to create them
 
     def make_job(unit) -> UnitJob:
         return UnitJob(spec_path, unit.row.label, unit.seed, preset, options, uri, root, env, threads)

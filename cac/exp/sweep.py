@@ -149,6 +149,9 @@ def resolve_storage(url: Optional[str]):
                            f"{_STORAGE_HINT}") from None
     if "://" not in url:
         raise CacError(f"--storage {url!r} is not a URL; {_STORAGE_HINT}")
+    from cac.exp.tracking import check_db_driver
+
+    check_db_driver(url, "--storage")  # a missing driver names the package to install
     # A heartbeat lets another process notice a dead trial and retry it with the same parameters.
     beat = int(os.environ.get("CAC_SWEEP_HEARTBEAT", "10"))  # seconds; a dead trial is retried after 2 beats
     try:
@@ -165,10 +168,14 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {first[:300]}" if first else type(err).__name__
 
 
+_WORKER_STRIDE = 100_003  # seed distance between dispatched workers: more trials than any study holds
+
+
 def _sampler(cfg: dict, offset: int = 0):
     """The spec's sampler. The seed is offset by the trials the study already holds, so a process
-    that joins or continues a study does not replay the points the first one drew (deterministic
-    for one process; workers started on an empty study at the same instant would coincide)."""
+    that joins or continues a study does not replay the points the first one drew, and by the
+    worker's index for dispatched workers, which start together on the same study (deterministic
+    for one process; undispatched processes started on an empty study at the same instant coincide)."""
     import optuna
 
     kind, seed = cfg.get("type", "tpe"), cfg.get("seed")
@@ -218,7 +225,10 @@ def _counted(study) -> int:
 
 def run_sweep(path: str, trials: int, preset: str = "quick", storage: Optional[str] = None,
               tracking_uri: Optional[str] = None, echo: Callable[[str], None] = print,
-              report_dir: str = "reports", options=None) -> int:
+              report_dir: str = "reports", options=None, worker: int = 0, report: bool = True) -> int:
+    """Train trials until the study holds ``trials`` (complete or pruned), then report it.
+    ``worker``: the index of a dispatched worker (its sampler's own seed stream); ``report=False``:
+    a worker leaves the report to the process that dispatched it."""
     import optuna
 
     from cac.exp.runner import execute_unit, make_unit, unit_state
@@ -232,7 +242,7 @@ def run_sweep(path: str, trials: int, preset: str = "quick", storage: Optional[s
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=sweep.study, storage=store, load_if_exists=True,
                                 direction=sweep.direction, pruner=_pruner(sweep.pruner))
-    study.sampler = _sampler(sweep.sampler, offset=len(study.get_trials(deepcopy=False)))
+    study.sampler = _sampler(sweep.sampler, offset=len(study.get_trials(deepcopy=False)) + _WORKER_STRIDE * worker)
     row = sweep.base.row(sweep.row)
 
     def objective(trial) -> float:
@@ -280,7 +290,8 @@ def run_sweep(path: str, trials: int, preset: str = "quick", storage: Optional[s
         stop = optuna.study.MaxTrialsCallback(trials, states=(optuna.trial.TrialState.COMPLETE,
                                                               optuna.trial.TrialState.PRUNED))
         study.optimize(objective, n_trials=trials - done, callbacks=[stop], catch=())
-    _report(study, sweep, Path(report_dir), echo)
+    if report:
+        _report(study, sweep, Path(report_dir), echo)
     return 0
 
 
@@ -290,13 +301,28 @@ def _objective_value(metrics: dict, metric: str) -> float:
     return float(metrics[metric])
 
 
+def _totals(study) -> str:
+    """``4 trials (3 complete, 1 pruned, 0 failed) by 2 workers``: the study's trials by state and the
+    processes that ran them."""
+    import optuna
+
+    state = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    count = {s: sum(1 for t in trials if t.state == s) for s in state}
+    running = f", {count[state.RUNNING]} running" if count[state.RUNNING] else ""
+    workers = {t.user_attrs.get("worker") for t in trials if t.user_attrs.get("worker")}
+    return (f"{len(trials)} trials ({count[state.COMPLETE]} complete, {count[state.PRUNED]} pruned, "
+            f"{count[state.FAIL]} failed{running}) by {len(workers)} worker{'s' if len(workers) != 1 else ''}")
+
+
 def _report(study, sweep: SweepSpec, out: Path, echo: Callable[[str], None]) -> None:
-    """Best parameters, every completed trial (best first), a parameter-importance figure and the
-    parameter response plot."""
+    """The study's totals, best parameters, every completed trial (best first), a parameter-importance
+    figure and the parameter response plot."""
     import optuna
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     pruned = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
+    echo(f"study {sweep.study}: {_totals(study)}")
     if not complete:
         echo(f"study {sweep.study}: no completed trials yet")
         return
@@ -319,6 +345,7 @@ def _report(study, sweep: SweepSpec, out: Path, echo: Callable[[str], None]) -> 
         lines += ["", f"Pruned trials: {', '.join(str(t.number) for t in pruned)}."]
     (out / f"sweep_{sweep.study}.md").write_text("\n".join(lines) + "\n")
     _plot_sweep(study, sweep, figures, complete)
+    echo(f"report: {out / f'sweep_{sweep.study}.md'} (figures in {figures})")
 
 
 def _plot_sweep(study, sweep: SweepSpec, figures: Path, complete: list) -> None:
@@ -401,16 +428,19 @@ class SweepJob:
     interrupted trial is retried with its parameters and resumes its run)."""
 
     def __init__(self, path: str, trials: int, preset: str, storage: Optional[str], uri: Optional[str],
-                 report_dir: str, options, env: Optional[dict] = None, threads: Optional[int] = None) -> None:
+                 report_dir: str, options, env: Optional[dict] = None, threads: Optional[int] = None,
+                 worker: int = 0) -> None:
         self.args = (path, trials, preset, storage, uri)
         self.report_dir, self.options, self.env, self.threads = report_dir, options, dict(env or {}), threads
+        self.worker = worker
 
     def __call__(self) -> int:
         from cac.exp.dispatch import limit_threads
 
         os.environ.update(self.env)
         limit_threads(self.threads)
-        return run_sweep(*self.args, report_dir=self.report_dir, options=self.options)
+        return run_sweep(*self.args, report_dir=self.report_dir, options=self.options, worker=self.worker,
+                         report=False)
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         import submitit
@@ -425,15 +455,24 @@ def dispatch_sweep(path: str, trials: int, preset: str, storage: Optional[str], 
 
     from cac.exp.dispatch import cpu_threads, job_env, run_jobs
     from cac.exp.runner import WORK_ROOT
+    from cac.exp.tracking import prepare_store, resolve_tracking_uri
 
+    if trials < 1:
+        raise CacError(f"--trials must be >= 1, got {trials}")
     if storage is None or storage.startswith("sqlite:///:memory:"):
         storage = f"sqlite:///{Path('optuna.db').resolve()}"  # workers in other processes must share it
     sweep = load_sweep(path)
     store, storage = resolve_storage(storage)
-    # Created once here: Optuna's own first-creation race between workers is avoided.
+    uri = resolve_tracking_uri(uri)  # here, so every worker tracks where this process would
+    # Created once here, before any worker starts: the study (Optuna's own first-creation race), the
+    # tracking store's schema and the experiment the trials' runs go to (MLflow's races on a fresh
+    # database: one worker's CREATE TABLE fails and its trial with it).
     optuna.create_study(study_name=sweep.study, storage=store, direction=sweep.direction, load_if_exists=True)
+    prepare_store(uri, [sweep.base.name])
     folder = Path(d.folder) if d.folder else WORK_ROOT / "submitit"
     env, threads = job_env(), cpu_threads(d)
-    results = run_jobs(lambda i: SweepJob(path, trials, preset, storage, uri, report_dir, options, env, threads),
+    results = run_jobs(lambda i: SweepJob(path, trials, preset, storage, uri, report_dir, options, env, threads, i),
                        list(range(max(1, d.jobs))), lambda i: f"sweep worker {i}", d, folder, echo)
+    study = optuna.load_study(study_name=sweep.study, storage=store)
+    _report(study, sweep, Path(report_dir), echo)  # what every worker added, as an inline sweep reports it
     return sum(1 for _, r in results if isinstance(r, BaseException) or r)

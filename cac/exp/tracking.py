@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
-__all__ = ["resolve_tracking_uri", "check_tracking_uri", "RunTracker", "find_runs", "flatten", "git_commit"]
+__all__ = ["resolve_tracking_uri", "check_tracking_uri", "check_db_driver", "prepare_store", "RunTracker", "find_runs",
+           "flatten", "git_commit"]
 
 DEFAULT_DB = "mlflow.db"
 TIMEOUT_ENV = "CAC_TRACKING_TIMEOUT"  # seconds a tracking server gets to answer the reachability check
@@ -27,6 +28,43 @@ def resolve_tracking_uri(uri: Optional[str] = None) -> str:
 
 
 _READY: set[str] = set()
+_DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores
+# the pip package of each database driver SQLAlchemy may import for a URL (module -> package)
+_DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "pg8000": "pg8000",
+                    "asyncpg": "asyncpg", "MySQLdb": "mysqlclient", "pymysql": "PyMySQL",
+                    "mysql": "mysql-connector-python", "pyodbc": "pyodbc", "pymssql": "pymssql"}
+
+
+def _redacted(url: str) -> str:
+    """``url`` with its password hidden (error messages end up in logs)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL: nothing to hide the usual way
+        return url
+
+
+def check_db_driver(url: str, what: str) -> None:
+    """One ``CacError`` line naming the package to install when the database driver SQLAlchemy uses
+    for ``url`` is missing (``postgresql://`` is psycopg 3 in SQLAlchemy 2.1, psycopg2 before;
+    ``postgresql+psycopg2://`` names one). Nothing is connected to. ``what``: the option, for the
+    message (``--storage``, ``tracking URI``)."""
+    from cac.errors import CacError
+
+    try:
+        from sqlalchemy.engine import make_url
+
+        dialect = make_url(url).get_dialect()
+    except Exception:  # noqa: BLE001 - not a database URL or an unknown dialect: the caller says so
+        return
+    try:
+        dialect.import_dbapi()
+    except ImportError as err:
+        module = (getattr(err, "name", None) or str(err)).split(".")[0]
+        package = _DRIVER_PACKAGES.get(module, module)
+        raise CacError(f"{what} {_redacted(url)!r}: the database driver {module!r} is not installed; "
+                       f"install it with: pip install '{package}'") from None
 
 
 def _fix_hint() -> str:
@@ -99,10 +137,11 @@ def check_tracking_uri(uri: str, timeout: Optional[float] = None, create: bool =
         except ValueError:
             raise CacError(f"{TIMEOUT_ENV}={os.environ.get(TIMEOUT_ENV)!r} is not a number of seconds") from None
         _probe_http(uri, seconds)
-    elif uri.startswith("sqlite:///"):
+    elif scheme in _DB_SCHEMES:
+        check_db_driver(uri, "tracking URI")
         if not create:
             return
-        _init_sqlite_store(uri)
+        _init_sql_store(uri)
     _READY.add(uri)
 
 
@@ -113,10 +152,14 @@ def _client(uri: str):
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
-def _init_sqlite_store(uri: str) -> None:
-    """Create/migrate a SQLite store under a file lock: two processes (parallel sweeps) racing on a
-    new database's schema would otherwise fail with 'duplicate column'. A store that cannot be made or
-    opened (unwritable folder, not a database, a newer schema) is one CacError line."""
+def _init_sql_store(uri: str) -> None:
+    """Create/migrate a database store's schema (MLflow does it on first use). A SQLite file is made
+    under a file lock: two processes (parallel sweeps) racing on a new database's schema would
+    otherwise fail with 'duplicate column'; processes on several machines sharing a server database
+    cannot lock, so the process that starts jobs creates it first (:func:`prepare_store`). A store
+    that cannot be made or opened (unwritable folder, not a database, a newer schema, no server) is
+    one CacError line."""
+    import contextlib
     import fcntl
     import logging
 
@@ -126,20 +169,30 @@ def _init_sqlite_store(uri: str) -> None:
 
     for name in ("mlflow", "alembic"):  # schema-creation chatter is not the user's business
         logging.getLogger(name).setLevel(logging.WARNING)
-    db = Path(uri[len("sqlite:///"):])
+    shown = _redacted(uri)
     try:
-        db.parent.mkdir(parents=True, exist_ok=True)
-        with open(f"{db}.lock", "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with contextlib.ExitStack() as stack:
+            if uri.startswith("sqlite:///"):
+                db = Path(uri[len("sqlite:///"):])
+                db.parent.mkdir(parents=True, exist_ok=True)
+                fh = stack.enter_context(open(f"{db}.lock", "w"))
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                stack.callback(fcntl.flock, fh, fcntl.LOCK_UN)
+            mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except OSError as err:
-        raise CacError(f"tracking store {uri}: cannot create it ({err.strerror or err}): {_fix_hint()}") from None
+        raise CacError(f"tracking store {shown}: cannot create it ({err.strerror or err}): {_fix_hint()}") from None
     except Exception as err:  # noqa: BLE001 - MLflow / SQLAlchemy errors: say what failed, in one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CacError(f"tracking store {uri}: cannot open it ({first[:300]}): {_fix_hint()}") from None
+        raise CacError(f"tracking store {shown}: cannot open it ({first[:300]}): {_fix_hint()}") from None
+
+
+def prepare_store(uri: str, experiments: Iterable[str] = ()) -> None:
+    """Create the tracking store's schema and ``experiments`` in this process, before it starts jobs
+    that track there: jobs starting together on a fresh database would race on MLflow's schema
+    creation (one fails on ``CREATE TABLE alembic_version``) and on the experiment's."""
+    check_tracking_uri(uri)
+    for name in experiments:
+        experiment_id(uri, name)
 
 
 def git_commit() -> str:

@@ -95,9 +95,10 @@ class TrackingHook(Hook):
         self._t0 = time.time()
         self._start_iter = runner.iter
         self._prefix = _final_stage_prefix(runner.model)
-        # A resumed run repeats the iterations between its checkpoint and the kill, whose metrics the
-        # killed process may have logged already: those steps are not logged a second time.
-        self._logged = _logged_steps(self.tracker) if self.tracker is not None and runner.iter > 0 else {}
+        # A resumed run repeats the iterations between its checkpoint and the kill (all of them when it
+        # was killed before its first checkpoint), whose metrics the killed process may have logged
+        # already: those steps are not logged a second time.
+        self._logged = _logged_steps(self.tracker) if self.tracker is not None else {}
         if self.tracker is not None and runner.iter > 0:  # where each resume started: the run's history
             self.tracker.log_metrics({"resume/start_iter": float(runner.iter)}, runner.iter)
 
