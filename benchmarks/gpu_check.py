@@ -9,9 +9,19 @@
    without CAC at crop 512, fp32 and AMP (mmengine's AmpOptimWrapper): the CAC/baseline time ratio
    paired per round, and the peak memory of each.
 3. The paper preset end to end: UperNet-Swin-T +-CAC, 50 iterations of mmengine's Runner on the tiny
-   ADE20K (``cac-exp data tiny ade20k``), random init, the paper's total batch 16: it/s and peak memory.
+   ADE20K (``cac-exp data tiny ade20k``), random init, the paper's total batch 16: it/s and peak memory;
+   again at ``--batch-per-gpu 4`` (4 images per step, 4 accumulation steps: 200 micro-batches = 50
+   optimizer steps of 16 images).
+4. ``table6_fp32``: Table 6 again with TF32 off for cuDNN and matmuls (the control: every layer and
+   CAC's products in strict fp32, as on the paper's 2080Ti); ``table6`` runs at torch's defaults.
+5. ``resume``: UperNet-Swin-T + CAC at preset paper, ``--batch-per-gpu 4``: 40 iterations and a
+   checkpoint, then resumed at 40 by cac's loop and by mmengine's: seconds to the first resumed
+   iteration, and whether the log says mmengine's "Advance dataloader" (a replay).
+6. ``profile``: ``torch.profiler``'s top CUDA kernels of one train step (UperNet-Swin-T, crop 512,
+   batch 4) and of one 2560 inference, baseline vs +CAC, and the host syncs per train step
+   (``torch.cuda.set_sync_debug_mode``; mmengine's hooks not included).
 
-``--dry`` runs every section on the CPU at toy sizes (64 px, 2 iterations): the test suite uses it.
+``--dry`` runs every section on the CPU at toy sizes (64 px, a few iterations): the test suite uses it.
 Figures are printed and written to ``OUT/gpu_check.json``; no MLflow (a bare GPU node needs none).
 """
 from __future__ import annotations
@@ -34,7 +44,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-SECTIONS = ("table6", "train_step", "paper")
+SECTIONS = ("table6", "table6_fp32", "train_step", "paper", "resume", "profile")
 
 
 def cuda_event_times(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, list[float]]:
@@ -117,15 +127,18 @@ def section_table6(device: str, dry: bool) -> dict:
 def section_train_step(device: str, dry: bool) -> dict:
     from mmengine.optim import AmpOptimWrapper, OptimWrapper
 
+    from fused_check import check
     from train_step import build_train, make_train_batch, step_fn
 
     crop, batch, warmup, repeats = (64, 2, 0, 1) if dry else (512, 4, 3, 10)
     precisions = ["fp32"] + (["amp"] if device == "cuda" else [])  # mmengine's AMP wrapper needs a GPU
-    out: dict = {}
+    out: dict = {"equivalence": check(device)}  # the fused CE and the classifier against the unfused path
     for model in ("fcn-mv2", "upernet-swin-t"):
         for precision in precisions:
             nets = {}
-            for label, cac in (("baseline", False), ("+CAC", True)):
+            # ours (paper profile; official profile) and the official heads' computation (benchmarks/official_cac.py)
+            for label, cac in (("baseline", False), ("+CAC", True), ("+CAC official", "+CAC official"),
+                               ("official", "official")):
                 net, optim = build_train(model, cac, crop)
                 net = net.to(device)
                 sgd = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
@@ -140,10 +153,18 @@ def section_train_step(device: str, dry: bool) -> dict:
             paired = statistics.median(c / b for c, b in zip(times["+CAC"], times["baseline"]))
             med = {label: statistics.median(t) * 1e3 for label, t in times.items()}
             key = f"{model} {precision}"
+            vs_official = statistics.median(c / o for c, o in zip(times["+CAC official"], times["official"]))
             out[key] = {"base_ms": med["baseline"], "cac_ms": med["+CAC"], "ratio": paired,
-                        "base_mb": mem["baseline"], "cac_mb": mem["+CAC"], "crop": crop, "batch": batch}
+                        "base_mb": mem["baseline"], "cac_mb": mem["+CAC"], "crop": crop, "batch": batch,
+                        "cac_official_ms": med["+CAC official"], "official_ms": med["official"],
+                        "cac_official_mb": mem["+CAC official"], "official_mb": mem["official"],
+                        "ratio_vs_official": vs_official}
             print(f"train_step {key:<22} {med['baseline']:8.1f} ms -> {med['+CAC']:8.1f} ms  ratio {paired:.3f}"
                   + (f"  peak MB {mem['baseline']:9.1f} -> {mem['+CAC']:9.1f}" if mem["baseline"] else ""), flush=True)
+            print(f"train_step {key:<22} official {med['official']:8.1f} ms, ours (official profile) "
+                  f"{med['+CAC official']:8.1f} ms: ours / official {vs_official:.3f}"
+                  + (f"  peak MB {mem['official']:9.1f} vs {mem['+CAC official']:9.1f}" if mem["official"] else ""),
+                  flush=True)
             del nets, fns
             gc.collect()
             if device == "cuda":
@@ -179,54 +200,208 @@ class _Clock:
         return Clock()
 
 
-def section_paper(device: str, dry: bool, work: Path) -> dict:
-    from mmengine.config import Config
-    from mmengine.runner import Runner
+PAPER_ROWS = ("upernet-swin-t", "upernet-swin-t+cac")
 
+
+def _tiny_ade(work: Path, dry: bool) -> None:
     from cac.data.tiny import make_tiny
+
+    data = work / "data"
+    os.environ["CAC_DATA_ROOT"] = str(data)
+    if not (data / "ade").is_dir():
+        make_tiny("ade20k", data, train=16, val=2, size=96 if dry else 512)
+
+
+def _paper_unit(work: Path, dry: bool, label: str, iters: int, batch_per_gpu: int | None = None):
+    """A Table 1 row at preset paper on the tiny ADE20K, ``iters`` iterations (micro-batches), random
+    init; the paper's total batch 16 on one GPU, or ``batch_per_gpu`` with gradient accumulation."""
     from cac.exp.options import RunOptions
     from cac.exp.runner import make_unit
     from cac.exp.spec import load_spec
 
-    data = work / "data"
-    os.environ["CAC_DATA_ROOT"] = str(data)
-    make_tiny("ade20k", data, train=16, val=2, size=96 if dry else 512)
-    iters, warmup = (2, 1) if dry else (50, 10)
+    _tiny_ade(work, dry)
     options = {"train_cfg.max_iters": iters, "train_cfg.val_interval": iters,
                "default_hooks.checkpoint.interval": iters, "default_hooks.logger.interval": 10,
                "train_dataloader.num_workers": 0 if dry else 4, "train_dataloader.persistent_workers": not dry,
                "val_dataloader.num_workers": 0, "val_dataloader.persistent_workers": False}
     if dry:  # toy crops on the CPU
-        options.update({"train_dataloader.batch_size": 2, "train_dataloader.dataset.pipeline.2.scale": (128, 64),
+        options.update({"train_dataloader.dataset.pipeline.2.scale": (128, 64),
                         "train_dataloader.dataset.pipeline.3.crop_size": (64, 64),
                         "model.data_preprocessor.size": (64, 64),
                         "val_dataloader.dataset.pipeline.1.scale": (128, 64), "test_pipeline.1.scale": (128, 64)})
+        if batch_per_gpu is None:
+            options["train_dataloader.batch_size"] = 2
     spec = load_spec(str(ROOT / "experiments" / "table1_ade20k.yaml"))
+    return make_unit(spec, spec.row(label), 0, "paper", work_root=work / "runs",
+                     options=RunOptions(cfg_options=options, no_pretrained=True, expected={"train": 16, "val": 2},
+                                        batch_per_gpu=batch_per_gpu))
+
+
+def section_paper(device: str, dry: bool, work: Path) -> dict:
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    steps, warmup_steps = (2, 1) if dry else (50, 10)
     out: dict = {}
-    for label in ("upernet-swin-t", "upernet-swin-t+cac"):
-        unit = make_unit(spec, spec.row(label), 0, "paper", work_root=work / "runs",
-                         options=RunOptions(cfg_options=options, no_pretrained=True, expected={"train": 16, "val": 2}))
+    for per_gpu in (None, 2 if dry else 4):
+        for label in PAPER_ROWS:
+            key = label if per_gpu is None else f"{label} b{per_gpu}"
+            acc = 1 if per_gpu is None else (1 if dry else 16 // per_gpu)  # --dry: a few micro-batches only
+            iters, warmup = steps * acc, warmup_steps * acc
+            cfg = Config(_paper_unit(work, dry, label, iters, per_gpu).cfg)
+            cfg.log_level = "WARNING"
+            runner = Runner.from_cfg(cfg)
+            clock = _Clock(warmup, device)
+            runner.register_hook(clock)
+            t0 = time.perf_counter()
+            runner.train()
+            total = time.perf_counter() - t0
+            its = clock.count / clock.seconds if clock.count else float("nan")
+            peak = clock.peak if device == "cuda" else None
+            hub = runner.message_hub
+            miou = hub.get_scalar("val/mIoU").current() if "val/mIoU" in hub.log_scalars else None
+            batch, counts = cfg.train_dataloader.batch_size, cfg.optim_wrapper.get("accumulative_counts", 1)
+            out[key] = {"iters": iters, "it_per_s": its, "images_per_s": its * batch, "peak_mb": peak,
+                        "seconds": total, "batch": batch, "accumulation": counts, "val_mIoU": miou}
+            print(f"paper {key:<24} {iters} iters in {total:6.1f} s, {its:6.2f} it/s ({its * batch:6.1f} img/s) after "
+                  f"{warmup} warm-up" + (f", peak MB {peak:9.1f}" if peak else "")
+                  + f", batch {batch} x {counts} accumulation", flush=True)
+            del runner
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    base, ours = out["upernet-swin-t"], out["upernet-swin-t+cac"]
+    out["it_ratio"] = ours["it_per_s"] / base["it_per_s"]
+    return out
+
+
+def section_table6_fp32(device: str, dry: bool) -> dict:
+    """Table 6 with TF32 off for convolutions and matmuls alike: the control for the default run."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        print("table6 control: TF32 off (cuDNN and matmul)", flush=True)
+        out = section_table6(device, dry)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    out["tf32"] = {"cudnn": False, "matmul": False}
+    return out
+
+
+def section_resume(device: str, dry: bool, work: Path) -> dict:
+    """40 iterations and a checkpoint, then the first resumed iteration under each loop."""
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    from resume import first_iteration_clock
+
+    from cac.mmseg.loops import LOOP_TYPE
+
+    at = 2 if dry else 40
+    unit = _paper_unit(work, dry, "upernet-swin-t+cac", at, 2 if dry else 4)
+    cfg = Config(unit.cfg)
+    cfg.log_level = "WARNING"
+    Runner.from_cfg(cfg).train()
+    ckpt = unit.work_dir / f"iter_{at}.pth"
+    out: dict = {"at": at, "batch": cfg.train_dataloader.batch_size}
+    for loop in (LOOP_TYPE, "IterBasedTrainLoop"):
         cfg = Config(unit.cfg)
-        cfg.log_level = "WARNING"
+        cfg.train_cfg.update(type=loop, max_iters=at + 2)  # stopped after one iteration: no val, no checkpoint
+        cfg.default_hooks.checkpoint = None
+        cfg.update(resume=True, load_from=str(ckpt), work_dir=str(work / f"resume-{loop}"), log_level="WARNING")
         runner = Runner.from_cfg(cfg)
-        clock = _Clock(warmup, device)
+        clock = first_iteration_clock()
         runner.register_hook(clock)
         t0 = time.perf_counter()
         runner.train()
-        total = time.perf_counter() - t0
-        its = clock.count / clock.seconds if clock.count else float("nan")
-        peak = clock.peak if device == "cuda" else None
-        miou = runner.message_hub.get_scalar("val/mIoU").current() if "val/mIoU" in runner.message_hub.log_scalars else None
-        out[label] = {"iters": iters, "it_per_s": its, "peak_mb": peak, "seconds": total,
-                      "batch": cfg.train_dataloader.batch_size, "val_mIoU": miou}
-        print(f"paper {label:<20} {iters} iters in {total:6.1f} s, {its:6.2f} it/s after {warmup} warm-up"
-              + (f", peak MB {peak:9.1f}" if peak else "") + f", batch {cfg.train_dataloader.batch_size}", flush=True)
+        log = "".join(p.read_text() for p in Path(runner.log_dir).glob("*.log"))
+        out[loop] = {"first_iter_s": clock.t_first - clock.t_start, "train_to_first_iter_s": clock.t_first - t0,
+                     "resumed_at": clock.start_iter, "replayed": "Advance dataloader" in log}
+        print(f"resume at {at}: {loop:<30} {out[loop]['first_iter_s']:7.3f} s to the first iteration "
+              f"({out[loop]['train_to_first_iter_s']:.3f} s from train()), replayed: {out[loop]['replayed']}",
+              flush=True)
         del runner
+        gc.collect()
+    return out
+
+
+def _device_ms(event, device: str) -> float:
+    """Self time on the device (CUDA) or the CPU of a profiler entry, in ms."""
+    if device == "cuda":
+        us = getattr(event, "self_device_time_total", None)
+        return (us if us is not None else event.self_cuda_time_total) / 1e3
+    return event.self_cpu_time_total / 1e3
+
+
+def top_kernels(fn: Callable[[], Any], device: str, top: int = 10) -> dict:
+    """``torch.profiler`` over one call: total self time and the ``top`` entries (CUDA kernels on a GPU,
+    CPU ops with ``--dry``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if _device_ms(e, device) > 0]
+    total = sum(_device_ms(e, device) for e in events)
+    rows = sorted(events, key=lambda e: -_device_ms(e, device))[:top]
+    return {"total_ms": total, "top": [{"name": e.key[:90], "calls": e.count, "ms": _device_ms(e, device),
+                                        "share": _device_ms(e, device) / total} for e in rows]}
+
+
+def host_syncs(fn: Callable[[], Any]) -> int:
+    """Synchronising CUDA calls made by ``fn`` (``torch.cuda.set_sync_debug_mode("warn")`` warns once each)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    return sum(1 for w in caught if "synchroniz" in str(w.message))
+
+
+def section_profile(device: str, dry: bool) -> dict:
+    from mmengine.optim import OptimWrapper
+
+    from train_step import build_train, make_train_batch, step_fn
+
+    from cac.bench.models import bench_model_cfg, build_eval_model, inference_fn
+    from cac.exp.spec import load_spec
+
+    crop, batch, size = (64, 2, 64) if dry else (512, 4, 2560)
+    out: dict = {"train_step": {}, "inference": {}, "crop": crop, "batch": batch, "size": size}
+    for label, cac in (("baseline", False), ("+CAC", True)):
+        net, _ = build_train("upernet-swin-t", cac, crop)
+        net = net.to(device)
+        optim = OptimWrapper(torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4))
+        fn = step_fn(net, optim, make_train_batch(crop, batch))
+        fn()  # optimizer state exists, cuDNN autotuned
+        out["train_step"][label] = {**top_kernels(fn, device), "host_syncs": host_syncs(fn) if device == "cuda" else None}
+        del net, optim, fn
+        gc.collect()
+    spec = load_spec(str(ROOT / "ablations" / "table6.yaml"))
+    for row in spec.rows:
+        model = build_eval_model(bench_model_cfg(spec, row, "paper"), device)
+        fn = inference_fn(model, size, 1)
+        fn()
+        out["inference"][row.label] = top_kernels(fn, device)
+        del model, fn
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
-    base, ours = out["upernet-swin-t"], out["upernet-swin-t+cac"]
-    out["it_ratio"] = ours["it_per_s"] / base["it_per_s"]
+    for part in ("train_step", "inference"):
+        for label, prof in out[part].items():
+            syncs = prof.get("host_syncs")
+            print(f"profile {part} {label}: {prof['total_ms']:.1f} ms self time"
+                  + (f", {syncs} host syncs" if syncs is not None else ""), flush=True)
+            for row in prof["top"][:5]:
+                print(f"    {row['ms']:9.2f} ms {row['share'] * 100:5.1f}% x{row['calls']:<4} {row['name']}", flush=True)
     return out
 
 
@@ -254,18 +429,20 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
-    result: dict = {"device": name, "torch": torch.__version__, "dry": args.dry, "sections": {}}
+    result: dict = {"device": name, "torch": torch.__version__, "dry": args.dry, "sections": {},
+                    "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}}
     print(f"gpu_check on {name}, torch {torch.__version__}{' (dry run)' if args.dry else ''}", flush=True)
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for section in args.sections:
             t0 = time.perf_counter()
-            if section == "table6":
-                result["sections"][section] = section_table6(device, args.dry)
-            elif section == "train_step":
-                result["sections"][section] = section_train_step(device, args.dry)
-            else:
-                result["sections"][section] = section_paper(device, args.dry, Path(tmp))
+            run = {"table6": lambda: section_table6(device, args.dry),
+                   "table6_fp32": lambda: section_table6_fp32(device, args.dry),
+                   "train_step": lambda: section_train_step(device, args.dry),
+                   "paper": lambda: section_paper(device, args.dry, Path(tmp)),
+                   "resume": lambda: section_resume(device, args.dry, Path(tmp)),
+                   "profile": lambda: section_profile(device, args.dry)}[section]
+            result["sections"][section] = run()
             result["sections"][section]["seconds"] = time.perf_counter() - t0
             (out_dir / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     result["seconds"] = time.perf_counter() - t_all

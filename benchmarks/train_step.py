@@ -3,7 +3,12 @@ backward, SGD step) with and without CAC, on the real mmseg models at a small cr
 
     flock /tmp/cac-cpu.lock .venv/bin/python benchmarks/train_step.py \
         [--models fcn-mv2 upernet-swin-t] [--crop 256] [--batch 2] [--warmup 2] [--repeats 7] \
-        [--no-mem] [--profile]
+        [--variants baseline +CAC "+CAC official" official] [--no-mem] [--profile]
+
+Variants (``VARIANTS``): ``baseline`` (no CAC), ``+CAC`` (ours, the paper profile), ``+CAC official``
+(ours with ``profile: official``: the official code's choices) and ``official`` (the official heads'
+training computation, re-derived in ``benchmarks/official_cac.py``, on the same model and weights).
+``ours ÷ official`` compares the two computations of the same loss (``+CAC official`` ÷ ``official``).
 
 Models come from their shipped configs (150 ADE20K classes, auxiliary heads included, as trained),
 with SyncBN -> BN, random init (the same seed for both rows) and the data preprocessor padding to the
@@ -26,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # official_cac, also when imported from elsewhere
 
 import torch  # noqa: E402
 
@@ -34,16 +40,33 @@ from cac.bench.timing import ForeignLoad, set_flush_denormal, time_interleaved  
 from cac.synthetic import seg_batch  # noqa: E402
 
 PER_IMAGE = 15
+# variant -> CAC options for resolve_config (None: the plain model)
+VARIANTS: dict[str, Any] = {"baseline": None, "+CAC": True, "+CAC official": {"profile": "official"},
+                            "official": {"profile": "official"}}
 
 
-def train_model_cfg(model: str, cac: bool, crop: int) -> dict:
-    """The shipped config's model, CPU-ready: BN, no pretrained weights, padding to the crop."""
+def variant_name(cac: bool | str) -> str:
+    """``False``/``True`` (the historical flag) or a name of ``VARIANTS``."""
+    name = {False: "baseline", True: "+CAC"}[cac] if isinstance(cac, bool) else cac
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {cac!r}; known: {list(VARIANTS)}")
+    return name
+
+
+def train_model_cfg(model: str, cac: bool | str, crop: int) -> dict:
+    """The shipped config's model, CPU-ready: BN, no pretrained weights, padding to the crop.
+    ``cac``: ``False`` (baseline), ``True`` (+CAC) or a name of ``VARIANTS``."""
     from cac.mmseg.config import resolve_config
     from cac.mmseg.cfgtree import replace_norm, strip_pretrained
 
-    cfg = resolve_config(model, "paper", cac=cac)
+    name = variant_name(cac)
+    cfg = resolve_config(model, "paper", cac=VARIANTS[name])
     m = strip_pretrained(replace_norm(cfg["model"], "SyncBN", "BN"))
     m["data_preprocessor"]["size"] = (crop, crop)
+    if name == "official":
+        from official_cac import official_model_cfg  # registers OfficialCACHead
+
+        m = official_model_cfg(m)
     return m
 
 
@@ -52,7 +75,7 @@ def make_train_batch(crop: int, batch: int, classes: int = 150, seed: int = 0) -
     return seg_batch(crop, batch, classes, per_image=PER_IMAGE, block=16, seed=seed)
 
 
-def build_train(model: str, cac: bool, crop: int) -> tuple[Any, Any]:
+def build_train(model: str, cac: bool | str, crop: int) -> tuple[Any, Any]:
     """The model in train mode and an SGD optimizer wrapper (momentum, weight decay, as trained)."""
     from mmengine.optim import OptimWrapper
 
@@ -71,7 +94,7 @@ def step_fn(net: Any, optim: Any, batch: dict) -> Callable[[], None]:
     return run
 
 
-def probe_memory(model: str, cac: bool, crop: int, batch: int) -> float:
+def probe_memory(model: str, cac: bool | str, crop: int, batch: int) -> float:
     """MB of peak RSS over one train step (after a warm-up step), in a fresh process."""
     cmd = [sys.executable, __file__, "--probe", json.dumps(dict(model=model, cac=cac, crop=crop, batch=batch))]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **PROBE_ENV})
@@ -109,23 +132,36 @@ def profile_diff(fns: dict[str, Callable[[], None]], top: int = 15) -> None:
         print(f"      {k:<42} {base[k]:9.1f} {cac[k]:9.1f} {cac[k] - base[k]:+9.1f}")
 
 
-def bench_model(model: str, crop: int, batch: int, warmup: int, repeats: int, mem: bool, profile: bool) -> dict:
+def bench_model(model: str, crop: int, batch: int, warmup: int, repeats: int, mem: bool, profile: bool,
+                variants: list[str] = ("baseline", "+CAC")) -> dict:
+    """Median ms (and peak MB) of each variant's step, timed interleaved in one run; ``paired``: the
+    median over rounds of each variant's time ÷ the baseline's in the same round."""
     data = make_train_batch(crop, batch)
-    built = {"baseline": build_train(model, False, crop), "+CAC": build_train(model, True, crop)}
+    built = {v: build_train(model, v, crop) for v in variants}
     fns = {k: step_fn(net, optim, data) for k, (net, optim) in built.items()}
     with ForeignLoad() as load:
         times = time_interleaved(fns, warmup, repeats)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    paired = statistics.median(c / b for c, b in zip(times["+CAC"], times["baseline"]))
-    out = {"model": model, "base_ms": med["baseline"], "cac_ms": med["+CAC"], "ratio": med["+CAC"] / med["baseline"],
-           "paired": paired, "foreign": load.cores}
-    if profile:
+    out: dict = {"model": model, "foreign": load.cores, "ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
+                 "times": times}
+    if profile and {"baseline", "+CAC"} <= set(fns):
         profile_diff(fns)
     del built, fns
     if mem:
-        out["base_mb"] = probe_memory(model, False, crop, batch)
-        out["cac_mb"] = probe_memory(model, True, crop, batch)
+        out["mb"] = {v: probe_memory(model, v, crop, batch) for v in variants}
     return out
+
+
+def paired(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over rounds of ``num``'s time ÷ ``den``'s in the same round."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
+
+def print_ratios(r: dict, num: str, den: str) -> None:
+    if num not in r["ms"] or den not in r["ms"]:
+        return
+    mem = f", memory {r['mb'][num] / r['mb'][den]:.3f}x" if "mb" in r else ""
+    print(f"    {num} ÷ {den}: time {r['ms'][num] / r['ms'][den]:.3f}x (paired {paired(r['times'], num, den):.3f}x)"
+          f"{mem}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                    help="rows timed side by side (baseline first gives the ratios to it)")
     ap.add_argument("--no-mem", dest="mem", action="store_false", help="skip the memory probes")
     ap.add_argument("--profile", action="store_true", help="print the ops whose time differs most")
     ap.add_argument("--probe", help=argparse.SUPPRESS)
@@ -149,14 +187,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train iteration (preprocess + forward + backward + SGD), crop {args.crop}, batch {args.batch}, "
           f"150 classes; warm-up {args.warmup}, median of {args.repeats} interleaved; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'model':<16} {'baseline ms':>12} {'+CAC ms':>9} {'ratio':>7} {'paired':>7} {'base MB':>9} {'+CAC MB':>9} "
-          f"{'mem ratio':>9} {'others':>7}")
+    print(f"{'model':<16} {'variant':<14} {'ms':>9} {'÷ base':>7} {'paired':>7} {'peak MB':>9} {'÷ base':>7}")
     for model in args.models:
-        r = bench_model(model, args.crop, args.batch, args.warmup, args.repeats, args.mem, args.profile)
-        mem = (f"{r['base_mb']:>9.1f} {r['cac_mb']:>9.1f} {r['cac_mb'] / r['base_mb']:>8.3f}x" if args.mem
-               else f"{'—':>9} {'—':>9} {'—':>9}")
-        print(f"{model:<16} {r['base_ms']:>12.1f} {r['cac_ms']:>9.1f} {r['ratio']:>6.3f}x {r['paired']:>6.3f}x {mem} "
-              f"{r['foreign']:>7.2f}", flush=True)
+        r = bench_model(model, args.crop, args.batch, args.warmup, args.repeats, args.mem, args.profile,
+                        args.variants)
+        base = "baseline" if "baseline" in r["ms"] else None
+        for v, ms in r["ms"].items():
+            ratio = f"{ms / r['ms'][base]:>6.3f}x {paired(r['times'], v, base):>6.3f}x" if base else f"{'—':>7} {'—':>7}"
+            mb = r.get("mb", {}).get(v)
+            mem = (f"{mb:>9.1f} " + (f"{mb / r['mb'][base]:>6.3f}x" if base else f"{'—':>7}")) if mb else f"{'—':>9} {'—':>7}"
+            print(f"{model:<16} {v:<14} {ms:>9.1f} {ratio} {mem}", flush=True)
+        print_ratios(r, "+CAC official", "official")  # ours ÷ official: the same loss, two computations
+        print_ratios(r, "+CAC", "official")
+        print(f"    others: {r['foreign']:.2f}", flush=True)
     print("others: cores' worth of CPU other processes used during the timing (> 0.25: rerun on a quiet machine)")
     return 0
 

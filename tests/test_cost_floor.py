@@ -261,3 +261,41 @@ def test_cosine_logits_dtype_option_keeps_float32_from_half_features():
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, cosine_logits(feats.float(), weights, 15.0), rtol=0, atol=2e-2)
     assert cosine_logits(feats, weights, 15.0).dtype == torch.float16
+
+
+# -- the official algorithm's peer in the benchmarks ----------------------------------------------------
+def test_benchmarks_official_peer_computes_our_official_profile_loss():
+    """``benchmarks/official_cac.py`` (the official heads' computation, timed beside ours) trains the same
+    loss as ``profile: official``: the decode head's total loss and its gradients agree in float64."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from official_cac import official_model_cfg
+
+    from cac.mmseg.config import resolve_config
+    from cac.mmseg.params import build_model
+    from cac.synthetic import seg_batch
+
+    cfg = resolve_config("fcn-slim-r18", "quick", cac={"profile": "official"},
+                         overrides={"model.decode_head.head.dropout_ratio": 0.0})
+    torch.manual_seed(0)
+    ours = build_model(cfg["model"]).double().train()
+    peer = build_model(official_model_cfg(cfg["model"])).double().train()
+    assert type(peer.decode_head).__name__ == "OfficialCACHead"
+    peer.load_state_dict(ours.state_dict())
+    data = ours.data_preprocessor(seg_batch(64, 3, 12, per_image=4, block=8), True)
+    inputs = data["inputs"].double()
+    totals = []
+    for model in (ours, peer):
+        losses = model.loss(inputs, data["data_samples"])
+        totals.append(sum(v for k, v in losses.items() if k.startswith("decode.loss")))
+    torch.testing.assert_close(totals[0], totals[1], rtol=1e-9, atol=1e-10)
+    params = [p for p in ours.decode_head.parameters() if p.requires_grad]
+    peer_params = [p for p in peer.decode_head.parameters() if p.requires_grad]
+    for a, b in zip(torch.autograd.grad(totals[0], params, allow_unused=True),
+                    torch.autograd.grad(totals[1], peer_params, allow_unused=True)):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
