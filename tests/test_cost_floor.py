@@ -249,8 +249,12 @@ def test_conv_precision_bmm_is_bmm_forward_and_backward():
     g = torch.Generator().manual_seed(5)
     a = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(fn._ConvPrecisionBmm.apply, (a, b))
-    torch.testing.assert_close(fn._ConvPrecisionBmm.apply(a, b), torch.bmm(a, b))
+    torch.autograd.gradcheck(fn._ConvPrecisionBmm.apply, (a, b), atol=1e-8, rtol=1e-6)
+    out, ref = fn._ConvPrecisionBmm.apply(a, b), torch.bmm(a, b)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    for x, y in zip(torch.autograd.grad(out, (a, b), g), torch.autograd.grad(ref, (a, b), g)):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
 
 
 def test_cosine_logits_dtype_option_keeps_float32_from_half_features():
