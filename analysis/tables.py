@@ -25,7 +25,8 @@ __all__ = ["AblationRow", "AblationTable", "Table1Row", "Table1", "paper_value",
            "EXPLAIN_METRICS", "ClassDelta", "per_class_deltas", "class_delta_markdown", "class_delta_csv",
            "explain_metrics_markdown"]
 
-DATASET_NAMES = {"ade20k": "ADE20K", "cocostuff": "COCO-Stuff 164K"}
+DATASET_NAMES = {"ade20k": "ADE20K", "cocostuff": "COCO-Stuff 164K", "cityscapes": "Cityscapes",
+                 "pascal-context": "Pascal-Context 59"}
 
 
 # -- data ------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""Slow check (not in ``make test``): every Table 1 row of both datasets trains at preset ``paper``.
+"""Slow check (not in ``make test``): every Table 1 row of each dataset trains at preset ``paper``.
 
-    .venv/bin/python benchmarks/paper_smoke.py [--datasets ade20k cocostuff] [--rows ROW,...] [--out DIR]
+    .venv/bin/python benchmarks/paper_smoke.py [--datasets ade20k cocostuff cityscapes pascal-context]
+                                               [--rows ROW,...] [--out DIR]
 
-A tiny ADE20K and COCO-Stuff 164K in the official layouts (``cac-exp data tiny``), then for each
+A tiny ADE20K, COCO-Stuff 164K, Cityscapes and Pascal-Context 59 in the official layouts
+(``cac-exp data tiny``; the last two are the supplementary's), then for each
 dataset ``cac-exp run experiments/table1_<dataset>.yaml --preset paper`` with ``--no-pretrained``,
 ``--expected-train/--expected-val`` and ``--cfg-options`` for 2 iterations + validation at 64 px
 crops (2 CPU cores): no spec is edited. Prints each row's status and time, and a summary line.
@@ -25,7 +27,8 @@ SMALL = ["train_cfg.max_iters=2", "train_cfg.val_interval=2", "train_dataloader.
          "val_dataloader.dataset.pipeline.1.scale=(128,64)", "test_pipeline.1.scale=(128,64)",
          "train_dataloader.num_workers=0", "train_dataloader.persistent_workers=False",
          "val_dataloader.num_workers=0", "val_dataloader.persistent_workers=False"]
-SPECS = {"ade20k": "experiments/table1_ade20k.yaml", "cocostuff": "experiments/table1_cocostuff.yaml"}
+SPECS = {"ade20k": "experiments/table1_ade20k.yaml", "cocostuff": "experiments/table1_cocostuff.yaml",
+         "cityscapes": "experiments/table1_cityscapes.yaml", "pascal-context": "experiments/table1_pascal_context.yaml"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             failed += not ok
             total += 1
             seconds = run.data.metrics.get("time/train_seconds", float("nan"))
-            print(f"{dataset:<10} {run.data.tags.get('row'):<24} {run.info.status:<9} "
+            print(f"{dataset:<14} {run.data.tags.get('row'):<24} {run.info.status:<9} "
                   f"val/mIoU {run.data.metrics.get('val/mIoU', float('nan')):6.2f}  {seconds:6.1f} s")
         print(f"{dataset}: exit {code}, {len(runs)} of {planned} rows have a run, in {time.time() - t0:.0f} s")
     print(f"paper smoke: {total - failed} of {total} rows FINISHED with val/mIoU in {time.time() - t_all:.0f} s ({out})")

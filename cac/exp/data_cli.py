@@ -9,7 +9,8 @@ from typing import Callable
 from cac.errors import CacError
 
 from cac.data import context_scenes
-from cac.data.real import REAL_DATASETS, default_real_root, prepare_ade20k, prepare_cocostuff, verify
+from cac.data.real import (REAL_DATASETS, default_real_root, prepare_ade20k, prepare_cityscapes,
+                           prepare_cocostuff, prepare_pascal_context, verify)
 
 __all__ = ["register"]
 
@@ -75,10 +76,23 @@ def _cmd_cocostuff(args: argparse.Namespace) -> int:
 
 
 @_one_line_errors
+def _cmd_cityscapes(args: argparse.Namespace) -> int:
+    root = prepare_cityscapes(args.gtfine_zip, args.leftimg_zip, args.out, expected=_expected(args), nproc=args.nproc)
+    print(_summary("Cityscapes", verify("cityscapes", root, _expected(args))))
+    return 0
+
+
+@_one_line_errors
+def _cmd_pascal_context(args: argparse.Namespace) -> int:
+    root = prepare_pascal_context(args.voc_archive, args.context, args.out, expected=_expected(args))
+    print(_summary("Pascal-Context 59", verify("pascal-context", root, _expected(args))))
+    return 0
+
+
+@_one_line_errors
 def _cmd_verify(args: argparse.Namespace) -> int:
     root = Path(args.root) if args.root else default_real_root(args.name)
-    title = {"ade20k": "ADE20K", "cocostuff": "COCO-Stuff 164K"}[args.name]
-    print(_summary(title, verify(args.name, root, _expected(args))))
+    print(_summary(REAL_DATASETS[args.name].title, verify(args.name, root, _expected(args))))
     return 0
 
 
@@ -99,7 +113,8 @@ def _add_expected(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``data`` and its sub-commands to the ``cac-exp`` parser; each sets ``func``."""
-    data = subparsers.add_parser("data", help="generate context-scenes; prepare/verify ADE20K, COCO-Stuff")
+    data = subparsers.add_parser("data", help="generate context-scenes; prepare/verify ADE20K, COCO-Stuff, "
+                                              "Cityscapes, Pascal-Context")
     sub = data.add_subparsers(dest="data_command", required=True)
 
     p = sub.add_parser("context-scenes", help="generate the embedded benchmark (seconds)")
@@ -127,12 +142,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_expected(p)
     p.set_defaults(func=_cmd_cocostuff)
 
-    p = sub.add_parser("tiny", help="random images in ADE20K's or COCO-Stuff's official layout (smoke tests)")
+    p = sub.add_parser("cityscapes", help="unpack leftImg8bit, draw gtFine polygons as labelTrainIds, verify")
+    p.add_argument("--gtfine-zip", required=True, help="the official gtFine_trainvaltest.zip")
+    p.add_argument("--leftimg-zip", required=True, help="the official leftImg8bit_trainvaltest.zip")
+    p.add_argument("--out", help="data folder; the dataset goes to OUT/cityscapes (default: data/ or $CAC_DATA_ROOT)")
+    p.add_argument("--nproc", type=int, default=2, help="processes for the label conversion")
+    _add_expected(p)
+    p.set_defaults(func=_cmd_cityscapes)
+
+    p = sub.add_parser("pascal-context", help="VOC2010 images + converted 59-class masks and split lists, verify")
+    p.add_argument("--voc-archive", required=True,
+                   help="the official VOCtrainval_03-May-2010.tar (or a folder holding JPEGImages/)")
+    p.add_argument("--context", required=True,
+                   help="the converted annotations, as mmseg's pascal_context.py writes them: an archive or folder "
+                        "with SegmentationClassContext/*.png and ImageSets/SegmentationContext/{train,val}.txt")
+    p.add_argument("--out", help="data folder; the dataset goes to OUT/VOCdevkit/VOC2010 "
+                                 "(default: data/ or $CAC_DATA_ROOT)")
+    _add_expected(p)
+    p.set_defaults(func=_cmd_pascal_context)
+
+    p = sub.add_parser("tiny", help="random images in a real dataset's official layout (smoke tests)")
     p.add_argument("name", choices=list(REAL_DATASETS))
     p.add_argument("--out", help="data folder (default: data/ or $CAC_DATA_ROOT), as for the real dataset")
     p.add_argument("--train", type=int, default=6)
     p.add_argument("--val", type=int, default=2)
-    p.add_argument("--size", type=int, default=96, help="image side in pixels")
+    p.add_argument("--size", type=int, default=96, help="image height in pixels (Cityscapes' are twice as wide)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_tiny)
 
