@@ -1,6 +1,6 @@
 """Shared fixtures: an isolated data root with the quick context-scenes data, generated once."""
-import os
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -8,14 +8,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def data_root(tmp_path_factory) -> Path:
-    """``CAC_DATA_ROOT`` for the whole session, holding the quick data (generated once)."""
+def data_root(tmp_path_factory) -> Iterator[Path]:
+    """``CAC_DATA_ROOT`` for the rest of the session, holding the quick data (generated once); the
+    variable is restored (or removed) when the session ends."""
     from cac.data import context_scenes
 
     root = tmp_path_factory.mktemp("cac-data")
-    os.environ["CAC_DATA_ROOT"] = str(root)
-    context_scenes.ensure("quick", seed=0)
-    return root
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CAC_DATA_ROOT", str(root))
+        context_scenes.ensure("quick", seed=0)
+        yield root
 
 
 @pytest.fixture()
@@ -28,3 +30,20 @@ def workspace(tmp_path, data_root, monkeypatch):
 
     monkeypatch.setattr(cac.exp.runner, "WORK_ROOT", tmp_path / "work_dirs")
     return tmp_path
+
+
+@pytest.fixture()
+def saved_figures(monkeypatch) -> dict:
+    """``{file name: matplotlib Figure}`` of every figure saved during the test (still written as
+    usual), so a test can check what was drawn, not only that a file exists."""
+    from matplotlib.figure import Figure
+
+    saved: dict = {}
+    real = Figure.savefig
+
+    def savefig(self, fname, *args, **kwargs):
+        saved[Path(str(fname)).name] = self
+        return real(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return saved
