@@ -398,8 +398,9 @@ def resize_bilinear(x: Tensor, size: tuple[int, int], align_corners: bool = Fals
 
 
 _CHUNK_BYTES = 8 << 20  # CPU: full-size rows processed at once: a few MB stays in cache
-_ACCEL_CHUNK_MIN = 64 << 20  # elsewhere: full-size logits per chunk, at least this much ...
-_ACCEL_CHUNK_SHARE = 64  # ... or 1/64 of the device's memory (a 512² image of 150 classes is 150 MiB)
+# Elsewhere: full-size logits per chunk, 1/1024 of the device's memory within [min, max] (a 512² image
+# of 150 classes is 150 MiB). The chunk's tensors are transient at the step's memory peak: keep them small.
+_ACCEL_CHUNK_MIN, _ACCEL_CHUNK_MAX, _ACCEL_CHUNK_SHARE = 64 << 20, 256 << 20, 1024
 
 
 def _chunks(low: Tensor, size: tuple[int, int], bands: bool) -> list[tuple[slice, ...]]:
@@ -411,7 +412,8 @@ def _chunks(low: Tensor, size: tuple[int, int], bands: bool) -> list[tuple[slice
         return [(slice(None), slice(start, start + band)) for start in range(0, size[0], band)]
     budget = _ACCEL_CHUNK_MIN
     if low.device.type == "cuda":
-        budget = max(budget, torch.cuda.get_device_properties(low.device).total_memory // _ACCEL_CHUNK_SHARE)
+        share = torch.cuda.get_device_properties(low.device).total_memory // _ACCEL_CHUNK_SHARE
+        budget = min(max(budget, share), _ACCEL_CHUNK_MAX)
     per_image = max(1, budget // max(1, n * size[0] * size[1] * low.element_size()))
     return [(slice(start, start + per_image),) for start in range(0, b, per_image)]
 
