@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cac.mmseg.config import add_cac
 from cac.mmseg.head import CACHead, is_plain_cross_entropy
@@ -57,15 +58,19 @@ def test_train_and_predict_step_with_cac(name):
     with torch.no_grad():
         preds = model.predict(inputs, samples)
     assert len(preds) == 2
-    assert preds[0].seg_logits.data.shape == (NUM_CLASSES, SIZE, SIZE)
-    assert preds[0].pred_sem_seg.data.max() < NUM_CLASSES
-    # The test-time output is the context-aware prediction p_p: compare with the head's own pieces.
+    # The test-time output is the context-aware prediction p_p = tau * cos(f, A_p) (Eq. 6), from the
+    # head's features f and each image's A_p, resized bilinearly to the input as mmseg's resize does.
     with torch.no_grad():
         feats = model.extract_feat(inputs)
         args = (feats,) if not isinstance(model.decode_head, torch.nn.ModuleList) else \
             (feats, model.decode_head[0].forward(feats))
-        out = head.all_logits(*args)
-        torch.testing.assert_close(head.forward(*args), out.p_p)
+        f = head.features(*args)
+        a_p = head.context_weights(*args)  # [B, N, D]
+        p_p = head.options.tau * torch.einsum("bdhw,bnd->bnhw", F.normalize(f, dim=1), F.normalize(a_p, dim=-1))
+        expected = F.interpolate(p_p, size=(SIZE, SIZE), mode="bilinear", align_corners=head.align_corners)
+    for i, pred in enumerate(preds):
+        torch.testing.assert_close(pred.seg_logits.data, expected[i], rtol=1e-4, atol=1e-4)
+        assert torch.equal(pred.pred_sem_seg.data[0], pred.seg_logits.data.argmax(0))
 
 
 def test_head_type_form_merges_like_base_config_inheritance():
@@ -79,12 +84,20 @@ def test_head_type_form_merges_like_base_config_inheritance():
 
 
 def test_plain_head_unchanged_and_cac_adds_only_projectors():
+    """The wrapped model holds the plain model's state (same keys and shapes, the head's under
+    ``decode_head.head.``) plus the two projectors under ``decode_head.classifier.`` and nothing else."""
     plain = build_model(_cpu_model_cfg("fcn-mv2", cac=False))
     wrapped = build_model(_cpu_model_cfg("fcn-mv2"))
+    shapes = {k: tuple(v.shape) for k, v in plain.state_dict().items()}
+    ours = {k.replace("decode_head.head.", "decode_head.", 1): tuple(v.shape) for k, v in wrapped.state_dict().items()
+            if not k.startswith("decode_head.classifier.")}
+    assert ours == shapes
+    extra = {k: v for k, v in wrapped.state_dict().items() if k.startswith("decode_head.classifier.")}
+    assert {k.split(".")[2] for k in extra} == {"proj_p", "proj_y"}
     n_plain = sum(p.numel() for p in plain.parameters())
     n_cac = sum(p.numel() for p in wrapped.parameters())
     d = plain.decode_head.conv_seg.in_channels
-    assert n_cac - n_plain == 2 * (2 * d * (d // 2) + d // 2 + (d // 2) * d + d)
+    assert n_cac - n_plain == sum(v.numel() for v in extra.values()) == 2 * (2 * d * (d // 2) + d // 2 + (d // 2) * d + d)
 
 
 def test_bad_wrapping_is_refused():

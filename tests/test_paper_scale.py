@@ -112,14 +112,24 @@ def test_cac_losses_stay_fp32_under_autocast():
     cfg = resolve_config("fcn-slim-r18", "quick", cac=True)
     torch.manual_seed(0)
     model = build_model(cfg["model"]).train()
+    head = model.decode_head
     data = model.data_preprocessor(seg_batch(64, 2, num_classes=8, seed=1), True)
+    seen = {}
+    # what autocast made of the head's features and original logits p, on their way into the losses
+    head.head.register_forward_hook(lambda mod, args, out: seen.__setitem__("f", out.dtype))
+    head.classifier.register_forward_hook(lambda mod, args, out: seen.__setitem__("p", out.p.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = model.loss(data["inputs"], data["data_samples"])
+    assert seen == {"f": torch.bfloat16, "p": torch.bfloat16}  # half precision up to the losses...
     terms = {k: v for k, v in losses.items() if k.startswith("decode.loss")}
     assert {"decode.loss_ce", "decode.loss_ctx_ce", "decode.loss_oracle_ce", "decode.loss_kl"} <= set(terms)
     for name, value in terms.items():
-        assert value.dtype == torch.float32 and torch.isfinite(value), name
-    sum(terms.values()).backward()  # and they train
+        assert value.dtype == torch.float32 and torch.isfinite(value), name  # ...float32 from there
+    sum(terms.values()).backward()  # and they train: every trainable parameter of the head gets a gradient
+    for name, param in head.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None and torch.isfinite(param.grad).all(), name
+            assert param.grad.abs().sum() > 0, name
 
 
 def test_rows_shared_across_specs(workspace, capsys):
