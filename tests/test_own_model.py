@@ -189,3 +189,23 @@ def test_own_model_trains_table3_rows_skips_a_copy_and_reports(workspace, capsys
     for label in ("(a)", "(e)"):
         line = next(ln for ln in table.splitlines() if ln.startswith(f"| {label} "))
         assert f"{logged[label]:.2f}" in line, line
+
+
+def test_sweep_and_params_take_the_model(workspace, capsys):
+    """A sweep over another base model is that model's own study; `params --model` counts its rows."""
+    import json
+
+    from cac.exp.sweep import load_sweep
+
+    cfg_file = _write(workspace / "my_segformer.py", SEGFORMER)
+    sweep_path = str(ROOT / "experiments" / "sweep_tau_lambda.yaml")
+    own, mine = load_sweep(sweep_path), load_sweep(sweep_path, str(cfg_file))
+    assert own.study == "sweep_tau_lambda"
+    assert mine.study.startswith("sweep_tau_lambda-my_segformer.py_") and mine.study != own.study
+    assert {r.model for r in mine.base.rows} == {str(cfg_file)}
+    assert main(["params", TABLE3, "--preset", "quick", "--model", str(cfg_file), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert main(["params", TABLE3, "--preset", "quick", "--json"]) == 0
+    own_rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == len(own_rows) == 7
+    assert all(a["params"] != b["params"] for a, b in zip(rows, own_rows))

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 from cac.core.classifier import CACOptions
 from cac.errors import CacError
 from cac.exp.options import add_run_options, run_options
-from cac.exp.spec import Spec, SpecError, load_spec, read_yaml
+from cac.exp.spec import Spec, SpecError, load_spec, read_yaml, slug
 
 __all__ = ["SweepSpec", "load_sweep", "run_sweep", "register"]
 
@@ -89,7 +89,9 @@ def _check_param(path: Path, name: str, cfg: Any) -> dict:
     return dict(cfg)
 
 
-def load_sweep(path: str | Path) -> SweepSpec:
+def load_sweep(path: str | Path, model: Optional[str] = None) -> SweepSpec:
+    """A sweep spec; ``model`` (``--model``) is the base spec's model for every row, and the study is
+    that model's own (``<study>-<model>``), so trials of two base models never share one study."""
     path = Path(path)
     data = read_yaml(path, "sweep spec")
     if not isinstance(data, dict):
@@ -100,7 +102,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     for key in ("title", "spec", "row", "search_space"):
         if key not in data:
             raise SpecError(f"{path}: missing required key {key!r}")
-    base = load_spec((path.parent / data["spec"]).resolve())
+    base = load_spec((path.parent / data["spec"]).resolve()).with_model(model)
     base.row(data["row"])
     objective = data.get("objective") or {}
     metric, direction = objective.get("metric", "val/mIoU_pp"), objective.get("direction", "maximize")
@@ -119,8 +121,12 @@ def load_sweep(path: str | Path) -> SweepSpec:
     seed = data.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         _fail(path, "seed", f"must be a non-negative integer, got {seed!r}")
-    return SweepSpec(path, data["title"], base, data["row"], seed, str(data.get("study", path.stem)), metric,
-                     direction, space, sampler, pruner)
+    study = str(data.get("study", path.stem))
+    if model:
+        from cac.mmseg.zoo import resolve_model
+
+        study = f"{study}-{slug(resolve_model(model).name)}"
+    return SweepSpec(path, data["title"], base, data["row"], seed, study, metric, direction, space, sampler, pruner)
 
 
 # -- Optuna -----------------------------------------------------------------------------------------
@@ -236,7 +242,7 @@ def run_sweep(path: str, trials: int, preset: str = "quick", storage: Optional[s
 
     if trials < 1:
         raise CacError(f"--trials must be >= 1, got {trials}")
-    sweep = load_sweep(path)
+    sweep = load_sweep(path, getattr(options, "model", None))
     uri = resolve_tracking_uri(tracking_uri)
     store, url = resolve_storage(storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -461,7 +467,7 @@ def dispatch_sweep(path: str, trials: int, preset: str, storage: Optional[str], 
         raise CacError(f"--trials must be >= 1, got {trials}")
     if storage is None or storage.startswith("sqlite:///:memory:"):
         storage = f"sqlite:///{Path('optuna.db').resolve()}"  # workers in other processes must share it
-    sweep = load_sweep(path)
+    sweep = load_sweep(path, getattr(options, "model", None))
     store, storage = resolve_storage(storage)
     uri = resolve_tracking_uri(uri)  # here, so every worker tracks where this process would
     # Created once here, before any worker starts: the study (Optuna's own first-creation race), the
