@@ -1,0 +1,181 @@
+"""Resume without replaying data, and still exact: cac's train loop moves mmengine's sampler to its
+position, and augmentations and training steps draw from (seed, position) and (seed, iteration)."""
+import itertools
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from cac.cli import main
+from cac_probes import probe_env, probe_overrides, start_iters
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("val/mIoU", "val/mIoU_p", "val/mIoU_pp", "val/mIoU_py")
+
+SPEC = """
+title: resume test
+model: fcn-slim-r18
+seeds: 1
+overrides:
+  train_cfg.max_iters: 8
+  train_cfg.val_interval: 4
+  default_hooks.checkpoint.interval: 4
+  model.decode_head.head.dropout_ratio: 0.3
+  train_dataloader.num_workers: {workers}
+{extra}rows:
+  - {{label: "(f)", description: full CAC, cac: true}}
+"""
+
+
+class _Draws:
+    """A dataset whose items are what the augmentations' RNGs give: python, numpy and torch draws."""
+
+    def __len__(self) -> int:
+        return 5
+
+    def __getitem__(self, index: int) -> tuple:
+        return index, random.random(), float(np.random.rand()), float(torch.rand(()))
+
+
+@pytest.mark.parametrize("rank,world", [(0, 1), (1, 2)])
+def test_positioned_sampler_continues_mmengines_stream_from_any_position(rank, world, monkeypatch):
+    import mmengine.dataset.sampler
+    from mmengine.dataset import InfiniteSampler
+
+    from cac.mmseg.loops import PositionedInfiniteSampler
+
+    monkeypatch.setattr(mmengine.dataset.sampler, "get_dist_info", lambda: (rank, world))  # rank of a DDP run
+    stream = list(itertools.islice(iter(InfiniteSampler(list(range(7)), seed=3)), 60))
+    for consumed in (0, 5, 23):  # within the first epoch, and several epochs on
+        ours = PositionedInfiniteSampler(list(range(7)), seed=3, start=None)
+        assert list(itertools.islice(iter(ours), 3)) == []  # held until the loop seeks it
+        ours.seek(consumed)
+        keys = list(itertools.islice(iter(ours), 20))
+        assert [k.index for k in keys] == stream[consumed:consumed + 20]
+        assert [k.position for k in keys] == [rank + world * (consumed + j) for j in range(20)]
+        assert {k.seed for k in keys} == {3}
+
+
+def test_seeded_dataset_gives_a_position_the_same_draws_anywhere():
+    from cac.mmseg.loops import PositionSeededDataset, StreamKey
+
+    data = PositionSeededDataset(_Draws())
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    first = data[StreamKey(0, 17, 2)]
+    after = random.random(), float(np.random.rand()), float(torch.rand(()))
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    assert after == (random.random(), float(np.random.rand()), float(torch.rand(())))  # global RNGs untouched
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)  # another process, another history
+    assert data[StreamKey(0, 17, 2)] == first
+    assert data[StreamKey(0, 18, 2)][1:] != first[1:] and data[StreamKey(1, 17, 2)][1:] != first[1:]
+    assert len(data) == 5 and data[3][0] == 3  # plain indices pass through
+
+
+def test_every_resolved_config_trains_with_the_resumable_loop():
+    from cac.mmseg.config import resolve_config
+    from cac.mmseg.loops import LOOP_TYPE
+
+    assert resolve_config("fcn-slim-r18", "quick", cac=True)["train_cfg"]["type"] == LOOP_TYPE
+    assert resolve_config("upernet-swin-t", "paper", cac=True)["train_cfg"]["type"] == LOOP_TYPE
+    kept = resolve_config("fcn-slim-r18", "quick", overrides={"train_cfg": {"type": "MyLoop", "max_iters": 2}})
+    assert kept["train_cfg"]["type"] == "MyLoop"
+
+
+def _spec(where: Path, workers: int = 0, extra: str = "") -> Path:
+    path = where / "rs.yaml"
+    path.write_text(SPEC.format(workers=workers, extra=extra))
+    return path
+
+
+def _run(where: Path, spec: Path, uri: str, log_level: str = "ERROR") -> subprocess.CompletedProcess:
+    env = probe_env({**os.environ, "CAC_WORK_DIR": str(where / "work_dirs"), "CAC_LOG_LEVEL": log_level,
+                     "OMP_NUM_THREADS": "2"})
+    return subprocess.run([sys.executable, "-m", "cac.cli", "run", str(spec), "--tracking-uri", uri],
+                          cwd=where, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _final(uri: str) -> tuple[str, dict]:
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("rs").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    return runs[0].data.tags["work_dir"], {k: runs[0].data.metrics[k] for k in METRICS}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_root):
+    """The reference: the run trained straight through, no dataloader workers."""
+    where = tmp_path_factory.mktemp("straight")
+    uri = f"sqlite:///{where}/mlflow.db"
+    out = _run(where, _spec(where), uri)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return _final(uri)[1]
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_ends_as_the_uninterrupted_one(uninterrupted, tmp_path):
+    """SIGKILL at iteration 6 (after iter_4.pth): the rerun starts at 4 without replaying 4 batches,
+    and ends with the uninterrupted run's metrics, dropout and augmentations included."""
+    probe = tmp_path / "probe"
+    spec = _spec(tmp_path, extra=probe_overrides(probe, kill_at=6))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    killed = _run(tmp_path, spec, uri)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = _run(tmp_path, spec, uri, log_level="INFO")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert start_iters(probe) == [0, 4]
+    work_dir, metrics = _final(uri)
+    logs = sorted(Path(work_dir).glob("*/*.log"), key=lambda p: p.stat().st_mtime)
+    log = logs[-1].read_text()  # the resumed process's mmengine log, at INFO
+    assert "Resumed the sample stream at iteration 4: 32 samples per rank skipped" in log
+    assert "Advance dataloader" not in log
+    assert metrics == pytest.approx(uninterrupted, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_dataloader_workers_change_nothing(uninterrupted, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = _run(tmp_path, _spec(tmp_path, workers=2), uri)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert _final(uri)[1] == pytest.approx(uninterrupted, abs=1e-9)
+
+
+def test_batch_per_gpu_keeps_the_papers_total_batch(tmp_path, capsys):
+    """`cac-exp config --preset paper --batch-per-gpu 4` on one GPU: batch 4, 4 accumulation steps, the
+    schedule counted in micro-batches; another identity; a batch that does not divide is one line."""
+    from mmengine.config import Config
+
+    table1 = str(ROOT / "experiments" / "table1_ade20k.yaml")
+    args = ["config", table1, "--row", "upernet-swin-t+cac", "--preset", "paper"]
+    assert main([*args, "--out", str(tmp_path / "plain.py")]) == 0
+    assert main([*args, "--batch-per-gpu", "4", "--out", str(tmp_path / "b4.py")]) == 0
+    plain, b4 = (Config.fromfile(str(tmp_path / f"{n}.py")) for n in ("plain", "b4"))
+    assert plain.train_dataloader.batch_size == 16 and "accumulative_counts" not in plain.optim_wrapper
+    assert b4.train_dataloader.batch_size == 4 and b4.optim_wrapper.accumulative_counts == 4
+    assert b4.train_cfg.max_iters == 4 * plain.train_cfg.max_iters
+    assert b4.train_cfg.val_interval == 4 * plain.train_cfg.val_interval
+    assert b4.default_hooks.checkpoint.interval == 4 * plain.default_hooks.checkpoint.interval
+    assert [s.get("end") for s in b4.param_scheduler] == [4 * s.get("end") for s in plain.param_scheduler]
+
+    from cac.exp.options import RunOptions
+    from cac.exp.runner import make_unit
+    from cac.exp.spec import load_spec
+
+    spec = load_spec(table1)
+    row = spec.row("upernet-swin-t+cac")
+    unit = lambda **kw: make_unit(spec, row, 0, "paper", options=RunOptions(**kw))  # noqa: E731
+    assert unit(batch_per_gpu=4).cfg_hash != unit().cfg_hash
+    assert unit(batch_per_gpu=16).cfg_hash == unit().cfg_hash  # the same training: the same run
+    assert unit(batch_per_gpu=2, world_size=4).cfg["optim_wrapper"]["accumulative_counts"] == 2
+
+    capsys.readouterr()
+    assert main([*args, "--batch-per-gpu", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cac-exp: error:") and "\n" not in err
+    assert "--batch-per-gpu 3 x 1 process(es) does not divide the total batch 16; use one of 1, 2, 4, 8, 16" in err
