@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test data repro clean-venv
+.PHONY: setup demo test test-fast data repro clean-venv
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ $(STAMP): requirements.txt pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The development loop: everything but the tests marked slow (those that train or run a model end to end).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 data: setup
 	$(VENV)/bin/cac-exp data context-scenes --preset quick --out data/context-scenes/quick
