@@ -44,13 +44,14 @@ def _ece_direct(conf, correct, bins=15) -> float:
 def test_ece_against_a_direct_computation():
     from cac.core.explain import calibration_bins, expected_calibration_error, reliability
 
-    # 4 pixels at 0.9 (3 right), 2 at 0.63 (both wrong), 1 ignored: (4/6)|0.75-0.9| + (2/6)|0-0.63| = 0.31
-    conf = [0.9, 0.9, 0.9, 0.9, 0.63, 0.63, 0.99]
-    pred = [0, 1, 0, 1, 0, 1, 0]
-    labels = torch.tensor([0, 1, 0, 0, 1, 0, 255])[None, None, :]
+    # 4 pixels at 0.9 (3 right), 2 at 0.63 (both wrong), 2 at 0.55 (both right: underconfident), 1 ignored:
+    # (|3 - 3.6| + |0 - 1.26| + |2 - 1.1|) / 8 = 0.345
+    conf = [0.9, 0.9, 0.9, 0.9, 0.63, 0.63, 0.55, 0.55, 0.99]
+    pred = [0, 1, 0, 1, 0, 1, 0, 1, 0]
+    labels = torch.tensor([0, 1, 0, 0, 1, 0, 0, 1, 255])[None, None, :]
     table = calibration_bins(_logits_for(conf, pred), labels)
-    assert expected_calibration_error(table) == pytest.approx(31.0)
-    assert table[:, 0].sum() == 6  # the ignored pixel is not counted
+    assert expected_calibration_error(table) == pytest.approx(34.5)
+    assert table[:, 0].sum() == 8  # the ignored pixel is not counted
     bins = reliability(table)
     assert bins[13]["pixels"] == 4 and bins[13]["accuracy"] == pytest.approx(0.75)  # 0.9 in (13/15, 14/15]
     assert bins[9]["pixels"] == 2 and bins[9]["confidence"] == pytest.approx(0.63)  # 0.63 in (9/15, 10/15]
@@ -58,7 +59,7 @@ def test_ece_against_a_direct_computation():
     rng = np.random.default_rng(0)  # many pixels: against the definition, summed over two batches
     conf = rng.uniform(0.5, 1.0, size=400).tolist()
     pred = rng.integers(0, 2, size=400).tolist()
-    truth = [p if rng.uniform() < c - 0.1 else 1 - p for p, c in zip(pred, conf)]
+    truth = [p if rng.uniform() < 0.75 else 1 - p for p in pred]  # over- and underconfident bins
     labels = torch.tensor(truth)[None, None, :]
     logits = _logits_for(conf, pred)
     table = calibration_bins(logits[..., :150], labels[..., :150]) + calibration_bins(logits[..., 150:], labels[..., 150:])
