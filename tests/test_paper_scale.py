@@ -219,7 +219,15 @@ def test_gpu_check_dry_runs_every_section(tmp_path):
     import json
 
     result = json.loads((out / "gpu_check.json").read_text())
-    assert set(result["sections"]) == {"table6", "train_step", "paper"}
+    assert set(result["sections"]) == {"table6", "table6_fp32", "train_step", "paper", "resume", "profile"}
+    assert result["sections"]["table6_fp32"]["tf32"] == {"cudnn": False, "matmul": False}
+    assert result["sections"]["paper"]["upernet-swin-t+cac b2"]["accumulation"] == 8  # --batch-per-gpu 2
+    resume = result["sections"]["resume"]
+    ours, stock = resume["ResumableIterBasedTrainLoop"], resume["IterBasedTrainLoop"]
+    assert ours["resumed_at"] == stock["resumed_at"] == resume["at"] > 0
+    assert not ours["replayed"] and stock["replayed"]  # mmengine's loop logs its replay; ours has none
+    profile = result["sections"]["profile"]
+    assert all(profile[part][label]["top"] for part, label in (("train_step", "+CAC"), ("inference", "Ours")))
     assert result["sections"]["table6"]["sizes"]["64"]["Ours"]["fps"] > 0
     assert {"fcn-mv2 fp32", "upernet-swin-t fp32"} <= set(result["sections"]["train_step"])
     assert result["sections"]["paper"]["upernet-swin-t+cac"]["it_per_s"] > 0
