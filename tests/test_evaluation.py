@@ -108,28 +108,27 @@ def test_cascade_three_classifiers_match_a_direct_computation(ocrnet):
     assert not np.array_equal(direct["p"], direct["p_p"]) and not np.array_equal(direct["p_p"], direct["p_y"])
 
 
-def test_cascade_loss_terms_logged_under_the_readme_names(ocrnet):
+def test_cascade_loss_terms_logged_under_the_readme_names(ocrnet, tmp_path):
     """The TrackingHook, given OCRNet's real log_vars (``decode_1.loss_kl`` ...), logs the CAC stage's
-    terms as ``train/loss_kl`` etc. (as for single-head models) and keeps the first stage's prefixed."""
+    terms as ``train/loss_kl`` etc. (as for single-head models) and keeps the first stage's prefixed:
+    read back from a real MLflow run."""
+    from cac.exp.tracking import RunTracker
+
     ocrnet.train()
     batch = ocrnet.data_preprocessor(seg_batch(SIZE, 2, NUM_CLASSES, per_image=4, block=8, seed=0), True)
     _, log_vars = ocrnet.parse_losses(ocrnet.loss(batch["inputs"], batch["data_samples"]))
     assert "decode_1.loss_kl" in log_vars and "decode_0.loss_ce" in log_vars
 
-    class Recorder:
-        def __init__(self) -> None:
-            self.logged: dict[int, dict] = {}
-
-        def log_metrics(self, metrics: dict, step: int) -> None:
-            self.logged.setdefault(step, {}).update(metrics)
-
-    tracker = Recorder()
+    tracker = RunTracker.open(f"sqlite:///{tmp_path / 'mlflow.db'}", "cascade", {"row": "(x)"}, "cascade")
     runner = SimpleNamespace(iter=0, max_iters=1000, model=ocrnet,  # step 1 of many: no evaluation due
                              optim_wrapper=SimpleNamespace(get_lr=lambda: {"lr": [0.01]}))
     hook = TrackingHook(tracker, interval=0, log_interval=1, progress=False)
     hook.before_train(runner)
     hook.after_train_iter(runner, 0, None, log_vars)
-    logged = tracker.logged[1]
+    client = tracker.client
+    logged = {k: client.get_metric_history(tracker.run_id, k) for k in client.get_run(tracker.run_id).data.metrics}
+    assert {m.step for hist in logged.values() for m in hist} == {1}
+    logged = {k: hist[-1].value for k, hist in logged.items()}
     for term in ("loss_ce", "loss_ctx_ce", "loss_oracle_ce", "loss_kl", "acc_seg"):
         assert logged[f"train/{term}"] == pytest.approx(float(log_vars[f"decode_1.{term}"])), term
     assert logged["train/decode_0.loss_ce"] == pytest.approx(float(log_vars["decode_0.loss_ce"]))
