@@ -12,7 +12,7 @@ PACKAGES = ("cac", "analysis", "tsne")
 # Lower layers first; a module may import its own layer or any layer before it.
 # The command line (cac.cli) composes them all, the reports included.
 LAYERS = ["cac.errors", "cac.core", "cac.functional", "cac.synthetic", "cac.data", "cac.mmseg", "cac.exp",
-          "cac.bench", "cac", "analysis.tables", "analysis.figures", "tsne", "analysis.make_tables",
+          "cac.bench", "cac", "analysis.tables", "analysis.figures", "analysis.efficiency", "tsne", "analysis.make_tables",
           "cac.cli"]
 
 
