@@ -99,6 +99,7 @@ def test_oracle_branch_never_runs_at_inference():
     assert cost["cac_classifier_ms"] > 0 and cost["conv_seg_ms"] > 0
 
 
+@pytest.mark.slow
 def test_run_benchmark_logs_runs_and_prints_table6(tmp_path, monkeypatch):
     import mlflow
 

@@ -84,7 +84,6 @@ def _official_p_p(f: torch.Tensor, state: dict) -> torch.Tensor:
     return (an @ fn.reshape(b, c, h * w)).reshape(b, N, h, w) * 15
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("row,head", [("fcn-mv2+cac", official_fcn_head), ("upernet-swin-t+cac", official_uper_head)])
 def test_official_checkpoint_converts_loads_strictly_and_predicts_official_p_p(tmp_path, row, head):
     state = _official_checkpoint(row, head(), tmp_path / "official.pth")
@@ -105,7 +104,6 @@ def test_official_checkpoint_converts_loads_strictly_and_predicts_official_p_p(t
                                    rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow
 def test_a_mismatched_official_checkpoint_is_named_in_one_line(tmp_path, capsys):
     head = official_fcn_head()
     head["extra_block.weight"] = (3,)          # a module our FCN head does not have

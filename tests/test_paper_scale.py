@@ -182,6 +182,7 @@ SMALL_CROPS = ["train_dataloader.dataset.pipeline.2.scale=(128,64)", "train_data
                "val_dataloader.num_workers=0", "val_dataloader.persistent_workers=False"]
 
 
+@pytest.mark.slow
 def test_paper_preset_trains_on_tiny_ade20k(tiny_ade, capsys):
     """The issue's command (plus small crops for 2 CPU cores): FCN-MV2+CAC and the OCRNet cascade
     train at preset paper, no spec edited, and are tracked with what the command line changed."""
@@ -211,6 +212,8 @@ def test_paper_preset_trains_on_tiny_ade20k(tiny_ade, capsys):
     assert "0 to train, 0 to resume, 2 done" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_gpu_check_dry_runs_every_section(tmp_path):
     out = tmp_path / "gc"
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry", "--out", str(out)],

@@ -12,8 +12,6 @@ from cac.cli import main
 from cac.exp.runner import CURVE_POINTS, curve_interval
 from cac_probes import assert_steps_logged_once, probe_env, probe_overrides, rank_reports, start_iters
 
-pytestmark = pytest.mark.slow
-
 SPEC = """
 title: runner test
 model: fcn-slim-r18
@@ -46,6 +44,7 @@ def _env(workspace):
     return probe_env({**os.environ, "CAC_WORK_DIR": str(workspace / "work_dirs"), "PYTHONUNBUFFERED": "1"})
 
 
+@pytest.mark.slow
 def test_run_tracks_everything_then_skips_finished(workspace, capsys):
     spec = _spec(workspace)
     uri = f"sqlite:///{workspace}/mlflow.db"
@@ -86,6 +85,8 @@ def test_run_tracks_everything_then_skips_finished(workspace, capsys):
     assert "val/mIoU_ms" not in runs["(a)"].data.metrics
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_sigkill_then_resume_leaves_one_finished_run(workspace, capsys):
     """Killed (SIGKILL) at iteration 30 after 30's metrics were logged, before 30's checkpoint: the
     rerun resumes the same MLflow run from iter_20.pth and logs no step twice."""
@@ -133,6 +134,8 @@ def _labelled_val_pixels(data_root: Path) -> int:
     return sum(int((np.asarray(Image.open(f)) != 255).sum()) for f in files)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_ddp_two_cpu_processes(workspace, data_root):
     """Two gloo ranks: one MLflow run that knows its world size, the same parameters on both ranks
     after training, and a val confusion matrix summed over the ranks' shards (the whole val set)."""
@@ -165,6 +168,8 @@ def test_ddp_two_cpu_processes(workspace, data_root):
     assert sum(map(sum, conf0)) == _labelled_val_pixels(data_root)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_stock_mmseg_train_py_trains_resolved_config(workspace):
     import mmseg
 
@@ -218,6 +223,8 @@ def test_new_data_version_is_neither_skipped_nor_resumed(workspace, monkeypatch)
     assert matched_runs(spec, "quick", uri)["(a)"] == {}
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_killed_after_final_checkpoint_finishes_like_an_uninterrupted_run(workspace, tmp_path_factory, capsys):
     """Killed after the final checkpoint was written, before FINISHED: the rerun evaluates again and
     logs what an uninterrupted run logs; with a fresh tracking store the stale work dir is not adopted."""
@@ -253,10 +260,17 @@ def test_killed_after_final_checkpoint_finishes_like_an_uninterrupted_run(worksp
     assert [r.info.status for r in _runs(fresh)] == ["FINISHED"]
 
 
-@pytest.mark.parametrize("iters,val_interval", [(100, 50), (1600, 800), (40, 10), (7, 0), (160000, 16000)])
-def test_curve_interval_gives_enough_points(iters, val_interval):
-    """Fig. 4's curves: at least CURVE_POINTS evaluations, never sparser than the val interval."""
+@pytest.mark.parametrize("iters,val_interval,expected", [
+    (100, 50, 12), (1600, 800, 200), (40, 10, 5), (7, 0, 1), (160000, 16000, 16000), (160000, 0, 20000),
+    (20, 10, 2)])
+def test_curve_interval_gives_enough_points(iters, val_interval, expected):
+    """Fig. 4's curves: at least CURVE_POINTS evaluations, never sparser than the val interval, and
+    not many more than needed (each point is an evaluation of three classifiers): the largest
+    interval that gives CURVE_POINTS, or the val interval where that is denser."""
     every = curve_interval(iters, val_interval)
-    points = len(range(every, iters + 1, every)) + (iters % every != 0)  # the last one is always at max_iters
-    assert points >= min(CURVE_POINTS, iters)
+    assert every == expected
+    if iters:
+        points = len(range(every, iters + 1, every)) + (iters % every != 0)  # the last one is always at max_iters
+        assert min(CURVE_POINTS, iters) <= points
+        assert points <= 2 * CURVE_POINTS or (val_interval and every == val_interval)
     assert val_interval == 0 or every <= val_interval
