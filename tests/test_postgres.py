@@ -168,3 +168,6 @@ def test_missing_database_driver_is_one_line_naming_the_package(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install 'pg8000'" in err
     assert "secret" not in err  # the password is not printed
+    with pytest.raises(CacError, match=r"'postgresql://u:\*\*\*@127.0.0.1:1/optuna': cannot open it") as info:
+        resolve_storage("postgresql://u:secret@127.0.0.1:1/optuna")  # the driver is there; no server
+    assert "secret" not in str(info.value)

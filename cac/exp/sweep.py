@@ -155,7 +155,7 @@ def resolve_storage(url: Optional[str]):
                            f"{_STORAGE_HINT}") from None
     if "://" not in url:
         raise CacError(f"--storage {url!r} is not a URL; {_STORAGE_HINT}")
-    from cac.exp.tracking import check_db_driver
+    from cac.exp.tracking import check_db_driver, redacted_url
 
     check_db_driver(url, "--storage")  # a missing driver names the package to install
     # A heartbeat lets another process notice a dead trial and retry it with the same parameters.
@@ -164,7 +164,7 @@ def resolve_storage(url: Optional[str]):
         return RDBStorage(url, heartbeat_interval=beat, grace_period=2 * beat,
                           failed_trial_callback=RetryFailedTrialCallback(max_retry=3)), url
     except Exception as err:  # noqa: BLE001 - SQLAlchemy / driver / Optuna errors: one line, then stop
-        raise CacError(f"--storage {url!r}: cannot open it ({_first_line(err)}); {_STORAGE_HINT}") from None
+        raise CacError(f"--storage {redacted_url(url)!r}: cannot open it ({_first_line(err)}); {_STORAGE_HINT}") from None
 
 
 def _first_line(err: BaseException) -> str:

@@ -11,8 +11,8 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
-__all__ = ["resolve_tracking_uri", "check_tracking_uri", "check_db_driver", "prepare_store", "RunTracker", "find_runs",
-           "flatten", "git_commit"]
+__all__ = ["resolve_tracking_uri", "check_tracking_uri", "check_db_driver", "prepare_store", "redacted_url",
+           "RunTracker", "find_runs", "flatten", "git_commit"]
 
 DEFAULT_DB = "mlflow.db"
 TIMEOUT_ENV = "CAC_TRACKING_TIMEOUT"  # seconds a tracking server gets to answer the reachability check
@@ -35,7 +35,7 @@ _DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary",
                     "mysql": "mysql-connector-python", "pyodbc": "pyodbc", "pymssql": "pymssql"}
 
 
-def _redacted(url: str) -> str:
+def redacted_url(url: str) -> str:
     """``url`` with its password hidden (error messages end up in logs)."""
     try:
         from sqlalchemy.engine import make_url
@@ -63,7 +63,7 @@ def check_db_driver(url: str, what: str) -> None:
     except ImportError as err:
         module = (getattr(err, "name", None) or str(err)).split(".")[0]
         package = _DRIVER_PACKAGES.get(module, module)
-        raise CacError(f"{what} {_redacted(url)!r}: the database driver {module!r} is not installed; "
+        raise CacError(f"{what} {redacted_url(url)!r}: the database driver {module!r} is not installed; "
                        f"install it with: pip install '{package}'") from None
 
 
@@ -169,7 +169,7 @@ def _init_sql_store(uri: str) -> None:
 
     for name in ("mlflow", "alembic"):  # schema-creation chatter is not the user's business
         logging.getLogger(name).setLevel(logging.WARNING)
-    shown = _redacted(uri)
+    shown = redacted_url(uri)
     try:
         with contextlib.ExitStack() as stack:
             if uri.startswith("sqlite:///"):
