@@ -169,6 +169,8 @@ def test_predict_equals_the_unfused_formula(dtype, atol, grad):
         _, want, _ = _separate(copy.deepcopy(cac).double(), feats.double(), weight.double(), bias.double(), labels)
     assert got.dtype == dtype
     torch.testing.assert_close(got.double(), want, rtol=0, atol=atol)
+    # and the in-place test-time path equals the autograd path (forward's p_p) to 1e-6 in either dtype
+    torch.testing.assert_close(got, cac(feats, weight, bias).p_p.detach(), rtol=0, atol=1e-6)
 
 
 def test_mask_pool_over_batch_is_the_stacked_batch():
