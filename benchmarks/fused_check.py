@@ -73,19 +73,24 @@ def classifier_diffs(device: str) -> dict[str, float]:
         want = ref_model(*args64, labels=labels)
         want_pred = ref_model.predict(*args64)
     out = {}
-    saved = torch.backends.cudnn.allow_tf32
     try:
-        for tf32 in (True, False):
-            torch.backends.cudnn.allow_tf32 = tf32
+        saved = torch.backends.cudnn.allow_tf32
+    except RuntimeError:  # flags set through torch's fp32_precision API: measured as they are
+        saved = None
+    try:
+        for tf32 in (True, False) if saved is not None else (None,):
+            if tf32 is not None:
+                torch.backends.cudnn.allow_tf32 = tf32
             with torch.no_grad():
                 got = model(*args32, labels=labels.to(device))
                 pred = model.predict(*args32)
-            tag = "tf32" if tf32 else "fp32"
+            tag = {True: "tf32", False: "fp32", None: "as set"}[tf32]
             for name, a, b in (("p", got.p, want.p), ("p_p", got.p_p, want.p_p), ("p_y", got.p_y, want.p_y),
                                ("predict", pred, want_pred)):
                 out[f"{name} {tag}"] = _max_diff(a, b)
     finally:
-        torch.backends.cudnn.allow_tf32 = saved
+        if saved is not None:
+            torch.backends.cudnn.allow_tf32 = saved
     return out
 
 
