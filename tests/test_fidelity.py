@@ -1,6 +1,9 @@
 """Fidelity to the official CAC code: dropout placement, the `official` profile against a literal
 re-derivation of the official head's formulas, and stock DDP on every ablation row's config."""
 import datetime
+import hashlib
+import json
+import math
 import os
 import time
 from pathlib import Path
@@ -162,6 +165,15 @@ def test_literal_eq11_normaliser_differs_from_the_official_one():
 
 
 # -- stock DDP on every ablation row --------------------------------------------------------------
+def _digest(model: torch.nn.Module) -> str:
+    """sha256 over every parameter's bytes (not buffers: BN running stats are per rank under DDP)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _ddp_worker(rank: int, world: int, configs: list, out_dir: str) -> None:
     """Each row's written config, built and wrapped as mmengine's Runner does (its model_wrapper_cfg,
     stock find_unused_parameters=False by default), two train steps on gloo."""
@@ -176,21 +188,26 @@ def _ddp_worker(rank: int, world: int, configs: list, out_dir: str) -> None:
     # a file store: no port to race for; a timeout: a rank left waiting fails instead of hanging
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))
-    failures = []
+    failures, results = [], {}
     for label, path in configs:
         cfg = Config.fromfile(path)
         torch.manual_seed(0)
         model = build_model(cfg.model.to_dict())
+        initial = _digest(model)
         wrapper = cfg.get("model_wrapper_cfg") or {}
         ddp = MMDistributedDataParallel(module=model, device_ids=None, broadcast_buffers=False,
                                         find_unused_parameters=wrapper.get("find_unused_parameters", False))
         optim = OptimWrapper(torch.optim.SGD(ddp.parameters(), lr=0.01))
         try:
-            for step in range(2):
-                ddp.train_step(seg_batch(32, 2, NUM_CLASSES, seed=10 * rank + step), optim)
+            # each rank its own batch: the replicas stay equal only through DDP's gradient all-reduce
+            losses = [float(ddp.train_step(seg_batch(32, 2, NUM_CLASSES, seed=10 * rank + step), optim)["loss"])
+                      for step in range(2)]
         except RuntimeError as err:
             failures.append(f"{label}: {str(err).splitlines()[0]}")
+            continue
+        results[label] = {"losses": losses, "initial": initial, "params": _digest(model)}
     Path(out_dir, f"rank{rank}.txt").write_text("\n".join(failures))
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()
     # Leave without running destructors: tearing down a DDP reducer and its gloo group at interpreter
     # exit can deadlock (the group's thread waits for the GIL the destructor holds), seen 2 runs in 7.
@@ -198,6 +215,7 @@ def _ddp_worker(rank: int, world: int, configs: list, out_dir: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_every_ablation_row_trains_under_stock_ddp(tmp_path, data_root):
     configs = []
     for table in ("table2", "table3", "table4", "table5"):
@@ -219,3 +237,11 @@ def test_every_ablation_row_trains_under_stock_ddp(tmp_path, data_root):
             pytest.fail("the DDP workers did not finish within 600 s")
     failures = (tmp_path / "rank0.txt").read_text() + (tmp_path / "rank1.txt").read_text()
     assert failures == "", failures
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(ranks[0]) == sorted(ranks[1]) == sorted(label for label, _ in configs)
+    for label, _ in configs:
+        r0, r1 = ranks[0][label], ranks[1][label]
+        assert all(math.isfinite(v) for v in r0["losses"] + r1["losses"]), (label, r0["losses"], r1["losses"])
+        assert r0["initial"] == r1["initial"], label  # the same seeded init on both ranks
+        assert r0["params"] == r1["params"], f"{label}: the ranks' parameters differ after training"
+        assert r0["params"] != r0["initial"], f"{label}: the parameters did not change"
