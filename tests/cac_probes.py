@@ -6,7 +6,8 @@
 
 It records what only the training process can see (the iteration a run starts from, each DDP rank's
 parameters, world size and the TrackingHook's final confusion matrix) into ``out_dir``, and can
-SIGKILL its own process once at a chosen iteration. ``tests/`` must be importable (pytest puts it on
+SIGKILL its own process once at a chosen iteration, or hold training until ``trainers`` processes have
+started a run (so concurrent workers overlap for certain). ``tests/`` must be importable (pytest puts it on
 ``sys.path``; subprocesses get it through ``PYTHONPATH``, see :func:`probe_env`).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -24,7 +26,8 @@ from mmengine.registry import HOOKS
 
 TESTS_DIR = Path(__file__).resolve().parent
 
-__all__ = ["ProbeHook", "probe_overrides", "probe_env", "start_iters", "rank_reports", "assert_steps_logged_once"]
+__all__ = ["ProbeHook", "probe_overrides", "probe_env", "start_iters", "rank_reports", "assert_steps_logged_once",
+           "trainer_pids"]
 
 
 def _param_digest(model: torch.nn.Module) -> str:
@@ -44,8 +47,10 @@ class ProbeHook(Hook):
 
     priority = 80
 
-    def __init__(self, out_dir: str, kill_at: int = 0, kill_at_end: bool = False) -> None:
+    def __init__(self, out_dir: str, kill_at: int = 0, kill_at_end: bool = False, trainers: int = 0,
+                 wait_s: float = 300.0) -> None:
         self.out_dir, self.kill_at, self.kill_at_end = Path(out_dir), kill_at, kill_at_end
+        self.trainers, self.wait_s = trainers, wait_s
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._initial: Optional[str] = None
 
@@ -60,6 +65,20 @@ class ProbeHook(Hook):
         with open(self.out_dir / f"starts-rank{self._rank()}.txt", "a") as fh:
             fh.write(f"{runner.iter}\n")
         self._initial = _param_digest(runner.model)
+        if self.trainers:
+            self._rendezvous()
+
+    def _rendezvous(self) -> None:
+        """Train only once ``trainers`` processes have each started a run (a file per process id):
+        concurrent workers then overlap for certain, whatever the machine's speed. A process still
+        alone after ``wait_s`` raises, so its trial fails with this message instead of hanging."""
+        (self.out_dir / f"trainer-{os.getpid()}").touch()
+        deadline = time.monotonic() + self.wait_s
+        while len(trainer_pids(self.out_dir)) < self.trainers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ProbeHook: {len(trainer_pids(self.out_dir))} of {self.trainers} trainers "
+                                   f"started within {self.wait_s} s")
+            time.sleep(0.2)
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         marker = self.out_dir / "killed"
@@ -85,11 +104,17 @@ class ProbeHook(Hook):
         (self.out_dir / f"rank{self._rank()}.json").write_text(json.dumps(report))
 
 
-def probe_overrides(out_dir: Path, kill_at: int = 0, kill_at_end: bool = False) -> str:
+def probe_overrides(out_dir: Path, kill_at: int = 0, kill_at_end: bool = False, trainers: int = 0,
+                    wait_s: float = 300.0) -> str:
     """The spec ``overrides`` lines (YAML, two-space indented) that put a ProbeHook into a run."""
     return ("  custom_imports: {imports: [cac_probes], allow_failed_imports: false}\n"
             f"  custom_hooks: [{{type: ProbeHook, out_dir: '{out_dir}', kill_at: {kill_at}, "
-            f"kill_at_end: {str(kill_at_end).lower()}}}]\n")
+            f"kill_at_end: {str(kill_at_end).lower()}, trainers: {trainers}, wait_s: {wait_s}}}]\n")
+
+
+def trainer_pids(out_dir: Path) -> set[int]:
+    """Process ids of the runs that reached the ProbeHook's rendezvous (``trainers``)."""
+    return {int(p.name.split("-", 1)[1]) for p in Path(out_dir).glob("trainer-*")}
 
 
 def probe_env(env: dict) -> dict:

@@ -11,9 +11,7 @@ import optuna
 import pytest
 
 from cac.cli import main
-from cac_probes import assert_steps_logged_once, probe_env, probe_overrides, start_iters
-
-pytestmark = pytest.mark.slow
+from cac_probes import assert_steps_logged_once, probe_env, probe_overrides, start_iters, trainer_pids
 
 BASE = """
 title: sweep base
@@ -61,18 +59,32 @@ def _counted(storage):
     return study, [t for t in study.trials if t.state in ok]
 
 
-def test_two_processes_share_a_study_then_continue_to_new_total(workspace, sweep_spec):
+def _overlapping(trials) -> bool:
+    """Some two of ``trials`` ran at the same time (Optuna's start and completion times)."""
+    return any(a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
+               for i, a in enumerate(trials) for b in trials[i + 1:])
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.slow
+def test_two_processes_share_a_study_then_continue_to_new_total(workspace, sweep_spec, saved_figures):
+    # Each run waits until two processes train (the probe's rendezvous): the second process always
+    # gets a trial, however fast the first one is.
+    probe = workspace / "probe"
+    (workspace / "base.yaml").write_text(BASE.format(extra=probe_overrides(probe, trainers=2)))
     storage = f"sqlite:///{workspace}/optuna.db"
     uri = f"sqlite:///{workspace}/mlflow.db"
     cmd = [sys.executable, "-m", "cac.cli", "sweep", str(sweep_spec), "--trials", "3", "--storage", storage,
            "--tracking-uri", uri, "--out", str(workspace / "reports")]
-    env = {**os.environ, "CAC_WORK_DIR": str(workspace / "work_dirs")}
+    env = probe_env({**os.environ, "CAC_WORK_DIR": str(workspace / "work_dirs")})
     # Create the study once so both processes find it (Optuna's own race on first creation is not ours).
     optuna.create_study(study_name="sw", storage=storage, direction="maximize")
     procs = [subprocess.Popen(cmd, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)]
-    deadline = time.time() + 120  # the second worker joins once the first has started a trial
-    while time.time() < deadline and not optuna.load_study(study_name="sw", storage=storage).trials:
+    # the second process joins once the first has a trial (its sampler then draws other points)
+    deadline = time.monotonic() + 300
+    while not optuna.load_study(study_name="sw", storage=storage).trials:
+        assert procs[0].poll() is None and time.monotonic() < deadline, "the first process started no trial"
         time.sleep(0.2)
     procs.append(subprocess.Popen(cmd, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True))
@@ -89,6 +101,8 @@ def test_two_processes_share_a_study_then_continue_to_new_total(workspace, sweep
     for proc, out in zip(procs, outs):
         assert by_worker[proc.pid], f"worker {proc.pid} ran no trial"
         assert sorted(int(n) for n in re.findall(r"^trial (\d+): ", out, re.M)) == by_worker[proc.pid]
+    assert trainer_pids(probe) == {p.pid for p in procs}
+    assert _overlapping(done)
     runs = mlflow.MlflowClient(tracking_uri=uri).search_runs(
         [mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("base").experiment_id])
     finished = [r for r in runs if r.info.status == "FINISHED"]
@@ -115,6 +129,30 @@ def test_two_processes_share_a_study_then_continue_to_new_total(workspace, sweep
         assert float(row["val/mIoU_pp"]) == pytest.approx(t.value, abs=0.005)
     for name in ("sweep_sw_response.png", "sweep_sw_importance.png"):
         assert (workspace / "reports" / "figures" / name).stat().st_size > 0
+    _assert_response_plot(study, saved_figures["sweep_sw_response.png"])
+
+
+def _assert_response_plot(study, fig) -> None:
+    """The response figure plots each completed trial once: objective over tau and over lambda_kl,
+    and (tau, lambda_kl) coloured by the objective."""
+    import numpy as np
+
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    tau_ax, lam_ax, both_ax = fig.axes[:3]
+
+    def rows(table) -> np.ndarray:
+        table = np.asarray(table, dtype=float)
+        return table[np.lexsort(table.T[::-1])]
+
+    def drawn(ax, coloured: bool = False) -> np.ndarray:
+        points = ax.collections[0]
+        table = np.asarray(points.get_offsets())
+        return rows(np.column_stack([table, points.get_array()]) if coloured else table)
+
+    np.testing.assert_allclose(drawn(tau_ax), rows([(t.params["tau"], t.value) for t in complete]))
+    np.testing.assert_allclose(drawn(lam_ax), rows([(t.params["lambda_kl"], t.value) for t in complete]))
+    np.testing.assert_allclose(drawn(both_ax, coloured=True),
+                               rows([(t.params["tau"], t.params["lambda_kl"], t.value) for t in complete]))
 
 
 def _report_rows(path: Path) -> list[dict]:
@@ -134,6 +172,8 @@ def test_bad_sweep_spec_is_one_line(workspace, sweep_spec, capsys):
     assert len(err.splitlines()) == 1 and "tau" in err
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_killed_trial_is_retried_with_same_params_and_resumes(workspace, sweep_spec, monkeypatch):
     """The trial's process is SIGKILLed at iteration 30 (after 30's metrics were logged, before its
     checkpoint); the next worker retries it with the same parameters, resuming from iter_20.pth in
@@ -179,6 +219,7 @@ pruner: {type: median, n_startup_trials: 1, n_warmup_steps: 0}
 """
 
 
+@pytest.mark.slow
 def test_median_pruner_stops_a_clearly_bad_trial(workspace, sweep_spec):
     """Trial 0 learns (lr 0.02); trial 1 cannot (lr 0): the median pruner stops it at its first
     evaluation. Optuna marks it PRUNED, its MLflow run is KILLED and tagged, training stopped there."""
@@ -206,8 +247,15 @@ def test_median_pruner_stops_a_clearly_bad_trial(workspace, sweep_spec):
     assert [int(r["trial"]) for r in rows] == [good.number]  # pruned trials are not in the table
 
 
-def test_sweep_workers_as_local_jobs(workspace, sweep_spec, capsys):
-    """--executor local --jobs 2: two worker jobs share the study until it holds the requested total."""
+@pytest.mark.timeout(900)
+@pytest.mark.slow
+def test_sweep_workers_as_local_jobs(workspace, sweep_spec, capsys, monkeypatch):
+    """--executor local --jobs 2: two worker jobs share the study until it holds the requested total,
+    and train at the same time (each run waits at the probe's rendezvous until two processes train:
+    one worker alone, or two one after the other, cannot pass it)."""
+    probe = workspace / "probe"
+    (workspace / "base.yaml").write_text(BASE.format(extra=probe_overrides(probe, trainers=2)))
+    monkeypatch.setenv("PYTHONPATH", probe_env(dict(os.environ))["PYTHONPATH"])  # the jobs import cac_probes
     storage = f"sqlite:///{workspace}/optuna.db"
     uri = f"sqlite:///{workspace}/mlflow.db"
     assert main(["sweep", str(sweep_spec), "--trials", "2", "--storage", storage, "--tracking-uri", uri,
@@ -216,7 +264,15 @@ def test_sweep_workers_as_local_jobs(workspace, sweep_spec, capsys):
     assert capsys.readouterr().out.count("local job") == 2
     study, done = _counted(storage)
     assert 2 <= len(done) <= 3
-    assert len({t.user_attrs["worker"] for t in study.trials}) >= 1
+    complete = [t for t in done if t.state == optuna.trial.TrialState.COMPLETE]
+    by_worker: dict[str, list] = {}
+    for t in complete:
+        by_worker.setdefault(t.user_attrs["worker"], []).append(t)
+    assert len(by_worker) == 2, {w: [t.number for t in ts] for w, ts in by_worker.items()}  # each completed one
+    assert trainer_pids(probe) == {int(w.rsplit(":", 1)[1]) for w in by_worker}
+    (first, *_), (second, *_) = by_worker.values()
+    assert any(_overlapping([a, b]) for a in by_worker[first.user_attrs["worker"]]
+               for b in by_worker[second.user_attrs["worker"]]), "the two workers' trials did not overlap in time"
     runs = mlflow.MlflowClient(tracking_uri=uri).search_runs(
         [mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("base").experiment_id])
     trained = {int(r.data.tags["trial"]) for r in runs if r.info.status == "FINISHED"}
