@@ -244,7 +244,7 @@ def section_paper(device: str, dry: bool, work: Path) -> dict:
     steps, warmup_steps = (2, 1) if dry else (50, 10)
     out: dict = {}
     for per_gpu in (None, 2 if dry else 4):
-        for label in PAPER_ROWS:
+        for label in PAPER_ROWS if per_gpu is None or not dry else PAPER_ROWS[1:]:  # --dry: +CAC only
             key = label if per_gpu is None else f"{label} b{per_gpu}"
             acc = 1 if per_gpu is None else (1 if dry else 16 // per_gpu)  # --dry: a few micro-batches only
             iters, warmup = steps * acc, warmup_steps * acc
