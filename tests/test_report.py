@@ -210,8 +210,46 @@ def test_dvc_stages_depend_on_what_they_run():
     assert "__pycache__/" in ignored  # bytecode written while a stage runs must not change a dep's hash
 
 
+def _recomputed_cosines(uri: str, run_id: str, images: list[int]) -> dict:
+    """From the run's checkpoint, independently of tsne/: per class k, the mean over the images with k
+    of the mean cosine of k's pixel features f to C[k] (the head's conv_seg row) and to the image's
+    A_p[k]; and each (image, class)'s pixel count at the features' resolution."""
+    import mlflow
+    import torch
+    import torch.nn.functional as F
+    from mmengine.runner import load_checkpoint
+
+    from analysis.figures import build_val_dataset, run_checkpoint, run_config, val_batch
+    from cac.mmseg.params import build_model
+
+    run = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
+    cfg = run_config(uri, run)
+    model = build_model(cfg["model"]).eval()
+    load_checkpoint(model, str(run_checkpoint(uri, run)), map_location="cpu", strict=True, logger="silent")
+    with torch.no_grad():
+        data = model.data_preprocessor(val_batch(build_val_dataset(cfg), images), False)
+        feats = model.extract_feat(data["inputs"])
+        head = model.decode_head
+        f = head.features(feats)  # [B, D, h, w]
+        c = head.head.conv_seg.weight.flatten(1)  # [N, D]
+        a_p = head.context_weights(feats)  # [B, N, D]
+    labels = torch.stack([s.gt_sem_seg.data[0] for s in data["data_samples"]])
+    labels = F.interpolate(labels[:, None].float(), size=f.shape[-2:], mode="nearest")[:, 0].long()
+    per_class: dict[int, list] = {}
+    counts = {}
+    for b in range(len(images)):
+        for k in labels[b].unique().tolist():
+            if k == 255:
+                continue
+            pix = f[b][:, labels[b] == k].T  # [P, D]
+            counts[(b, k)] = len(pix)
+            per_class.setdefault(k, []).append((F.cosine_similarity(pix, c[k][None], dim=1).mean().item(),
+                                                F.cosine_similarity(pix, a_p[b, k][None], dim=1).mean().item()))
+    return {"cos": {k: tuple(np.mean(v, axis=0)) for k, v in per_class.items()}, "counts": counts}
+
+
 @pytest.mark.slow
-def test_report_stage_command_writes_table6_and_tsne(workspace, tmp_path, capsys):
+def test_report_stage_command_writes_table6_and_tsne(workspace, tmp_path, capsys, saved_figures):
     """The report stage's command on a 10-iteration quick run of Table 3 (e) and hand-made Table 6 runs."""
     from analysis.make_tables import main
     from cac.exp.runner import run_spec
@@ -233,13 +271,29 @@ def test_report_stage_command_writes_table6_and_tsne(workspace, tmp_path, capsys
                  "--spec", "table6", "--tsne", "table3", "--images", "2"]) == 0
     printed = capsys.readouterr().out
     assert "Mean cos of class-k pixels" in printed and "to their image's A_p[k]" in printed
-    assert all(_md_rows((out / "table6.md").read_text()).values())
+    # Table 6's measured cells are the newest logged values (fps, Mem, their Δ)
+    rows = _md_rows((out / "table6.md").read_text())
+    assert list(rows) == ["Baseline", "Ours", "Δ"]
+    for label, logged in (("Baseline", BASE), ("Ours", OURS)):
+        assert (rows[label][0], rows[label][2]) == (f"{logged['fps']:.3f}", f"{logged['mem_mb']:.1f}"), label
+    assert (rows["Δ"][0], rows["Δ"][2]) == (f"{OURS['fps_delta_pct']:+.2f}%", f"{OURS['mem_delta_pct']:+.2f}%")
     figs = out / "figures"
     for stem in ("tsne_table3_quick_e_s0", "tsne_table3_quick_e_s0_fig1"):
         for ext in (".png", ".pdf"):
             assert (figs / f"{stem}{ext}").stat().st_size > 1000
     side = json.loads((figs / "tsne_table3_quick_e_s0_cosine.json").read_text())
     assert side["embedded"] == "L2-normalised f, C rows and A_p rows" and side["classes"]
-    for entry in side["classes"].values():
-        assert -1.0 <= entry["to_c"] <= 1.0 and -1.0 <= entry["to_ap"] <= 1.0 and entry["pixels"] > 0
     assert side["caption"].startswith("Mean cos of class-k pixels") and side["row_pairwise_cos"]["ap"] is not None
+    # the two cosines of every class, recomputed from the checkpoint's features on the same images
+    again = _recomputed_cosines(uri, side["run_id"], side["images"])
+    assert sorted(e["id"] for e in side["classes"].values()) == sorted(again["cos"])
+    for name, entry in side["classes"].items():
+        to_c, to_ap = again["cos"][entry["id"]]
+        assert entry["to_c"] == pytest.approx(to_c, abs=1e-4) and entry["to_ap"] == pytest.approx(to_ap, abs=1e-4), name
+        assert entry["pixels"] == sum(n for (_, k), n in again["counts"].items() if k == entry["id"]), name
+    # Fig. 7 draws a dot per sampled pixel (up to 100 per class and image), C[k] once per class, A_p[k] per image
+    ax = saved_figures["tsne_table3_quick_e_s0.png"].axes[0]
+    dots, circles, stars = (len(col.get_offsets()) for col in ax.collections[:3])
+    assert dots == sum(min(100, n) for n in again["counts"].values())
+    assert circles == len(side["classes"]) and stars == len(again["counts"])
+    assert ax.get_xlabel().replace("\n", " ").startswith(side["caption"])
