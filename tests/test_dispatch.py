@@ -43,12 +43,29 @@ def _assert_resumed_once(uri, run):
 
 
 def _wait_for(path_glob: Path, pattern: str, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
+    deadline = time.monotonic() + timeout
     while not list(path_glob.rglob(pattern)):
-        assert time.time() < deadline, f"no {pattern} under {path_glob} after {timeout} s"
+        assert time.monotonic() < deadline, f"no {pattern} under {path_glob} after {timeout} s"
         time.sleep(0.2)
 
 
+def _wait_past_checkpoint(uri: str, step: int, folder: Path, timeout: float = 300) -> list[int]:
+    """Wait until the job's run has logged ``train/loss`` beyond ``step`` (iterations after its last
+    checkpoint, which a resumed run trains again and must not log twice); returns the process ids
+    of the job's training processes, still running then. Fails clearly if the job ends first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = _task_pids(folder)
+        assert pids, f"the job ended before it logged a step past {step}: nothing left to interrupt"
+        runs = _runs(uri)
+        if runs and any(m.step > step for m in _client(uri).get_metric_history(runs[0].info.run_id, "train/loss")):
+            return pids
+        assert time.monotonic() < deadline, f"no train/loss step past {step} after {timeout} s"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_local_executor_runs_each_unit_as_a_job(workspace, capsys):
     uri = f"sqlite:///{workspace}/mlflow.db"
     code = main(["run", str(TABLE3), "--preset", "quick", "--rows", "(a),(e)", "--executor", "local", "--jobs", "2",
@@ -65,6 +82,8 @@ def test_local_executor_runs_each_unit_as_a_job(workspace, capsys):
     assert capsys.readouterr().out.count("skip") == 2  # nothing submitted again
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_timed_out_job_checkpoints_requeues_and_resumes(workspace):
     """USR2 near the time limit: submitit requeues a timed-out job only through its ``checkpoint``
     (a job without one ends "timed-out and not checkpointable"), so this exercises UnitJob.checkpoint.
@@ -76,8 +95,7 @@ def test_timed_out_job_checkpoints_requeues_and_resumes(workspace):
     job = executor.submit(UnitJob(str(TABLE3), "(e)", 0, "quick", RunOptions(), uri, str(workspace / "work_dirs"),
                                   {k: os.environ[k] for k in ("CAC_DATA_ROOT", "CAC_WORK_DIR")}))
     _wait_for(unit.work_dir, "iter_50.pth")
-    time.sleep(1.0)  # into the iterations after the checkpoint
-    (pid,) = _task_pids(workspace / "jobs")
+    (pid,) = _wait_past_checkpoint(uri, 50, workspace / "jobs")  # into the iterations after the checkpoint
     os.kill(pid, signal.SIGUSR2)  # what Slurm sends before the time limit (and on preemption)
     assert job.result()["state"] == "done"
     (run,) = _runs(uri)
@@ -101,22 +119,24 @@ def _task_pids(folder: Path) -> list[int]:
     return pids
 
 
-def _kill_task_when(pattern: str, under: Path, folder: Path, done: threading.Event) -> None:
-    """SIGKILL the training process of a submitit job once ``pattern`` exists under ``under``."""
-    _wait_for(under, pattern)
-    time.sleep(1.0)
-    for pid in _task_pids(folder):
+def _kill_task_when(uri: str, under: Path, folder: Path, done: threading.Event) -> None:
+    """SIGKILL the training process of a submitit job once it has written iter_50.pth and logged
+    steps after it."""
+    _wait_for(under, "iter_50.pth")
+    for pid in _wait_past_checkpoint(uri, 50, folder):
         os.kill(pid, signal.SIGKILL)
         done.set()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_killed_job_is_resubmitted_and_resumes(workspace):
     uri = f"sqlite:///{workspace}/mlflow.db"
     spec = load_spec(TABLE3)
     unit = make_unit(spec, spec.row("(a)"), 0, "quick")
     folder = workspace / "jobs"
     killed = threading.Event()
-    killer = threading.Thread(target=_kill_task_when, args=("iter_50.pth", unit.work_dir, folder, killed), daemon=True)
+    killer = threading.Thread(target=_kill_task_when, args=(uri, unit.work_dir, folder, killed), daemon=True)
     killer.start()
     lines: list[str] = []
     failures = dispatch_units(str(TABLE3), "quick", [unit], RunOptions(), uri,
