@@ -108,6 +108,9 @@ def test_paper_preset_keeps_the_configs_own_data(workspace, capsys, monkeypatch)
     ("syntax", "model = dict(type='EncoderDecoder'\n", "syntax error"),
     ("base", "_base_ = ['./nowhere/base.py']\n", "nowhere"),
     ("nohead", "model = dict(type='EncoderDecoder', backbone=dict(type='ResNetV1c'))\n", "no decode_head"),
+    ("refused", "model = dict(type='EncoderDecoder', backbone=dict(type='ResNetV1c'), decode_head=dict("
+                "type='PointHead', in_channels=[64], in_index=[0], channels=64, num_classes=19))\n",
+     "CAC cannot wrap PointHead"),
 ])
 def test_unusable_config_is_one_line_and_tracks_nothing(workspace, capsys, case, text, needle):
     cfg_file = workspace / f"{case}.py"

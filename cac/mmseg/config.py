@@ -156,7 +156,12 @@ def resolve_config(
             set_by_path(cfg, key, copy.deepcopy(value))
         except (KeyError, IndexError, ValueError, TypeError) as err:
             raise CacError(f"cannot set override {key!r}: {err}") from None
-    check_cac_model(cfg["model"], cac=cac is not None and cac is not False)
+    try:
+        check_cac_model(cfg["model"], cac=cac is not None and cac is not False)
+    except CacError as err:
+        if entry.own_data:  # a user's config file: say which file names the head
+            raise CacError(f"model config {entry.config}: {err}") from None
+        raise
     _resumable_loop(cfg)
     imports = ["cac"] + [m for m in cfg.get("custom_imports", {}).get("imports", []) if m != "cac"]
     cfg["custom_imports"] = dict(imports=imports, allow_failed_imports=False)
