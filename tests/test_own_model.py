@@ -3,10 +3,11 @@
 A model outside Table 1 (a slim SegFormer written here, in the test's temporary directory) trains
 Table 3's rows with ``--model PATH``; the same file under another path is the same unit; reports
 select its runs with ``--model``; a config that cannot be used is one line, exit 2, nothing tracked.
+The trainings themselves (Table 3 (a), (e) over a config in a temporary directory, a copy skipped, the
+report) are README's walkthrough, run in tests/test_walkthrough.py.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -138,60 +139,6 @@ def test_unknown_model_name_is_one_line(workspace, capsys):
     code = main(["config", TABLE3, "--row", "(a)", "--model", "no-such-model"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "unknown model 'no-such-model'" in err and len(err.splitlines()) == 1
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_own_model_trains_table3_rows_skips_a_copy_and_reports(workspace, capsys):
-    """The acceptance of issue 19 (1): (a) and (e) of Table 3 at quick on a SegFormer config from a
-    temporary directory; a byte-identical copy elsewhere is skipped as done; reports select by --model."""
-    import json
-
-    from mlflow.tracking import MlflowClient
-
-    from analysis.make_tables import main as make_tables
-
-    cfg_file = _write(workspace / "mine" / "my_segformer.py", SEGFORMER)
-    uri = f"sqlite:///{workspace / 'mlflow.db'}"
-    args = ["--preset", "quick", "--rows", "(a),(e)", "--tracking-uri", uri]
-    assert main(["run", TABLE3, *args, "--model", str(cfg_file)]) == 0
-    runs = [r for r in _runs(uri) if r.info.status == "FINISHED"]
-    assert sorted(r.data.tags["row"] for r in runs) == ["(a)", "(e)"]
-    for run in runs:
-        assert "val/mIoU" in run.data.metrics
-        assert run.data.tags["base_model"].startswith("my_segformer.py@")
-        assert run.data.params["cfg.model.backbone.type"] == "MixVisionTransformer"
-
-    copy = workspace / "elsewhere" / "my_segformer.py"
-    copy.parent.mkdir()
-    shutil.copyfile(cfg_file, copy)
-    capsys.readouterr()
-    assert main(["run", TABLE3, *args, "--model", str(copy)]) == 0
-    out = capsys.readouterr().out
-    assert out.count("skip") == 2, out
-    assert len(_runs(uri)) == 2  # nothing trained again
-
-    # results: the runs of this model only, under --model; the spec's own model has none
-    summary = workspace / "results.json"
-    assert main(["results", TABLE3, "--preset", "quick", "--tracking-uri", uri, "--model", str(copy),
-                 "--out", str(summary)]) == 0
-    data = json.loads(summary.read_text())
-    client = MlflowClient(uri)
-    logged = {r.data.tags["row"]: client.get_run(r.info.run_id).data.metrics["val/mIoU"] for r in runs}
-    assert data["val/mIoU"]["(a)"] == {"0": logged["(a)"]} and data["val/mIoU"]["(e)"] == {"0": logged["(e)"]}
-    assert data["base_model"] == runs[0].data.tags["base_model"]
-    assert main(["results", TABLE3, "--preset", "quick", "--tracking-uri", uri, "--out", str(summary)]) == 0
-    assert all(not v for v in json.loads(summary.read_text())["val/mIoU"].values())
-
-    # the report for --model PATH has both rows, and its title names the base model
-    out_dir = workspace / "reports"
-    assert make_tables(["--spec", "table3", "--preset", "quick", "--tracking-uri", uri, "--out", str(out_dir),
-                        "--no-figures", "--model", str(cfg_file)]) == 0
-    table = (out_dir / "table3.md").read_text()
-    assert runs[0].data.tags["base_model"] in table.splitlines()[0]
-    for label in ("(a)", "(e)"):
-        line = next(ln for ln in table.splitlines() if ln.startswith(f"| {label} "))
-        assert f"{logged[label]:.2f}" in line, line
 
 
 def test_sweep_and_params_take_the_model(workspace, capsys):

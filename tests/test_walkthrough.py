@@ -2,6 +2,7 @@
 (from a directory that looks like a checkout: the specs beside it), and what they leave behind."""
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -62,8 +63,28 @@ def test_walkthrough_commands_run_as_written(workspace, monkeypatch, capsys):
         assert run.data.tags["base_model"].startswith(f"{name}@")
         assert run.data.params["cfg.model.backbone.type"] == "MixVisionTransformer"
     assert runs[("table3", "(e)", "paper")].data.tags["data_version"] == "cityscapes-subset-train6-val2"
+    logged = {"(a)": runs[("table3", "(a)", "quick")].data.metrics["val/mIoU"],
+              "(e)": runs[("table2", "(f)", "quick")].data.metrics["val/mIoU"]}  # (e) is Table 2's (f)
     report = (workspace / "reports" / "mine" / "table3.md").read_text()
     assert runs[("table2", "(f)", "quick")].data.tags["base_model"] in report.splitlines()[0]
-    shared = runs[("table2", "(f)", "quick")].data.metrics["val/mIoU"]
-    line = next(ln for ln in report.splitlines() if ln.startswith("| (e) "))
-    assert f"{shared:.2f}" in line, line
+    for label, value in logged.items():
+        line = next(ln for ln in report.splitlines() if ln.startswith(f"| {label} "))
+        assert f"{value:.2f}" in line, line
+
+    # A byte-identical copy under another path is the same model: nothing is trained again, and the
+    # results of --model COPY are the runs above (read back as MLflow holds them); the spec's own
+    # model has none of them.
+    copy = workspace / "elsewhere" / "configs" / name
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes((workspace / name).read_bytes())
+    assert cac_exp(["run", "ablations/table3.yaml", "--preset", "quick", "--rows", "(a),(e)", "--model", str(copy)]) == 0
+    assert capsys.readouterr().out.count("skip") == 2
+    assert len(runs) == sum(len(client.search_runs([e.experiment_id])) for e in client.search_experiments())
+    summary = workspace / "results.json"
+    assert cac_exp(["results", "ablations/table3.yaml", "--preset", "quick", "--model", str(copy),
+                    "--out", str(summary)]) == 0
+    data = json.loads(summary.read_text())
+    assert data["val/mIoU"]["(a)"] == {"0": logged["(a)"]} and data["val/mIoU"]["(e)"] == {"0": logged["(e)"]}
+    assert data["base_model"] == runs[("table2", "(f)", "quick")].data.tags["base_model"]
+    assert cac_exp(["results", "ablations/table3.yaml", "--preset", "quick", "--out", str(summary)]) == 0
+    assert not any(json.loads(summary.read_text())["val/mIoU"].values())
