@@ -17,6 +17,7 @@ import pytest
 from cac.cli import main
 from cac.errors import CacError
 from sync_probes import barrier_overrides
+from test_sweep import SWEEP  # the same sweep over the base spec below
 
 TESTS = Path(__file__).resolve().parent
 
@@ -87,17 +88,6 @@ overrides:
   default_hooks.checkpoint.interval: 4
 {extra}rows:
   - {{label: "(f)", description: full CAC, cac: true}}
-"""
-SWEEP = """
-title: tau and lambda
-spec: base.yaml
-row: "(f)"
-objective: {metric: val/mIoU_pp, direction: maximize}
-search_space:
-  tau: {type: float, low: 1.0, high: 30.0, log: true}
-  lambda_kl: {type: float, low: 0.01, high: 10.0, log: true}
-sampler: {type: random, seed: 0}
-pruner: {type: none}
 """
 
 
