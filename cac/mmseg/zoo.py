@@ -32,10 +32,6 @@ class ModelEntry:
     model: Optional[dict] = field(default=None, compare=False)  # or a model dict given here
     own_data: bool = False  # a config file given by the user: at preset paper it keeps its own data
 
-    @property
-    def registered(self) -> bool:
-        return MODELS.get(self.name) is self
-
 
 MODELS: dict[str, ModelEntry] = {}
 
