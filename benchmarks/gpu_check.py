@@ -20,6 +20,8 @@
 6. ``profile``: ``torch.profiler``'s top CUDA kernels of one train step (UperNet-Swin-T, crop 512,
    batch 4) and of one 2560 inference, baseline vs +CAC, and the host syncs per train step
    (``torch.cuda.set_sync_debug_mode``; mmengine's hooks not included).
+7. ``memory_model``: ``benchmarks/memory_model.py``'s prediction (a shape-only replay on the meta
+   device) of the peak memory of sections 2 and 3's fp32 settings, to set beside their measurement.
 
 ``--dry`` runs every section on the CPU at toy sizes (64 px, a few iterations): the test suite uses it.
 Figures are printed and written to ``OUT/gpu_check.json``; no MLflow (a bare GPU node needs none).
@@ -44,7 +46,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-SECTIONS = ("table6", "table6_fp32", "train_step", "paper", "resume", "profile")
+SECTIONS = ("table6", "table6_fp32", "train_step", "paper", "resume", "profile", "memory_model")
 
 
 def cuda_event_times(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, list[float]]:
@@ -405,6 +407,23 @@ def section_profile(device: str, dry: bool) -> dict:
     return out
 
 
+def section_memory_model(dry: bool) -> dict:
+    """Predicted peak MiB (meta replay, fp32) at the train step's and the paper run's batch, baseline and +CAC."""
+    from memory_model import predicted_peak
+
+    crop, batches = (64, (2,)) if dry else (512, (4, 16))
+    out: dict = {}
+    for model in ("upernet-swin-t",) if dry else ("fcn-mv2", "upernet-swin-t"):
+        for batch in batches:
+            peak = {variant: predicted_peak(model, variant, batch, crop)["total"] * 1024
+                    for variant in ("baseline", "+CAC")}
+            out[f"{model} b{batch}"] = {"crop": crop, "batch": batch, "base_mb": peak["baseline"],
+                                        "cac_mb": peak["+CAC"], "ratio": peak["+CAC"] / peak["baseline"]}
+            print(f"memory_model {model} batch {batch}: predicted peak MiB {peak['baseline']:9.1f} -> "
+                  f"{peak['+CAC']:9.1f} ({peak['+CAC'] / peak['baseline']:.3f}x)", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry", action="store_true", help="CPU, toy sizes: checks the script, measures nothing")
@@ -441,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
                    "train_step": lambda: section_train_step(device, args.dry),
                    "paper": lambda: section_paper(device, args.dry, Path(tmp)),
                    "resume": lambda: section_resume(device, args.dry, Path(tmp)),
-                   "profile": lambda: section_profile(device, args.dry)}[section]
+                   "profile": lambda: section_profile(device, args.dry),
+                   "memory_model": lambda: section_memory_model(args.dry)}[section]
             result["sections"][section] = run()
             result["sections"][section]["seconds"] = time.perf_counter() - t0
             (out_dir / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str) + "\n")

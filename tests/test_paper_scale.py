@@ -222,7 +222,10 @@ def test_gpu_check_dry_runs_every_section(tmp_path):
     import json
 
     result = json.loads((out / "gpu_check.json").read_text())
-    assert set(result["sections"]) == {"table6", "table6_fp32", "train_step", "paper", "resume", "profile"}
+    assert set(result["sections"]) == {"table6", "table6_fp32", "train_step", "paper", "resume", "profile",
+                                       "memory_model"}
+    predicted = result["sections"]["memory_model"]["upernet-swin-t b2"]
+    assert 1.0 < predicted["ratio"] < 1.08 and predicted["base_mb"] > 0
     assert result["sections"]["table6_fp32"]["tf32"] == {"cudnn": False, "matmul": False}
     assert result["sections"]["paper"]["upernet-swin-t+cac b2"]["accumulation"] == 8  # --batch-per-gpu 2
     resume = result["sections"]["resume"]

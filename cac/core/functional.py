@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "conv_precision",
@@ -41,6 +42,16 @@ def _autocast(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4: no device argument
         return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+    except RuntimeError:  # a device type autocast does not know (meta: shape-only runs)
+        return False
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled for ``device_type``; a no-op where autocast does not exist (meta, shape-only)."""
+    try:
+        return torch.autocast(device_type=device_type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
 
 
 def _valid_labels(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
@@ -141,24 +152,68 @@ def mask_pool(
     return protos.to(feats.dtype), counts > 0
 
 
+# float16 soft pooling: the soft masks of class k are scaled by a power of two s_k <= _POOL_SCALE / mass_k,
+# so the product's sums stay below _POOL_SCALE * max|f| (fp16 overflows at 65504, and a mass reaches
+# 128² pixels in training, 640² at 2560² inference) while a mask entry near 1 stays a normal fp16 number.
+_POOL_SCALE = 256.0
+
+
+def _pool_masks(logits: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. (4)'s soft masks for a product in ``dtype``: ``(q [B,N,L] in dtype, scale, mass [B,N,1])`` with
+    ``q / scale = softmax(p)`` and ``mass`` its sum over pixels (float32 or wider); ``scale`` is 1 unless
+    float16. A half-precision softmax computes in float32 and writes half: no float32 map, no cast."""
+    q = logits.softmax(dim=1) if logits.dtype == dtype else logits.to(_acc_dtype(dtype)).softmax(dim=1).to(dtype)
+    mass = q.sum(dim=2, keepdim=True, dtype=_acc_dtype(dtype)).clamp_min(_EPS)
+    if dtype != torch.float16:
+        return q, torch.ones_like(mass), mass
+    scale = torch.exp2(torch.floor(torch.log2(_POOL_SCALE / mass))).clamp_max(1.0)
+    return q.mul_(scale.to(dtype)), scale, mass
+
+
+class _SoftPool(torch.autograd.Function):
+    """Eq. (4) as one node that keeps only its inputs (the logits p, in their own dtype, and f) and the
+    small result for backward, and recomputes the soft masks there. Autograd would keep the softmax
+    and, under AMP, its float32 copy and the normalised masks cast back to half precision."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, pixels: Tensor) -> Tensor:  # [B,N,L], [B,D,L] -> [B,N,D]
+        with autocast_off(pixels.device.type):
+            q, scale, mass = _pool_masks(logits, pixels.dtype)
+            protos = policy_bmm(q, pixels.transpose(1, 2)).to(mass.dtype) / (mass * scale)
+        ctx.save_for_backward(logits, pixels, protos)
+        return protos.to(pixels.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        logits, pixels, protos = ctx.saved_tensors
+        grad_logits = grad_pixels = None
+        with autocast_off(pixels.device.type):
+            q, scale, mass = _pool_masks(logits, pixels.dtype)
+            g = grad.to(mass.dtype) / (mass * scale)  # [B, N, D]
+            if ctx.needs_input_grad[1]:  # dL/df_i = sum_k q_ik g_k
+                grad_pixels = policy_bmm(g.to(pixels.dtype).transpose(1, 2), q)
+            if ctx.needs_input_grad[0]:
+                # dL/dprob_ik = s_k g_k . (f_i - C_k), then the softmax's: (dprob - prob . dprob) * prob
+                dprob = policy_bmm(g.to(pixels.dtype), pixels).to(mass.dtype)
+                dprob.sub_((g * protos).sum(dim=2, keepdim=True)).mul_(scale)
+                prob = q.to(mass.dtype) if pixels.dtype != torch.float16 else q.to(mass.dtype).div_(scale)
+                dprob.sub_(_channel_dot(dprob, prob)).mul_(prob)
+                grad_logits = dprob.to(logits.dtype)
+        return grad_logits, grad_pixels
+
+
 def soft_pool(feats: Tensor, logits: Tensor) -> Tensor:
     """Soft prototypes, Eq. (4): ``C_p = softmax(p)^T f / sum_j softmax(p)``, per image.
 
     ``feats [B, D, H, W]``, ``logits [B, N, H', W']`` (resized to the features if needed).
-    Returns ``[B, N, D]``.
+    Returns ``[B, N, D]`` in f's dtype. The product runs in f's dtype (under AMP: float16 with the masks
+    scaled per class, see ``_POOL_SCALE``), the softmax and the normalisation in float32 or wider.
     """
     b, d, h, w = feats.shape
     if logits.shape[-2:] != (h, w):
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-    prob = logits.flatten(2).softmax(dim=1)  # [B, N, HW]
-    mass = prob.sum(dim=2, keepdim=True, dtype=_acc_dtype(prob.dtype)).clamp_min(_EPS).to(prob.dtype)
-    pixels = feats.flatten(2).transpose(1, 2)  # [B, HW, D], a view
-    if prob.element_size() < 4 or feats.element_size() < 4 or _autocast(feats.device.type):
-        # The product may run in half precision: normalise the soft masks first, or the sum over
-        # pixels overflows fp16.
-        return policy_bmm(prob / mass, pixels)
-    # Otherwise normalise the small [B, N, D] result, not the [B, N, HW] masks (one pass fewer).
-    return policy_bmm(prob, pixels) / mass
+    return _SoftPool.apply(logits.flatten(2), feats.flatten(2))
 
 
 def _batched_weights(weights: Tensor, batch: int) -> Tensor:
@@ -188,11 +243,41 @@ def cosine_logits(feats: Tensor, weights: Tensor, tau: float, out: Tensor | None
     if out is not None and dtype == f.dtype == inv_norm.dtype and not _autocast(feats.device.type):
         return policy_bmm(a, f, out=out.view(b, -1, h * w)).mul_(inv_norm).view(b, -1, h, w)
     prod = policy_bmm(a, f)
+    if torch.is_grad_enabled() and (prod.requires_grad or inv_norm.requires_grad):
+        return _NormScale.apply(prod, inv_norm, dtype).reshape(b, -1, h, w)
+    return _norm_scale(prod, inv_norm, dtype).reshape(b, -1, h, w)
+
+
+def _norm_scale(prod: Tensor, inv_norm: Tensor, dtype: torch.dtype) -> Tensor:
+    """``prod * inv_norm`` as ``dtype``; a float16 product is scaled in float32 (1 / eps overflows fp16:
+    0 * inf at zero features)."""
     if prod.dtype == torch.float16 or prod.dtype != dtype:
-        scaled = prod * inv_norm  # promoted to float32: 1 / eps overflows fp16 (0 * inf at zero features)
-    else:
-        scaled = prod * inv_norm.to(prod.dtype)
-    return scaled.to(dtype).reshape(b, -1, h, w)
+        return (prod * inv_norm).to(dtype)
+    return prod * inv_norm.to(prod.dtype)
+
+
+class _NormScale(torch.autograd.Function):
+    """:func:`_norm_scale` keeping its output (which the losses keep anyway) instead of the product for
+    backward: ``d/d inv_i = sum_k g_k prod_k = sum_k g_k out_k / inv_i``. Saves one ``[B, N, H, W]`` map
+    (two with p_p and p_y stacked) per step."""
+
+    @staticmethod
+    def forward(ctx, prod: Tensor, inv_norm: Tensor, dtype: torch.dtype) -> Tensor:
+        out = _norm_scale(prod, inv_norm, dtype)
+        ctx.save_for_backward(out, inv_norm)
+        ctx.prod_dtype = prod.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        out, inv_norm = ctx.saved_tensors
+        grad_prod = grad_inv = None
+        if ctx.needs_input_grad[0]:
+            grad_prod = (grad * inv_norm.to(grad.dtype)).to(ctx.prod_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_inv = _channel_dot(grad, out, dtype=inv_norm.dtype) / inv_norm
+        return grad_prod, grad_inv, None
 
 
 def _inv_channel_norm(f: Tensor) -> Tensor:
@@ -299,23 +384,14 @@ def entropy_kl_loss(
     valid = _valid_labels(lab, n, ignore_index)
     safe_lab = torch.where(valid, lab, torch.zeros_like(lab))
 
-    log_s = student.to(_acc_dtype(student.dtype)).log_softmax(dim=1)
-    with torch.no_grad():
-        # One log-softmax of the teacher serves both its probabilities and its entropy (Eq. 9).
-        log_t = teacher.detach().to(log_s.dtype).log_softmax(dim=1)
-        t = log_t.exp()
-    per_pixel = -_channel_dot(t, log_s).squeeze(1)  # [B, H, W]
-    if target_mix:
-        nll = -log_s.gather(1, safe_lab.unsqueeze(1)).squeeze(1)
-        per_pixel = (1.0 - target_mix) * per_pixel + target_mix * nll
-
-    if entropy:
+    acc = _acc_dtype(student.dtype)
+    want_entropy = entropy and entropy_from is None
+    per_pixel, weight = _DistillCE.apply(student.to(acc), teacher.detach().to(acc), safe_lab, float(target_mix),
+                                         want_entropy)
+    if entropy and not want_entropy:
         with torch.no_grad():
-            if entropy_from is None:
-                weight = -_channel_dot(t, log_t).squeeze(1)
-            else:
-                weight = pixel_entropy(entropy_from.detach())
-    else:
+            weight = pixel_entropy(entropy_from.detach())
+    elif not entropy:
         weight = torch.ones_like(per_pixel)
     weight = weight.to(per_pixel.dtype) * valid.to(per_pixel.dtype)
     weighted = weight * per_pixel
@@ -331,6 +407,44 @@ def entropy_kl_loss(
         per_class = num / den.clamp_min(_EPS)
         loss = (per_class * present).sum() / present.sum().clamp_min(1)
     return loss.to(student.dtype)
+
+
+class _DistillCE(torch.autograd.Function):
+    """Per pixel ``l_i = -sum_j t_ij log softmax(s)_ij`` with the target ``t = (1 - m) softmax(teacher)
+    + m onehot(label)``, and the teacher's entropy (Eq. 9) from the same log-softmax (or None).
+
+    For backward it keeps the student's and teacher's logits, which their CE terms keep anyway, not
+    ``log softmax(s)`` and ``softmax(teacher)`` (two more logit-sized maps): ``dl_i/ds_i = softmax(s_i)
+    - t_i`` is recomputed from them."""
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, labels: Tensor, mix: float, entropy: bool):
+        log_s = student.log_softmax(dim=1)
+        log_t = teacher.log_softmax(dim=1)
+        t = log_t.exp()
+        per_pixel = _channel_dot(t, log_s).squeeze(1).neg_()
+        if mix:
+            nll = log_s.gather(1, labels.unsqueeze(1)).squeeze(1).neg_()
+            per_pixel = per_pixel.mul_(1.0 - mix).add_(nll, alpha=mix)
+        weight = _channel_dot(t, log_t).squeeze(1).neg_() if entropy else None
+        ctx.save_for_backward(student, teacher, labels)
+        ctx.mix = mix
+        if weight is not None:
+            ctx.mark_non_differentiable(weight)
+        return per_pixel, weight
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor, _grad_weight):
+        student, teacher, labels = ctx.saved_tensors
+        grad_student = None
+        if ctx.needs_input_grad[0]:
+            grad_student = student.softmax(dim=1).sub_(teacher.softmax(dim=1).mul_(1.0 - ctx.mix))
+            if ctx.mix:
+                index = labels.unsqueeze(1)
+                grad_student.scatter_add_(1, index, grad_student.new_full(index.shape, -ctx.mix))
+            grad_student.mul_(grad.unsqueeze(1))
+        return grad_student, None, None, None, None
 
 
 def _per_image_kl(weighted: Tensor, weight: Tensor, labels: Tensor, valid: Tensor, n: int,
@@ -465,7 +579,7 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
         low, rows, cols, log_partition, target, valid = ctx.saved_tensors
         w = grad * valid
         grad_low = torch.zeros_like(low)
-        with torch.autocast(device_type=low.device.type, enabled=False):
+        with autocast_off(low.device.type):
             for chunk in _chunks(low, ctx.size, ctx.bands):
                 w_c = w[chunk].unsqueeze(1)
                 # d loss / d z = (softmax(z) - onehot) * w, built in the recomputed chunk's buffer
@@ -498,7 +612,7 @@ def upsampled_cross_entropy(logits: Tensor, labels: Tensor, align_corners: bool 
         raise ValueError(f"chunking must be None, 'rows' or 'images', got {chunking!r}")
     size = labels.shape[-2:]
     logits = logits.to(_acc_dtype(logits.dtype))
-    with torch.autocast(device_type=logits.device.type, enabled=False):
+    with autocast_off(logits.device.type):
         if logits.shape[-2:] == size:  # nothing to upsample: the logits are full-size already
             return F.cross_entropy(logits, labels.long(), reduction="none", ignore_index=ignore_index)
         bands = (chunking or ("rows" if logits.device.type == "cpu" else "images")) == "rows"

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from cac.core.classifier import CACOptions, CACOutputs, ContextAwareClassifier, cac_losses
-from cac.core.functional import resize_bilinear, upsampled_cross_entropy
+from cac.core.functional import autocast_off, resize_bilinear, upsampled_cross_entropy
 from cac.mmseg.heads import head_support
 
 __all__ = ["CACHead", "is_plain_cross_entropy"]
@@ -125,7 +125,7 @@ class CACHead(BaseModule):
         # class-wise sums above all, are computed in float32 with autocast off.
         out = CACOutputs(*(t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
                            for t in out))
-        with torch.autocast(device_type=labels.device.type, enabled=False):
+        with autocast_off(labels.device.type):
             return {**cac_losses(out, labels, self.options,
                                  ce=lambda logits, accuracy: self.segmentation_loss(logits, seg_label, accuracy),
                                  ignore_index=self.ignore_index), **branch_losses}
