@@ -392,3 +392,20 @@ def test_float16_soft_pool_keeps_precision_at_2560_inference_size():
     prob = logits.float().flatten(2).softmax(1)  # the probe: normalising first loses the precision
     old = torch.bmm((prob / prob.sum(2, keepdim=True)).half(), feats.flatten(2).transpose(1, 2)).double()
     assert ((old - ref).abs() / ref.abs().clamp_min(1e-3)).max().item() > 2 * rel
+
+
+def test_gpu_path_train_step_keeps_no_full_size_map_for_backward():
+    """``benchmarks/memory_model.py`` replays a train step on the meta device, where CAC takes its CUDA
+    paths. FCN-MV2 at 256², batch 2: CAC's extra activations at the peak stay below half of one full-size
+    [B, N, H, W] logit map (79 MB): the code before issue 20 kept 174 MB more than the baseline, now 13 MB."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from memory_model import GIB, predicted_peak
+
+    base, ours = (predicted_peak("fcn-mv2", variant, batch=2, crop=256) for variant in ("baseline", "+CAC"))
+    extra = (ours["activations"] - base["activations"]) * GIB
+    full_size_map = 2 * 150 * 256 * 256 * 4
+    assert 0 < extra < full_size_map / 2, (extra, full_size_map)
+    assert ours["weights+grads+optimizer"] > base["weights+grads+optimizer"]  # the projectors
