@@ -409,3 +409,39 @@ def test_gpu_path_train_step_keeps_no_full_size_map_for_backward():
     full_size_map = 2 * 150 * 256 * 256 * 4
     assert 0 < extra < full_size_map / 2, (extra, full_size_map)
     assert ours["weights+grads+optimizer"] > base["weights+grads+optimizer"]  # the projectors
+
+
+def test_float16_soft_pool_stays_finite_for_large_features_and_empty_classes():
+    """The float16 masks' scaling bounds the product's sums by 2^15 whatever |f| (features of 300 on
+    1024-pixel classes overflowed a fixed bound of 256 * |f|), and scales up as well as down, so a class
+    whose soft mass is ~0 in fp16 gets finite gradients (grad / mass overflowed fp16 and turned every
+    feature gradient into NaN), under AMP's loss scale too. Where fp16 can represent the class's masks at
+    all, the gradients agree with float64."""
+    feats = torch.full((1, 2, 64, 64), 300.0, dtype=torch.float16)
+    out = fn.soft_pool(feats, torch.zeros(1, 4, 64, 64, dtype=torch.float16))
+    torch.testing.assert_close(out.float(), torch.full((1, 4, 2), 300.0))
+    g = torch.Generator().manual_seed(1)
+    for empty_logit, upstream in ((-30.0, 1.0), (-12.0, 8.0)):
+        feats = torch.rand(1, 2, 4, 4, generator=g).half().requires_grad_()
+        logits = torch.zeros(1, 3, 4, 4, dtype=torch.float16)
+        logits[:, 2] = empty_logit
+        logits.requires_grad_()
+        fn.soft_pool(feats, logits).backward(torch.full((1, 3, 2), upstream, dtype=torch.float16))
+        f64, l64 = feats.detach().double().requires_grad_(), logits.detach().double().requires_grad_()
+        _naive_soft_pool(f64, l64).backward(torch.full((1, 3, 2), upstream, dtype=torch.float64))
+        for got, want in ((feats.grad, f64.grad), (logits.grad, l64.grad)):
+            assert torch.isfinite(got).all(), (empty_logit, got)
+            if empty_logit > -17:  # the class's masks (~3e-6) are fp16 subnormals, not 0 as at -30
+                torch.testing.assert_close(got.double(), want, atol=2e-2 * upstream, rtol=2e-2)
+
+
+def test_float16_cosine_scaling_backward_is_finite_at_zero_features():
+    """A float16 cosine output (Table 4's cosine original classifier under AMP) at an all-zero feature
+    pixel: 1/eps overflows fp16, so the gradient of the product is formed in float32 (0, not inf * 0)."""
+    feats = torch.rand(1, 4, 2, 2, dtype=torch.float16)
+    feats[0, :, 0, 0] = 0
+    feats.requires_grad_()
+    out = cosine_logits(feats, torch.randn(3, 4), 10.0)
+    assert out.dtype == torch.float16
+    out.backward(torch.zeros_like(out))
+    assert torch.equal(feats.grad, torch.zeros_like(feats.grad))

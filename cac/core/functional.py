@@ -152,21 +152,27 @@ def mask_pool(
     return protos.to(feats.dtype), counts > 0
 
 
-# float16 soft pooling: the soft masks of class k are scaled by a power of two s_k <= _POOL_SCALE / mass_k,
-# so the product's sums stay below _POOL_SCALE * max|f| (fp16 overflows at 65504, and a mass reaches
-# 128² pixels in training, 640² at 2560² inference) while a mask entry near 1 stays a normal fp16 number.
+# float16 soft pooling: the soft masks of class k are scaled by a power of two s_k with s_k * mass_k in
+# (S/2, S], S = min(_POOL_SCALE, 2^15 / max|f|) per image: the product's sums stay below 2^15 (fp16
+# overflows at 65504; a mass reaches 128² pixels in training, 640² at 2560² inference), a mask entry near 1
+# stays a normal fp16 number, and backward's grad / (s_k mass_k) cannot blow up for a class of ~0 mass.
 _POOL_SCALE = 256.0
+_POOL_SCALE_MAX = 2.0 ** 14
 
 
-def _pool_masks(logits: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """Eq. (4)'s soft masks for a product in ``dtype``: ``(q [B,N,L] in dtype, scale, mass [B,N,1])`` with
-    ``q / scale = softmax(p)`` and ``mass`` its sum over pixels (float32 or wider); ``scale`` is 1 unless
-    float16. A half-precision softmax computes in float32 and writes half: no float32 map, no cast."""
+def _pool_masks(logits: Tensor, pixels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. (4)'s soft masks for a product with ``pixels [B,D,L]``: ``(q [B,N,L] in pixels' dtype, scale,
+    mass [B,N,1])`` with ``q / scale = softmax(p)`` and ``mass`` its sum over pixels (float32 or wider);
+    ``scale`` is 1 unless float16. A half-precision softmax computes in float32 and writes half: no
+    float32 map, no cast."""
+    dtype = pixels.dtype
     q = logits.softmax(dim=1) if logits.dtype == dtype else logits.to(_acc_dtype(dtype)).softmax(dim=1).to(dtype)
     mass = q.sum(dim=2, keepdim=True, dtype=_acc_dtype(dtype)).clamp_min(_EPS)
     if dtype != torch.float16:
         return q, torch.ones_like(mass), mass
-    scale = torch.exp2(torch.floor(torch.log2(_POOL_SCALE / mass))).clamp_max(1.0)
+    peak = pixels.abs().amax(dim=(1, 2), keepdim=True).to(mass.dtype)  # [B, 1, 1]
+    bound = (2.0 ** 15 / peak).clamp_max(_POOL_SCALE)  # inf at all-zero features: _POOL_SCALE
+    scale = torch.exp2(torch.floor(torch.log2(bound / mass))).clamp_max(_POOL_SCALE_MAX)
     return q.mul_(scale.to(dtype)), scale, mass
 
 
@@ -178,7 +184,7 @@ class _SoftPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, pixels: Tensor) -> Tensor:  # [B,N,L], [B,D,L] -> [B,N,D]
         with autocast_off(pixels.device.type):
-            q, scale, mass = _pool_masks(logits, pixels.dtype)
+            q, scale, mass = _pool_masks(logits, pixels)
             protos = policy_bmm(q, pixels.transpose(1, 2)).to(mass.dtype) / (mass * scale)
         ctx.save_for_backward(logits, pixels, protos)
         return protos.to(pixels.dtype)
@@ -189,7 +195,7 @@ class _SoftPool(torch.autograd.Function):
         logits, pixels, protos = ctx.saved_tensors
         grad_logits = grad_pixels = None
         with autocast_off(pixels.device.type):
-            q, scale, mass = _pool_masks(logits, pixels.dtype)
+            q, scale, mass = _pool_masks(logits, pixels)
             g = grad.to(mass.dtype) / (mass * scale)  # [B, N, D]
             if ctx.needs_input_grad[1]:  # dL/df_i = sum_k q_ik g_k
                 grad_pixels = policy_bmm(g.to(pixels.dtype).transpose(1, 2), q)
@@ -274,7 +280,7 @@ class _NormScale(torch.autograd.Function):
         out, inv_norm = ctx.saved_tensors
         grad_prod = grad_inv = None
         if ctx.needs_input_grad[0]:
-            grad_prod = (grad * inv_norm.to(grad.dtype)).to(ctx.prod_dtype)
+            grad_prod = (grad * inv_norm).to(ctx.prod_dtype)  # in float32 or wider: 1/eps overflows fp16
         if ctx.needs_input_grad[1]:
             grad_inv = _channel_dot(grad, out, dtype=inv_norm.dtype) / inv_norm
         return grad_prod, grad_inv, None
