@@ -4,7 +4,7 @@
 # iterations of UperNet-Swin-T +-CAC on a tiny ADE20K at batch 16 and at --batch-per-gpu 4, a resume
 # at iteration 40 (cac's loop vs mmengine's replay), and a profile of the top CUDA kernels and the
 # host syncs of a train step.
-#   benchmarks/gpu_check.sh            on a GPU node with cac installed (about 6 minutes)
+#   benchmarks/gpu_check.sh            on a GPU node with cac installed (about 7 minutes)
 #   benchmarks/gpu_check.sh --dry      anywhere: every section on the CPU at toy sizes
 # Extra arguments go to gpu_check.py (--out DIR, --sections ...). PYTHON picks the interpreter.
 set -euo pipefail
