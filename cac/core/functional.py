@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 __all__ = [
+    "autocast_off",
     "conv_precision",
     "policy_bmm",
     "mask_pool",
