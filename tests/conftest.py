@@ -20,15 +20,21 @@ def data_root(tmp_path_factory) -> Iterator[Path]:
         yield root
 
 
+def enter_work(monkeypatch: pytest.MonkeyPatch, root: Path, work: Path) -> None:
+    """Run in ``root`` with ``work`` as the runner's work dirs (``CAC_WORK_DIR`` and the runner's own
+    ``WORK_ROOT``), as a user's later commands would find the runs the runner placed there."""
+    import cac.exp.runner
+
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("CAC_WORK_DIR", str(work))
+    monkeypatch.setattr(cac.exp.runner, "WORK_ROOT", work)
+
+
 @pytest.fixture()
 def workspace(tmp_path, data_root, monkeypatch):
     """A clean working directory with its own work_dirs and MLflow SQLite store."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CAC_WORK_DIR", str(tmp_path / "work_dirs"))
+    enter_work(monkeypatch, tmp_path, tmp_path / "work_dirs")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    import cac.exp.runner
-
-    monkeypatch.setattr(cac.exp.runner, "WORK_ROOT", tmp_path / "work_dirs")
     return tmp_path
 
 

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from conftest import enter_work
 
 from cac.exp.stats import (Ordering, agreement_words, kendall_ordering, ordering_verdict, paired_ci,
                             paired_differences, summarize)
@@ -157,11 +158,7 @@ def tracked(tmp_path_factory, data_root):
 @pytest.fixture()
 def in_work(tracked, monkeypatch):
     """Analysis code finds the runs' local work dirs as the runner placed them."""
-    import cac.exp.runner
-
-    monkeypatch.chdir(tracked.root)
-    monkeypatch.setenv("CAC_WORK_DIR", str(tracked.work))
-    monkeypatch.setattr(cac.exp.runner, "WORK_ROOT", tracked.work)
+    enter_work(monkeypatch, tracked.root, tracked.work)
     return tracked
 
 

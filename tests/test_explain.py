@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import enter_work
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"train_cfg.max_iters": 20, "train_cfg.val_interval": 20, "default_hooks.checkpoint.interval": 20}
@@ -144,11 +145,7 @@ def quick_t3(tmp_path_factory, data_root):
 
 @pytest.fixture()
 def at_work(quick_t3, monkeypatch):
-    import cac.exp.runner
-
-    monkeypatch.chdir(quick_t3.root)
-    monkeypatch.setenv("CAC_WORK_DIR", str(quick_t3.work))
-    monkeypatch.setattr(cac.exp.runner, "WORK_ROOT", quick_t3.work)
+    enter_work(monkeypatch, quick_t3.root, quick_t3.work)
     return quick_t3
 
 
