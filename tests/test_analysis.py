@@ -135,7 +135,6 @@ def _subset_spec(src: Path, dst: Path, labels: list[str], extra: dict) -> Path:
 def tracked(tmp_path_factory, data_root):
     """table3 rows (a), (e) x 2 seeds and table1_ade20k's fcn-mv2+cac (the slim FCN: shared with table3 (e) s0) x 1 seed,
     20 iterations each, in a temporary MLflow SQLite store. Row (b) and fcn-mv2 stay without runs."""
-    import cac.exp.runner
     from cac.exp.runner import run_spec
 
     root = tmp_path_factory.mktemp("analysis")
@@ -147,9 +146,7 @@ def tracked(tmp_path_factory, data_root):
     uri = f"sqlite:///{root}/mlflow.db"
     work = root / "work_dirs"
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("CAC_WORK_DIR", str(work))
-        mp.setattr(cac.exp.runner, "WORK_ROOT", work)
+        enter_work(mp, root, work)
         assert run_spec(str(t3), "quick", rows="(a),(e)", tracking_uri=uri, echo=lambda s: None) == 0
         assert run_spec(str(t1), "quick", rows="fcn-mv2+cac", tracking_uri=uri, echo=lambda s: None) == 0
     return SimpleNamespace(root=root, uri=uri, work=work, table3=t3, table1=t1)

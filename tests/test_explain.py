@@ -121,7 +121,6 @@ def quick_t3(tmp_path_factory, data_root):
     """Table 3 (a) and (e), seed 0, 20 iterations each, in a temporary MLflow SQLite store."""
     import time
 
-    import cac.exp.runner
     from cac.exp.runner import run_spec
 
     root = tmp_path_factory.mktemp("explain")
@@ -134,9 +133,7 @@ def quick_t3(tmp_path_factory, data_root):
     uri = f"sqlite:///{root}/mlflow.db"
     work = root / "work_dirs"
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("CAC_WORK_DIR", str(work))
-        mp.setattr(cac.exp.runner, "WORK_ROOT", work)
+        enter_work(mp, root, work)
         t0 = time.time()
         assert run_spec(str(spec), "quick", tracking_uri=uri, echo=lambda s: None) == 0
         print(f"quick Table 3 (a), (e): trained in {time.time() - t0:.1f}s")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from conftest import enter_work
 
 from cac.cli import main
 from cac.data.real import DatasetError, prepare_cityscapes, prepare_pascal_context, verify
@@ -279,11 +280,7 @@ def test_paper_preset_trains_on_tiny(dataset, spec, tmp_path, monkeypatch, capsy
     data = tmp_path / "data"
     make_tiny(dataset, data, train=6, val=2, size=64)
     monkeypatch.setenv("CAC_DATA_ROOT", str(data))
-    monkeypatch.setenv("CAC_WORK_DIR", str(tmp_path / "work"))
-    monkeypatch.chdir(tmp_path)
-    import cac.exp.runner
-
-    monkeypatch.setattr(cac.exp.runner, "WORK_ROOT", tmp_path / "work")
+    enter_work(monkeypatch, tmp_path, tmp_path / "work")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cmd = ["run", str(ROOT / "experiments" / f"{spec}.yaml"), "--preset", "paper", "--rows", "fcn-mv2,fcn-mv2+cac",
            "--no-pretrained", "--expected-train", "6", "--expected-val", "2", "--tracking-uri", uri,
