@@ -28,18 +28,25 @@ __all__ = ["HeadOutputs", "HeadSupport", "HEADS", "head_support", "head_type_nam
 class HeadOutputs:
     """How a head's forward output divides into the map CAC classifies and the head's other branches.
 
-    The plain case: forward ends in ``cls_seg`` and returns that one map."""
+    The plain case: forward ends in ``cls_seg`` and returns that one map. A head that returns a tuple
+    (in training, or always) names the position of the map CAC classifies in ``classified``; the other
+    entries are its branches, in order."""
+
+    classified: Optional[int] = None
 
     def __init__(self, head: nn.Module) -> None:
         self.head = head
 
     def split(self, output: Any) -> tuple[Tensor, tuple]:
         """(features CAC classifies, the other branches' outputs)."""
-        if not isinstance(output, Tensor):
+        if isinstance(output, Tensor):
+            return output, ()
+        if self.classified is None:
             raise CacError(f"{type(self.head).__name__}.forward returned {type(output).__name__}, not one map: "
                            "CAC needs a head whose forward ends in cls_seg (list it in cac.mmseg.heads.HEADS "
                            "with an adapter)")
-        return output, ()
+        parts = tuple(output)
+        return parts[self.classified], parts[:self.classified] + parts[self.classified + 1:]
 
     def branch_losses(self, branches: tuple, logits: Tensor, batch_data_samples: list) -> dict:
         """The losses of the head's other branches; ``logits`` is p, the original classifier's map."""
@@ -80,9 +87,7 @@ class DualAttentionOutputs(HeadOutputs):
     """DAHead: ``(pam_cam, pam, cam)``; ``predict`` uses ``pam_cam``, the one ``cls_seg`` classifies.
     ``pam`` and ``cam`` keep their own classifiers and their ``pam.*`` / ``cam.*`` losses."""
 
-    def split(self, output: Any) -> tuple[Tensor, tuple]:
-        pam_cam, pam, cam = output
-        return pam_cam, (pam, cam)
+    classified = 0  # (pam_cam, pam, cam)
 
     def branch_losses(self, branches: tuple, logits: Tensor, batch_data_samples: list) -> dict:
         from mmseg.models.decode_heads.decode_head import BaseDecodeHead
@@ -98,11 +103,7 @@ class EncodingOutputs(HeadOutputs):
     """EncHead: ``(seg, se)`` with the SE loss on (``seg`` alone without it); CAC classifies ``seg``,
     the semantic-encoding branch keeps its ``loss_se``."""
 
-    def split(self, output: Any) -> tuple[Tensor, tuple]:
-        if isinstance(output, Tensor):
-            return output, ()
-        seg, se = output
-        return seg, (se,)
+    classified = 0  # (seg, se)
 
     def branch_losses(self, branches: tuple, logits: Tensor, batch_data_samples: list) -> dict:
         if not branches:
@@ -125,11 +126,7 @@ class DDROutputs(HeadOutputs):
         self.spatial_term = terms[1]
         head.loss_decode = _PositionalTerm(terms[0], "loss_context")
 
-    def split(self, output: Any) -> tuple[Tensor, tuple]:
-        if isinstance(output, Tensor):
-            return output, ()
-        context, spatial = output
-        return context, (spatial,)
+    classified = 0  # (context, spatial)
 
     def branch_losses(self, branches: tuple, logits: Tensor, batch_data_samples: list) -> dict:
         if not branches:
@@ -155,11 +152,7 @@ class PIDOutputs(HeadOutputs):
         # PIDHead stacks (semantic, edge) labels; CAC's loss needs the semantic ones, this adapter the edges.
         head._stack_batch_gt = _stack_semantic
 
-    def split(self, output: Any) -> tuple[Tensor, tuple]:
-        if isinstance(output, Tensor):
-            return output, ()
-        p, i, d = output
-        return i, (p, d)
+    classified = 1  # (p, i, d)
 
     def branch_losses(self, branches: tuple, logits: Tensor, batch_data_samples: list) -> dict:
         if not branches:
