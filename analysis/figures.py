@@ -240,12 +240,20 @@ def evenly_spaced(n_items: int, k: int) -> list[int]:
 
 
 def predict_masks(model, batch: dict) -> list[np.ndarray]:
-    """The model's test-time class map per image (``model.test_step``: p_p for a +CAC model)."""
+    """The model's test-time class map per image (``model.test_step``: p_p for a +CAC model), in the
+    batch's order. Images of different sizes (test pipelines keep each image's aspect) are run as
+    :func:`cac.mmseg.evaluation.size_groups`, one ``test_step`` per size, since mmseg's data
+    preprocessor stacks a test batch only when its images share one size."""
     import torch
 
+    from cac.mmseg.evaluation import size_groups
+
+    masks: list = [None] * len(batch["inputs"])
     with torch.no_grad():
-        samples = model.test_step(batch)
-    return [s.pred_sem_seg.data.squeeze(0).cpu().numpy().astype(np.int64) for s in samples]
+        for indices, group in size_groups(batch):
+            for i, sample in zip(indices, model.test_step(group)):
+                masks[i] = sample.pred_sem_seg.data.squeeze(0).cpu().numpy().astype(np.int64)
+    return masks
 
 
 def colorize(mask: np.ndarray, palette: Sequence[Sequence[int]], ignore: int = IGNORE_INDEX) -> np.ndarray:

@@ -28,13 +28,39 @@ IGNORE_INDEX = 255
 
 @dataclass(frozen=True)
 class HeadView:
-    """One batch seen by the +CAC head: ``feats [B, D, h, w]``, ``labels [B, h, w]`` (nearest-resized
-    ground truth), ``classifier [N, D]`` (C) and ``context [B, N, D]`` (A_p per image)."""
+    """A batch of images seen by the +CAC head, one entry per image in the batch's order: ``feats``
+    (image b's features ``[D, h_b, w_b]``), ``labels`` (its ground truth nearest-resized to the
+    features, ``[h_b, w_b]``), ``classifier [N, D]`` (C, shared) and ``context [B, N, D]`` (A_p per image).
 
-    feats: np.ndarray
-    labels: np.ndarray
+    The images may have different sizes (test pipelines keep each image's aspect), so ``feats`` and
+    ``labels`` are sequences of per-image arrays; stacked ``[B, D, h, w]`` / ``[B, h, w]`` arrays are
+    accepted too and split into their images."""
+
+    feats: Sequence[np.ndarray]
+    labels: Sequence[np.ndarray]
     classifier: np.ndarray
     context: np.ndarray
+
+    def __post_init__(self) -> None:
+        feats = tuple(np.asarray(f) for f in self.feats)
+        labels = tuple(np.asarray(m) for m in self.labels)
+        context = np.asarray(self.context)
+        if not len(feats) == len(labels) == len(context):
+            raise ValueError(f"HeadView: {len(feats)} feature maps, {len(labels)} label maps and "
+                             f"{len(context)} context classifiers; one of each per image")
+        for b, (f, m) in enumerate(zip(feats, labels)):
+            if f.ndim != 3 or m.shape != f.shape[1:]:
+                raise ValueError(f"HeadView: image {b} has features {f.shape} (want [D, h, w]) and labels "
+                                 f"{m.shape} (want [h, w])")
+        object.__setattr__(self, "feats", feats)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "classifier", np.asarray(self.classifier))
+        object.__setattr__(self, "context", context)
+
+    @property
+    def images(self) -> int:
+        """How many images the view holds."""
+        return len(self.labels)
 
 
 def _final_head(segmentor, feats):
@@ -51,37 +77,53 @@ def _final_head(segmentor, feats):
 
 
 def head_view(model, batch: dict) -> HeadView:
-    """Features, labels and both classifiers for an mmengine data batch (test pipeline)."""
+    """Features, labels and both classifiers for an mmengine data batch (test pipeline). Images of
+    different sizes are run as :func:`cac.mmseg.evaluation.size_groups` (one forward pass per size)
+    and come back in the batch's order, each at its own features' resolution."""
     import torch
 
     from cac.core.classifier import resize_labels
+    from cac.mmseg.evaluation import size_groups
     from cac.mmseg.head import CACHead
 
+    n = len(batch["inputs"])
+    feats: list = [None] * n
+    labels: list = [None] * n
+    context: list = [None] * n
+    weight = None
     model.eval()
     with torch.no_grad():
-        data = model.data_preprocessor(batch, False)
-        inputs, samples = data["inputs"], data["data_samples"]
-        head, args = _final_head(model, model.extract_feat(inputs))
-        if not isinstance(head, CACHead) or not head.options.has_context:
-            raise ValueError("the t-SNE needs a +CAC model with a context-aware classifier (context != 'none')")
-        feats = head.features(*args)
-        weight, _bias = head._classifier_weights()
-        context = head.context_weights(*args)
-        labels = torch.stack([s.gt_sem_seg.data.squeeze(0) for s in samples]).to(feats.device)
-        labels = resize_labels(labels, tuple(feats.shape[-2:]))
-    return HeadView(feats.float().cpu().numpy(), labels.cpu().numpy().astype(np.int64),
-                    weight.detach().float().cpu().numpy(), context.float().cpu().numpy())
+        for indices, group in size_groups(batch):
+            data = model.data_preprocessor(group, False)
+            inputs, samples = data["inputs"], data["data_samples"]
+            head, args = _final_head(model, model.extract_feat(inputs))
+            if not isinstance(head, CACHead) or not head.options.has_context:
+                raise ValueError("the t-SNE needs a +CAC model with a context-aware classifier (context != 'none')")
+            f = head.features(*args)
+            if weight is None:
+                weight, _bias = head._classifier_weights()
+            a_p = head.context_weights(*args)
+            gt = torch.stack([s.gt_sem_seg.data.squeeze(0) for s in samples]).to(f.device)
+            gt = resize_labels(gt, tuple(f.shape[-2:]))
+            f = f.float().cpu().numpy()
+            gt = gt.cpu().numpy().astype(np.int64)
+            a_p = a_p.float().cpu().numpy()
+            for j, i in enumerate(indices):
+                feats[i], labels[i], context[i] = f[j], gt[j], a_p[j]
+    return HeadView(tuple(feats), tuple(labels), weight.detach().float().cpu().numpy(), np.stack(context))
 
 
-def sample_pixels(labels: np.ndarray, per_class: int, rng: np.random.Generator,
+def sample_pixels(labels: Sequence[np.ndarray], per_class: int, rng: np.random.Generator,
                   ignore: int = IGNORE_INDEX) -> list[tuple[int, int, int]]:
-    """``(image, y, x)`` positions: up to ``per_class`` random pixels of each class in each image."""
+    """``(image, y, x)`` positions: up to ``per_class`` random pixels of each class in each image
+    (``labels``: one ``[h_b, w_b]`` map per image, of any sizes, or a stacked ``[B, h, w]`` array)."""
     picks: list[tuple[int, int, int]] = []
-    for b in range(labels.shape[0]):
-        for c in np.unique(labels[b]):
+    for b, label in enumerate(labels):
+        label = np.asarray(label)
+        for c in np.unique(label):
             if c == ignore:
                 continue
-            ys, xs = np.nonzero(labels[b] == c)
+            ys, xs = np.nonzero(label == c)
             take = rng.permutation(len(ys))[:per_class]
             picks += [(b, int(ys[i]), int(xs[i])) for i in take]
     return picks
@@ -121,12 +163,17 @@ def _present(labels: np.ndarray, ignore: int) -> list[int]:
     return [k for k in np.unique(labels).tolist() if k != ignore]
 
 
+def _unit_feats(view: HeadView) -> list[np.ndarray]:
+    """Each image's ``[D, h_b, w_b]`` features L2-normalised along D."""
+    return [unit_rows(f, axis=0) for f in view.feats]
+
+
 def cosine_stats(view: HeadView, ignore: int = IGNORE_INDEX) -> list[ClassCosine]:
     """Per class present in ``view.labels``, on all its labelled pixels (not a sample)."""
-    f = unit_rows(view.feats, axis=1)  # [B, D, h, w]
+    f = _unit_feats(view)  # per image [D, h_b, w_b]
     c = unit_rows(view.classifier)  # [N, D]
     a = unit_rows(view.context)  # [B, N, D]
-    n_images = view.labels.shape[0]
+    n_images = view.images
     per: dict[int, list[dict]] = {}
     for b in range(n_images):
         present = _present(view.labels[b], ignore)
@@ -158,7 +205,7 @@ def row_similarity(view: HeadView, ignore: int = IGNORE_INDEX) -> dict[str, Opti
     c = unit_rows(view.classifier)
     a = unit_rows(view.context)
     sims: dict[str, list[float]] = {"ap": [], "c": []}
-    for b in range(view.labels.shape[0]):
+    for b in range(view.images):
         present = _present(view.labels[b], ignore)
         if len(present) < 2:
             continue
@@ -210,9 +257,9 @@ def pair_measures(view: HeadView, centred: bool = False, ignore: int = IGNORE_IN
     """Every (image, class) pair of ``view`` in images with at least two classes present (centring
     over one class leaves nothing), on all of the class's labelled pixels; rows from
     :func:`image_rows`, L2-normalised again after centring."""
-    f = unit_rows(view.feats, axis=1)
+    f = _unit_feats(view)
     out = []
-    for b in range(view.labels.shape[0]):
+    for b in range(view.images):
         c, a, present = image_rows(view, b, centred, ignore)
         if len(present) < 2:
             continue
@@ -260,11 +307,11 @@ def joint_points(view: HeadView, per_class: int = 100, seed: int = 0, centred: b
     class-specific part (:func:`image_rows`), which makes C's rows per image too."""
     rng = np.random.default_rng(seed)
     picks = sample_pixels(view.labels, per_class, rng)
-    vecs = [view.feats[b, :, y, x] for b, y, x in picks]
+    vecs = [view.feats[b][:, y, x] for b, y, x in picks]
     kind = [Points.FEATURE] * len(picks)
-    cls = [int(view.labels[b, y, x]) for b, y, x in picks]
+    cls = [int(view.labels[b][y, x]) for b, y, x in picks]
     image = [b for b, _, _ in picks]
-    by_image = {b: sorted({k for k, i in zip(cls, image) if i == b}) for b in range(view.labels.shape[0])}
+    by_image = {b: sorted({k for k, i in zip(cls, image) if i == b}) for b in range(view.images)}
     if centred:
         rows = {b: image_rows(view, b, True) for b in by_image if len(by_image[b]) > 1}
         vecs += [rows[b][0][c] for b in rows for c in by_image[b]]

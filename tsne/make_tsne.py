@@ -210,7 +210,8 @@ def plot_one_class(xy: np.ndarray, pts: Points, cls: int, name: str, images: Seq
 
 
 def view_measures(model, dataset, indices: Sequence[int]) -> dict:
-    """Both views' measures (:data:`tsne.embed.VIEWS`) on the val images ``indices``, batched by 8."""
+    """Both views' measures (:data:`tsne.embed.VIEWS`) on the val images ``indices``, batched by 8
+    (images of any sizes: :func:`tsne.embed.head_view` runs a batch one size at a time)."""
     from analysis.figures import val_batch
 
     measures: dict[str, list] = {v: [] for v in VIEWS}
