@@ -10,12 +10,12 @@
    paired per round, and the peak memory of each.
 3. The paper preset end to end: UperNet-Swin-T +-CAC, 50 iterations of mmengine's Runner on the tiny
    ADE20K (``cac-exp data tiny ade20k``), random init, the paper's total batch 16: it/s and peak memory;
-   again at ``--batch-per-gpu 4`` (4 images per step, 4 accumulation steps: 200 micro-batches = 50
-   optimizer steps of 16 images).
+   again at ``--batch-per-gpu 4`` (4 images per micro-batch, 4 micro-batches per iteration: 50
+   optimizer steps of 16 images; an iteration is an optimizer step either way).
 4. ``table6_fp32``: Table 6 again with TF32 off for cuDNN and matmuls (the control: every layer and
    CAC's products in strict fp32, as on the paper's 2080Ti); ``table6`` runs at torch's defaults.
-5. ``resume``: UperNet-Swin-T + CAC at preset paper, ``--batch-per-gpu 4``: 40 iterations and a
-   checkpoint, then resumed at 40 by cac's loop and by mmengine's: seconds to the first resumed
+5. ``resume``: UperNet-Swin-T + CAC at preset paper, batch 16: 10 iterations and a
+   checkpoint, then resumed at 10 by cac's loop and by mmengine's: seconds to the first resumed
    iteration, and whether the log says mmengine's "Advance dataloader" (a replay).
 6. ``profile``: ``torch.profiler``'s top CUDA kernels of one train step (UperNet-Swin-T, crop 512,
    batch 4) and of one 2560 inference, baseline vs +CAC, and the host syncs per train step
@@ -215,7 +215,7 @@ def _tiny_ade(work: Path, dry: bool) -> None:
 
 
 def _paper_unit(work: Path, dry: bool, label: str, iters: int, batch_per_gpu: int | None = None):
-    """A Table 1 row at preset paper on the tiny ADE20K, ``iters`` iterations (micro-batches), random
+    """A Table 1 row at preset paper on the tiny ADE20K, ``iters`` iterations (optimizer steps), random
     init; the paper's total batch 16 on one GPU, or ``batch_per_gpu`` with gradient accumulation."""
     from cac.exp.options import RunOptions
     from cac.exp.runner import make_unit
@@ -248,8 +248,7 @@ def section_paper(device: str, dry: bool, work: Path) -> dict:
     for per_gpu in (None, 2 if dry else 4):
         for label in PAPER_ROWS if per_gpu is None or not dry else PAPER_ROWS[1:]:  # --dry: +CAC only
             key = label if per_gpu is None else f"{label} b{per_gpu}"
-            acc = 1 if per_gpu is None else (1 if dry else 16 // per_gpu)  # --dry: a few micro-batches only
-            iters, warmup = steps * acc, warmup_steps * acc
+            iters, warmup = steps, warmup_steps  # optimizer steps, whatever the per-GPU batch
             cfg = Config(_paper_unit(work, dry, label, iters, per_gpu).cfg)
             cfg.log_level = "WARNING"
             runner = Runner.from_cfg(cfg)
@@ -263,9 +262,9 @@ def section_paper(device: str, dry: bool, work: Path) -> dict:
             hub = runner.message_hub
             miou = hub.get_scalar("val/mIoU").current() if "val/mIoU" in hub.log_scalars else None
             batch, counts = cfg.train_dataloader.batch_size, cfg.optim_wrapper.get("accumulative_counts", 1)
-            out[key] = {"iters": iters, "it_per_s": its, "images_per_s": its * batch, "peak_mb": peak,
+            out[key] = {"iters": iters, "it_per_s": its, "images_per_s": its * batch * counts, "peak_mb": peak,
                         "seconds": total, "batch": batch, "accumulation": counts, "val_mIoU": miou}
-            print(f"paper {key:<24} {iters} iters in {total:6.1f} s, {its:6.2f} it/s ({its * batch:6.1f} img/s) after "
+            print(f"paper {key:<24} {iters} iters in {total:6.1f} s, {its:6.2f} it/s ({its * batch * counts:6.1f} img/s) after "
                   f"{warmup} warm-up" + (f", peak MB {peak:9.1f}" if peak else "")
                   + f", batch {batch} x {counts} accumulation", flush=True)
             del runner
@@ -291,7 +290,7 @@ def section_table6_fp32(device: str, dry: bool) -> dict:
 
 
 def section_resume(device: str, dry: bool, work: Path) -> dict:
-    """40 iterations and a checkpoint, then the first resumed iteration under each loop."""
+    """10 iterations and a checkpoint, then the first resumed iteration under each loop."""
     from mmengine.config import Config
     from mmengine.runner import Runner
 
@@ -299,8 +298,8 @@ def section_resume(device: str, dry: bool, work: Path) -> dict:
 
     from cac.mmseg.loops import LOOP_TYPE
 
-    at = 2 if dry else 40
-    unit = _paper_unit(work, dry, "upernet-swin-t+cac", at, 2 if dry else 4)
+    at = 2 if dry else 10  # batch 16 (--dry: 2): what mmengine's loop replays is 160 images
+    unit = _paper_unit(work, dry, "upernet-swin-t+cac", at)
     cfg = Config(unit.cfg)
     cfg.log_level = "WARNING"
     Runner.from_cfg(cfg).train()

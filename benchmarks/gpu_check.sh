@@ -2,7 +2,7 @@
 # The GPU check (see benchmarks/gpu_check.py): Table 6 at 512/1280/2560 (TF32 at torch's defaults, and
 # a control with TF32 off), the CAC/baseline train-step ratio in fp32 and AMP, 50 paper-preset
 # iterations of UperNet-Swin-T +-CAC on a tiny ADE20K at batch 16 and at --batch-per-gpu 4, a resume
-# at iteration 40 (cac's loop vs mmengine's replay), and a profile of the top CUDA kernels and the
+# at iteration 10 (cac's loop vs mmengine's replay), and a profile of the top CUDA kernels and the
 # host syncs of a train step.
 #   benchmarks/gpu_check.sh            on a GPU node with cac installed (about 7 minutes)
 #   benchmarks/gpu_check.sh --dry      anywhere: every section on the CPU at toy sizes

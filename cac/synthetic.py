@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["scene_labels", "kl_inputs", "seg_batch", "data_samples"]
+__all__ = ["scene_labels", "kl_inputs", "seg_batch", "data_samples", "mixed_seg_batch", "confident_logits"]
 
 
 def scene_labels(batch: int, size: int, num_classes: int, *, per_image: int = 8, block: int = 8,
@@ -67,3 +67,37 @@ def seg_batch(size: int, batch: int, num_classes: Optional[int] = None, *, per_i
         labels = scene_labels(batch, size, num_classes, per_image=per_image, block=block,
                               ignore_frac=ignore_frac, generator=g)
     return dict(inputs=images, data_samples=data_samples(size, batch, labels))
+
+
+def mixed_seg_batch(shapes: list[tuple[int, int]], num_classes: int, *, per_image: int = 3, label_scale: int = 1,
+                    seed: int = 0) -> dict:
+    """A test-pipeline batch of images of the given ``(h, w)`` shapes (as ADE20K's aspect-keeping test
+    resize leaves them), each with scene-like labels at ``label_scale`` times its size (the original
+    image's, which is where mmseg's test pipeline loads the annotation)."""
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+
+    g = torch.Generator().manual_seed(seed)
+    images, samples = [], []
+    for h, w in shapes:
+        images.append(torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g))
+        side = max(h, w) * label_scale
+        label = scene_labels(1, side, num_classes, per_image=per_image, block=max(4, side // 6), generator=g)
+        s = SegDataSample()
+        s.set_metainfo(dict(img_shape=(h, w), ori_shape=(h * label_scale, w * label_scale), pad_shape=(h, w),
+                            padding_size=[0, 0, 0, 0]))
+        s.gt_sem_seg = PixelData(data=label[:, :h * label_scale, :w * label_scale].clone())
+        samples.append(s)
+    return dict(inputs=images, data_samples=samples)
+
+
+def confident_logits(batch: int, classes: int, size: int, gap: float, *, seed: int = 0,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+    """``[B, N, size, size]`` logits of a confident network: each pixel's top class (from a few present
+    per image) ``gap`` above every other class, plus unit noise; classes absent from an image are never
+    on top, so their soft masses are of the order ``HW * exp(-gap)``."""
+    g = torch.Generator().manual_seed(seed)
+    labels = scene_labels(batch, size, classes, per_image=4, block=max(2, size // 8), ignore_frac=0.0, generator=g)
+    logits = torch.randn(batch, classes, size, size, generator=g, dtype=torch.float64)
+    logits.scatter_add_(1, labels.unsqueeze(1), torch.full((batch, 1, size, size), float(gap), dtype=torch.float64))
+    return logits.to(dtype)

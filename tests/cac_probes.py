@@ -65,8 +65,27 @@ class ProbeHook(Hook):
         with open(self.out_dir / f"starts-rank{self._rank()}.txt", "a") as fh:
             fh.write(f"{runner.iter}\n")
         self._initial = _param_digest(runner.model)
+        self._count_steps(runner)
         if self.trainers:
             self._rendezvous()
+
+    def _count_steps(self, runner) -> None:
+        """Count what really runs: each ``train_step`` call with its batch size (a micro-batch under
+        gradient accumulation) and each optimizer step, by wrapping the real methods."""
+        self.micro_batches: list[int] = []
+        self.optimizer_steps = 0
+        model, wrapper = runner.model, runner.optim_wrapper
+        train_step, step = model.train_step, wrapper.step
+
+        def counted_train_step(data, *args, **kwargs):
+            self.micro_batches.append(len(data["inputs"]))
+            return train_step(data, *args, **kwargs)
+
+        def counted_step(*args, **kwargs):
+            self.optimizer_steps += 1
+            return step(*args, **kwargs)
+
+        model.train_step, wrapper.step = counted_train_step, counted_step
 
     def _rendezvous(self) -> None:
         """Train only once ``trainers`` processes have each started a run (a file per process id):
@@ -100,7 +119,8 @@ class ProbeHook(Hook):
         conf = tracking[0].final_confusion if tracking else None
         report = {"rank": self._rank(), "world_size": get_world_size(), "runner_world_size": runner.world_size,
                   "iter": runner.iter, "initial_params": self._initial, "params": _param_digest(runner.model),
-                  "final_confusion": None if conf is None else conf.tolist()}
+                  "final_confusion": None if conf is None else conf.tolist(),
+                  "micro_batches": self.micro_batches, "optimizer_steps": self.optimizer_steps}
         (self.out_dir / f"rank{self._rank()}.json").write_text(json.dumps(report))
 
 

@@ -359,7 +359,7 @@ def test_cac_nodes_equal_autograd_of_their_formula_and_keep_no_extra_map(node):
         naive, inputs = (lambda f, a: _naive_cosine(f, a, 15.0)), (feats, weights)
     else:
         teacher = torch.randn(b, n, h, w, generator=g, dtype=torch.float64)
-        ours = lambda s: fn._DistillCE.apply(s, teacher, labels, 0.5, True)[0]  # noqa: E731
+        ours = lambda s: fn._DistillCE.apply(s, teacher, labels, 0.5, True, 0.0)[0]  # noqa: E731
         naive, inputs = (lambda s: _naive_distill(s, teacher, labels, 0.5)), (logits,)
     saved, out = _storages_saved(ours, *inputs)
     naive_saved, ref = _storages_saved(naive, *inputs)

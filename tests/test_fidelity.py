@@ -116,14 +116,20 @@ def _official_head_losses(f, weight, bias, proj, apd_proj, y, head_loss):
     return {"loss_ctx_ce": head_loss(p_p), "loss_ce": fixed_ce(p), "loss_oracle_ce": fixed_ce(p_y), "loss_kl": kl}
 
 
-def test_official_profile_matches_the_official_heads_formulas():
+@pytest.mark.parametrize("scale", [1.0, 100.0, 1000.0])
+def test_official_profile_matches_the_official_heads_formulas(scale):
     """Our head with ``profile: official`` on an FCN head against the official formulas computed
-    directly from the same tensors: every loss term and the gradients of their sum agree."""
+    directly from the same tensors: every loss term, the gradients of their sum and the test output
+    agree, also with the classifier's weights x100 and x1000 (the logit gaps of a confident network,
+    where absent classes' soft masses fall to 1e-12 and below and the official 1e-12 matters)."""
     cfg = resolve_config("fcn-slim-r18", "quick", cac={"profile": "official"},
                          overrides={"model.decode_head.head.dropout_ratio": 0.0})
     torch.manual_seed(0)
     model = build_model(cfg["model"]).double().train()
     head = model.decode_head
+    with torch.no_grad():
+        head.head.conv_seg.weight.mul_(scale)
+        head.head.conv_seg.bias.mul_(scale)
     proj, apd_proj = head.classifier.proj_p, head.classifier.proj_y
     assert proj[0].bias is None and apd_proj[0].bias is None and proj[2].bias is not None
     data = model.data_preprocessor(seg_batch(64, 3, NUM_CLASSES, per_image=4, block=8), True)
@@ -148,6 +154,18 @@ def test_official_profile_matches_the_official_heads_formulas():
     g_ref = torch.autograd.grad(sum(ref.values()), params)
     for a, b in zip(g_ours, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    head.eval()
+    with torch.no_grad():
+        f = head.features(model.extract_feat(inputs))
+        weight, bias = conv.weight.flatten(1), conv.bias
+        p = F.conv2d(f, weight[:, :, None, None], bias)
+        b, c, h, w = f.shape
+        soft = F.softmax(p.reshape(b, -1, h * w), dim=1)
+        protos = (soft @ f.reshape(b, c, h * w).permute(0, 2, 1)) / (soft.sum(-1).unsqueeze(-1) + 1e-12)
+        official_p_p = _official_cosine(f, proj(torch.cat([protos, weight.unsqueeze(0).repeat(b, 1, 1)], -1)))
+        torch.testing.assert_close(head.forward(model.extract_feat(inputs)), official_p_p, rtol=1e-8, atol=1e-10)
+    if scale > 1:  # the confident regime really was reached: some class's soft mass is near the 1e-12
+        assert float(soft.sum(-1).min()) < 1e-6
 
 
 def test_literal_eq11_normaliser_differs_from_the_official_one():

@@ -175,41 +175,70 @@ def tiny_ade(tmp_path, monkeypatch):
     return tmp_path
 
 
-SMALL_CROPS = ["train_dataloader.dataset.pipeline.2.scale=(128,64)", "train_dataloader.dataset.pipeline.3.crop_size=(64,64)",
-               "model.data_preprocessor.size=(64,64)", "val_dataloader.dataset.pipeline.1.scale=(128,64)",
-               "test_pipeline.1.scale=(128,64)",
-               "train_dataloader.num_workers=0", "train_dataloader.persistent_workers=False",
-               "val_dataloader.num_workers=0", "val_dataloader.persistent_workers=False"]
+SMOKE = ["--smoke", "--no-pretrained", "--expected-train", "6", "--expected-val", "2"]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_paper_preset_trains_on_tiny_ade20k(tiny_ade, capsys):
-    """The issue's command (plus small crops for 2 CPU cores): FCN-MV2+CAC and the OCRNet cascade
-    train at preset paper, no spec edited, and are tracked with what the command line changed."""
+    """The issue's command on a tiny ADE20K whose images differ in size and aspect (ADE20K's test
+    pipeline keeps each one's aspect, so a val batch holds several sizes), with `--smoke` for 2 CPU
+    cores: FCN-MV2 without and with CAC and the OCRNet cascade + CAC train at preset paper past their
+    evaluation, no spec edited, tracked with what the command line changed."""
     uri = f"sqlite:///{tiny_ade}/mlflow.db"
-    rows = "fcn-mv2+cac,ocrnet-hr18+cac"
-    code = main(["run", str(TABLE1), "--preset", "paper", "--rows", rows, "--no-pretrained", "--expected-train", "6",
-                 "--expected-val", "2", "--tracking-uri", uri, "--cfg-options", "train_cfg.max_iters=2",
-                 "train_cfg.val_interval=2", "train_dataloader.batch_size=2", "default_hooks.checkpoint.interval=2",
-                 *SMALL_CROPS])
+    rows = "fcn-mv2,fcn-mv2+cac,ocrnet-hr18+cac"
+    code = main(["run", str(TABLE1), "--preset", "paper", "--rows", rows, *SMOKE, "--tracking-uri", uri])
     assert code == 0, capsys.readouterr().err
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("table1_ade20k")
     runs = {r.data.tags["row"]: r for r in client.search_runs([exp.experiment_id])}
-    assert set(runs) == {"fcn-mv2+cac", "ocrnet-hr18+cac"}
-    for run in runs.values():
-        assert run.info.status == "FINISHED" and "val/mIoU" in run.data.metrics
+    assert set(runs) == set(rows.split(","))
+    for row, run in runs.items():
+        metrics = run.data.metrics
+        assert run.info.status == "FINISHED" and "val/mIoU" in metrics, row
+        assert {"val/mIoU_p", "train/mIoU_p", "curve/val_mIoU_p"} <= set(metrics), row
+        if row.endswith("+cac"):  # the three classifiers of Fig. 4, on val images of mixed sizes
+            assert {"val/mIoU_pp", "val/mIoU_py", "val/ece_pp", "curve/val_mIoU_pp"} <= set(metrics), row
         assert run.data.tags["data_version"] == "ade20k-subset-train6-val2"
-        assert run.data.params["pretrained"] == "none" and run.data.params["cfg_options.train_cfg.max_iters"] == "2"
+        assert run.data.params["pretrained"] == "none" and run.data.params["smoke"] == "True"
         assert run.data.params["total_batch"] == "2" and run.data.params["world_size"] == "1"
+    assert len(list((tiny_ade / "work_dirs").rglob("iter_2.pth"))) == 3  # each run's checkpoint, written before its evaluation
     # the same command again is all done
-    assert main(["run", str(TABLE1), "--preset", "paper", "--rows", rows, "--no-pretrained", "--expected-train", "6",
-                 "--expected-val", "2", "--tracking-uri", uri, "--dry-run", "--cfg-options", "train_cfg.max_iters=2",
-                 "train_cfg.val_interval=2", "train_dataloader.batch_size=2", "default_hooks.checkpoint.interval=2",
-                 *SMALL_CROPS]) == 0
-    assert "0 to train, 0 to resume, 2 done" in capsys.readouterr().out
+    assert main(["run", str(TABLE1), "--preset", "paper", "--rows", rows, *SMOKE, "--tracking-uri", uri,
+                 "--dry-run"]) == 0
+    assert "0 to train, 0 to resume, 3 done" in capsys.readouterr().out
+
+
+def test_smoke_shrinks_every_size_of_a_paper_config_consistently():
+    """`--smoke` on Table 1 configs of every dataset: pipelines' scales and crops, the preprocessor's
+    pad size and slide inference divided by 8, two iterations; nothing else of the model changes."""
+    from cac.exp.options import RunOptions
+    from cac.exp.runner import make_unit
+    from cac.exp.spec import load_spec
+
+    for name, row in (("table1_ade20k", "upernet-swin-t+cac"), ("table1_cityscapes", "fcn-mv2+cac"),
+                      ("table1_pascal_context", "fcn-mv2"), ("table1_cocostuff", "ocrnet-hr18+cac")):
+        spec = load_spec(str(ROOT / "experiments" / f"{name}.yaml"))
+        full = make_unit(spec, spec.row(row), 0, "paper").cfg
+        small = make_unit(spec, spec.row(row), 0, "paper", options=RunOptions(smoke=True)).cfg
+        crop = tuple(full["crop_size"])
+        assert tuple(small["crop_size"]) == tuple(c // 8 for c in crop), name
+        assert tuple(small["model"]["data_preprocessor"]["size"]) == tuple(c // 8 for c in crop), name
+        train = {t["type"]: t for t in small["train_dataloader"]["dataset"]["pipeline"]}
+        full_train = {t["type"]: t for t in full["train_dataloader"]["dataset"]["pipeline"]}
+        assert tuple(train["RandomCrop"]["crop_size"]) == tuple(small["crop_size"]), name
+        assert tuple(train["RandomResize"]["scale"]) == tuple(s // 8 for s in full_train["RandomResize"]["scale"]), name
+        assert train["RandomResize"]["ratio_range"] == full_train["RandomResize"]["ratio_range"]
+        assert small["train_cfg"]["max_iters"] == small["train_cfg"]["val_interval"] == 2
+        assert small["default_hooks"]["checkpoint"]["interval"] == 2
+        assert small["train_dataloader"]["batch_size"] == 2 and small["train_dataloader"]["num_workers"] == 0
+        if full["model"].get("test_cfg", {}).get("mode") == "slide":
+            assert tuple(small["model"]["test_cfg"]["crop_size"]) == tuple(
+                c // 8 for c in full["model"]["test_cfg"]["crop_size"])
+        assert small["model"]["decode_head"] == full["model"]["decode_head"]  # the method is untouched
+        assert small["optim_wrapper"] == full["optim_wrapper"]
 
 
 @pytest.mark.slow

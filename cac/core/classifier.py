@@ -31,14 +31,18 @@ _CHOICES = {
     "test_output": ("context", "original"),
     "kl_normaliser": ("batch", "literal"),
     "extra_ce": ("head", "fixed"),
+    "numerics": ("exact", "official"),
 }
+
+# What ``numerics="official"`` adds where the equations divide or take a log: the official code's 1e-12.
+OFFICIAL_EPS = 1e-12
 
 # Every choice of the official code (tianzhuotao/CAC, its ``*_cac.py`` heads) that the paper's text
 # leaves open or states otherwise; ``profile: official`` sets them all, explicit keys still win.
 PROFILES: dict[str, dict] = {
     "paper": {},
     "official": dict(oracle_pool="batch", oracle_absent="classifier", kl_target_mix=0.5, extra_ce="fixed",
-                     projector_first_bias=False, kl_normaliser="batch"),
+                     projector_first_bias=False, kl_normaliser="batch", numerics="official"),
 }
 
 
@@ -73,6 +77,10 @@ class CACOptions:
     # ignore 255, bilinear align_corners=True upsampling; the head's loss then applies to p_p only)
     extra_ce: str = "head"
     projector_first_bias: bool = True  # official code: the projectors' first Linear has no bias
+    # "exact": Eqs. (4), (9)-(11) as written at any confidence (only an all-zero normaliser is guarded);
+    # "official": the official code's 1e-12 on the soft-mask mass, in the entropy's log and on the
+    # KL's normalisers (it shrinks C_p of a class whose mass nears 1e-12: an absent class ~25 logits down)
+    numerics: str = "exact"
 
     def __post_init__(self) -> None:
         for key, allowed in _CHOICES.items():
@@ -106,6 +114,11 @@ class CACOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def eps(self) -> float:
+        """What the equations' divisions and logs add: 0 (exact) or the official code's 1e-12."""
+        return OFFICIAL_EPS if self.numerics == "official" else 0.0
 
     @property
     def has_context(self) -> bool:
@@ -189,7 +202,7 @@ class ContextAwareClassifier(nn.Module):
     def context_classifier(self, feats: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         """A_p of Eq. (5) per image, ``[B, N, D]`` (for inspection, e.g. the t-SNE of Fig. 7)."""
         p = self.original_logits(feats, weight, bias)
-        return self.form(self.options.design_p, soft_pool(feats, p), weight, self.proj_p)
+        return self.form(self.options.design_p, soft_pool(feats, p, self.options.eps), weight, self.proj_p)
 
     # -- the whole classifier -----------------------------------------------------------------
     def forward(self, feats: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -206,7 +219,7 @@ class ContextAwareClassifier(nn.Module):
         p = self.original_logits(feats if dropout is None else dropout(feats), weight, bias)
         if not o.has_context:
             return CACOutputs(p, None, None)
-        a_p = self.form(o.design_p, soft_pool(feats, p), weight, self.proj_p)
+        a_p = self.form(o.design_p, soft_pool(feats, p, o.eps), weight, self.proj_p)
         dtype = torch.promote_types(feats.dtype, torch.float32)
         if labels is None or not o.needs_oracle:
             return CACOutputs(p, self.context_logits(feats, a_p, dtype=dtype), None)
@@ -228,7 +241,7 @@ class ContextAwareClassifier(nn.Module):
         if torch.is_grad_enabled():
             return self.forward(feats, weight, bias).p_p
         p = self.original_logits(feats, weight, bias)
-        a_p = self.form(o.design_p, soft_pool(feats, p), weight, self.proj_p)
+        a_p = self.form(o.design_p, soft_pool(feats, p, o.eps), weight, self.proj_p)
         return self.context_logits(feats, a_p, out=p)
 
 
@@ -274,6 +287,7 @@ def cac_losses(out: CACOutputs, labels: Tensor, options: CACOptions,
             out.p_p, out.p_y, resize_labels(labels, out.p_p.shape[-2:]),
             entropy=options.kl_entropy, classwise=options.kl_classwise, ignore_index=ignore_index,
             entropy_from=source, target_mix=options.kl_target_mix, normaliser=options.kl_normaliser,
+            eps=options.eps,
         )
         losses["loss_kl"] = kl * options.lambda_kl
     return losses

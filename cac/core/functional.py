@@ -153,28 +153,43 @@ def mask_pool(
     return protos.to(feats.dtype), counts > 0
 
 
-# float16 soft pooling: the soft masks of class k are scaled by a power of two s_k with s_k * mass_k in
-# (S/2, S], S = min(_POOL_SCALE, 2^15 / max|f|) per image: the product's sums stay below 2^15 (fp16
-# overflows at 65504; a mass reaches 128² pixels in training, 640² at 2560² inference), a mask entry near 1
-# stays a normal fp16 number, and backward's grad / (s_k mass_k) cannot blow up for a class of ~0 mass.
+# Soft pooling's masks are scaled per class by a power of two s_k with s_k * (mass_k + eps) in (S/2, S],
+# in every dtype: the scaled masks sum to about S whatever a class's mass, so Eq. (4) needs no floor on
+# the mass (a confident network gives absent classes masses of 1e-9 and below, whose soft mean is still
+# the soft mean), backward's grad / (s_k mass_k) cannot blow up, and a power of two changes no rounding.
+# float16 (AMP): S = min(_POOL_SCALE, 2^15 / max|f|) per image, so the product's sums stay below 2^15
+# (fp16 overflows at 65504; a mass reaches 128² pixels in training, 640² at 2560² inference), and the
+# masks are formed in float32 before the one cast, so the scale keeps small-mass classes out of fp16's
+# underflow (softmax values below 6e-8 would flush to zero at a logit gap of ~17).
 _POOL_SCALE = 256.0
-_POOL_SCALE_MAX = 2.0 ** 14
+_POOL_SCALE_MAX_LOG2 = 100.0  # s_k <= 2^100: float32 holds s_k and s_k * (softmax entries) exactly
 
 
-def _pool_masks(logits: Tensor, pixels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Eq. (4)'s soft masks for a product with ``pixels [B,D,L]``: ``(q [B,N,L] in pixels' dtype, scale,
-    mass [B,N,1])`` with ``q / scale = softmax(p)`` and ``mass`` its sum over pixels (float32 or wider);
-    ``scale`` is 1 unless float16. A half-precision softmax computes in float32 and writes half: no
-    float32 map, no cast."""
-    dtype = pixels.dtype
-    q = logits.softmax(dim=1) if logits.dtype == dtype else logits.to(_acc_dtype(dtype)).softmax(dim=1).to(dtype)
-    mass = q.sum(dim=2, keepdim=True, dtype=_acc_dtype(dtype)).clamp_min(_EPS)
-    if dtype != torch.float16:
-        return q, torch.ones_like(mass), mass
-    peak = pixels.abs().amax(dim=(1, 2), keepdim=True).to(mass.dtype)  # [B, 1, 1]
-    bound = (2.0 ** 15 / peak).clamp_max(_POOL_SCALE)  # inf at all-zero features: _POOL_SCALE
-    scale = torch.exp2(torch.floor(torch.log2(bound / mass))).clamp_max(_POOL_SCALE_MAX)
-    return q.mul_(scale.to(dtype)), scale, mass
+def _pool_masks(logits: Tensor, pixels: Tensor, eps: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. (4)'s soft masks for a product with ``pixels [B,D,L]``: ``(q [B,N,L] in pixels' dtype, scale
+    [B,N,1], denom [B,N,1])`` with ``q = scale * softmax(p)`` and ``denom = scale * (mass + eps)``,
+    ``mass`` the masks' sum over pixels; ``denom`` is 1 where it is 0 (every mask entry underflowed:
+    the class's C_p is then 0, as in the official code). ``eps``: added to the mass (the official
+    code's 1e-12); 0 is Eq. (4) as written."""
+    dtype, acc = pixels.dtype, _acc_dtype(pixels.dtype)
+    if dtype == torch.float16:  # softmax in float32: its entries below 6e-8 would flush to zero in fp16
+        q = logits.to(acc).softmax(dim=1)
+    else:  # float32/64, and bfloat16 (float32's exponent range): a softmax written in f's dtype, no copy
+        q = logits.softmax(dim=1) if logits.dtype == dtype else logits.to(acc).softmax(dim=1).to(dtype)
+    mass = q.sum(dim=2, keepdim=True, dtype=acc)
+    bound = torch.full_like(mass[:, :1], _POOL_SCALE)
+    if dtype == torch.float16:
+        peak = pixels.abs().amax(dim=(1, 2), keepdim=True).to(acc)  # [B, 1, 1]
+        bound = (2.0 ** 15 / peak).clamp_max(_POOL_SCALE)  # inf at all-zero features: _POOL_SCALE
+    need = torch.log2(bound) - torch.log2(mass + eps)  # log2 avoids forming bound / mass (overflow)
+    scale = torch.exp2(torch.floor(need).clamp(-_POOL_SCALE_MAX_LOG2, _POOL_SCALE_MAX_LOG2))
+    if dtype == torch.float16:  # scaled in float32, then the one cast
+        q = q.mul_(scale).to(dtype)
+        denom = q.sum(dim=2, keepdim=True, dtype=acc) + scale * eps  # the masks as rounded
+    else:  # a power of two changes no rounding: the scaled masks sum to scale * mass
+        q = q.mul_(scale.to(dtype))
+        denom = scale * (mass + eps)
+    return q, scale, torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
 class _SoftPool(torch.autograd.Function):
@@ -183,11 +198,12 @@ class _SoftPool(torch.autograd.Function):
     and, under AMP, its float32 copy and the normalised masks cast back to half precision."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, pixels: Tensor) -> Tensor:  # [B,N,L], [B,D,L] -> [B,N,D]
+    def forward(ctx, logits: Tensor, pixels: Tensor, eps: float) -> Tensor:  # [B,N,L], [B,D,L] -> [B,N,D]
         with autocast_off(pixels.device.type):
-            q, scale, mass = _pool_masks(logits, pixels)
-            protos = policy_bmm(q, pixels.transpose(1, 2)).to(mass.dtype) / (mass * scale)
+            q, _, denom = _pool_masks(logits, pixels, eps)
+            protos = policy_bmm(q, pixels.transpose(1, 2)).to(denom.dtype) / denom
         ctx.save_for_backward(logits, pixels, protos)
+        ctx.eps = eps
         return protos.to(pixels.dtype)
 
     @staticmethod
@@ -196,22 +212,23 @@ class _SoftPool(torch.autograd.Function):
         logits, pixels, protos = ctx.saved_tensors
         grad_logits = grad_pixels = None
         with autocast_off(pixels.device.type):
-            q, scale, mass = _pool_masks(logits, pixels)
-            g = grad.to(mass.dtype) / (mass * scale)  # [B, N, D]
+            q, scale, denom = _pool_masks(logits, pixels, ctx.eps)
+            g = grad.to(denom.dtype) / denom  # [B, N, D], bounded: denom is about S
             if ctx.needs_input_grad[1]:  # dL/df_i = sum_k q_ik g_k
                 grad_pixels = policy_bmm(g.to(pixels.dtype).transpose(1, 2), q)
             if ctx.needs_input_grad[0]:
-                # dL/dprob_ik = s_k g_k . (f_i - C_k), then the softmax's: (dprob - prob . dprob) * prob
-                dprob = policy_bmm(g.to(pixels.dtype), pixels).to(mass.dtype)
-                dprob.sub_((g * protos).sum(dim=2, keepdim=True)).mul_(scale)
-                prob = q.to(mass.dtype) if pixels.dtype != torch.float16 else q.to(mass.dtype).div_(scale)
-                dprob.sub_(_channel_dot(dprob, prob)).mul_(prob)
-                grad_logits = dprob.to(logits.dtype)
-        return grad_logits, grad_pixels
+                # prob_ik dL/dprob_ik = q_ik g_k . (f_i - C_k) =: t_ik (never a huge dL/dprob times a
+                # tiny prob), then the softmax's backward: t_ik - prob_ik sum_j t_ij
+                t = policy_bmm(g.to(pixels.dtype), pixels).to(denom.dtype)
+                t.sub_((g * protos).sum(dim=2, keepdim=True)).mul_(q.to(denom.dtype))
+                prob = q.to(denom.dtype).div_(scale)
+                grad_logits = t.sub_(prob.mul_(t.sum(dim=1, keepdim=True))).to(logits.dtype)
+        return grad_logits, grad_pixels, None
 
 
-def soft_pool(feats: Tensor, logits: Tensor) -> Tensor:
-    """Soft prototypes, Eq. (4): ``C_p = softmax(p)^T f / sum_j softmax(p)``, per image.
+def soft_pool(feats: Tensor, logits: Tensor, eps: float = 0.0) -> Tensor:
+    """Soft prototypes, Eq. (4): ``C_p = softmax(p)^T f / sum_j softmax(p)``, per image, at any logit
+    gap (no floor on the mass; ``eps`` adds the official code's 1e-12 to it).
 
     ``feats [B, D, H, W]``, ``logits [B, N, H', W']`` (resized to the features if needed).
     Returns ``[B, N, D]`` in f's dtype. The product runs in f's dtype (under AMP: float16 with the masks
@@ -220,7 +237,7 @@ def soft_pool(feats: Tensor, logits: Tensor) -> Tensor:
     b, d, h, w = feats.shape
     if logits.shape[-2:] != (h, w):
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-    return _SoftPool.apply(logits.flatten(2), feats.flatten(2))
+    return _SoftPool.apply(logits.flatten(2), feats.flatten(2), float(eps))
 
 
 def _batched_weights(weights: Tensor, batch: int) -> Tensor:
@@ -341,10 +358,22 @@ def dot_logits(feats: Tensor, weights: Tensor, bias: Tensor | None = None) -> Te
     return torch.baddbmm(bias.to(feats.dtype).reshape(1, -1, 1), a, f).reshape(b, -1, h, w)
 
 
-def pixel_entropy(logits: Tensor) -> Tensor:
-    """Per-pixel entropy of ``softmax(logits)`` over classes, Eq. (9). ``[B,N,H,W] -> [B,H,W]``."""
+def pixel_entropy(logits: Tensor, eps: float = 0.0) -> Tensor:
+    """Per-pixel entropy of ``softmax(logits)`` over classes, Eq. (9). ``[B,N,H,W] -> [B,H,W]``.
+    ``eps``: the official code's ``log(softmax + eps)`` instead of the exact log-softmax."""
     logp = logits.to(_acc_dtype(logits.dtype)).log_softmax(dim=1)
-    return -_channel_dot(logp.exp(), logp).squeeze(1)
+    return _entropy(logp.exp(), logp, eps)
+
+
+def _entropy(prob: Tensor, logp: Tensor, eps: float) -> Tensor:
+    """``-sum_j prob_j log(prob_j)`` over dim 1 (``log(prob_j + eps)`` when ``eps``), as ``[B,H,W]``."""
+    return -_channel_dot(prob, logp if not eps else (prob + eps).log()).squeeze(1)
+
+
+def _normaliser(den: Tensor, eps: float) -> Tensor:
+    """A sum of weights as a divisor: ``den + eps``; 1 where that is 0 (nothing was weighed: 0/1 = 0)."""
+    den = den + eps if eps else den
+    return torch.where(den > 0, den, torch.ones_like(den))
 
 
 def entropy_kl_loss(
@@ -358,6 +387,7 @@ def entropy_kl_loss(
     entropy_from: Tensor | None = None,
     target_mix: float = 0.0,
     normaliser: str = "batch",
+    eps: float = 0.0,
 ) -> Tensor:
     """Distillation loss from the oracle ``teacher`` (p_y) to the ``student`` (p_p).
 
@@ -379,6 +409,10 @@ def entropy_kl_loss(
     The teacher (and the entropy weights) get no gradient. ``entropy_from`` takes the entropy from
     other logits (Table 3 rows (1)/(2): p_p or p). ``target_mix`` mixes the target with the one-hot
     label, as the official code does (0.5). Labels must be at the logits' resolution.
+
+    ``eps``: 0 is the equations as written, at any confidence (a confident teacher has entropies of
+    1e-10 and below; their ratios still weigh the pixels); the official code's 1e-12 goes inside the
+    entropy's log and onto each normaliser. Only an all-zero normaliser (no weight at all) is guarded.
     """
     if normaliser not in ("batch", "literal"):
         raise ValueError(f"normaliser must be 'batch' or 'literal', got {normaliser!r}")
@@ -394,24 +428,24 @@ def entropy_kl_loss(
     acc = _acc_dtype(student.dtype)
     want_entropy = entropy and entropy_from is None
     per_pixel, weight = _DistillCE.apply(student.to(acc), teacher.detach().to(acc), safe_lab, float(target_mix),
-                                         want_entropy)
+                                         want_entropy, float(eps))
     if entropy and not want_entropy:
         with torch.no_grad():
-            weight = pixel_entropy(entropy_from.detach())
+            weight = pixel_entropy(entropy_from.detach(), eps)
     elif not entropy:
         weight = torch.ones_like(per_pixel)
     weight = weight.to(per_pixel.dtype) * valid.to(per_pixel.dtype)
     weighted = weight * per_pixel
 
     if normaliser == "literal":
-        return _per_image_kl(weighted, weight, safe_lab, valid, n, classwise).to(student.dtype)
+        return _per_image_kl(weighted, weight, safe_lab, valid, n, classwise, eps).to(student.dtype)
     if not classwise:
-        loss = weighted.sum() / weight.sum().clamp_min(_EPS)
+        loss = weighted.sum() / _normaliser(weight.sum(), eps)
     else:
         num = per_pixel.new_zeros(n).index_add_(0, safe_lab.flatten(), weighted.flatten())
         den = per_pixel.new_zeros(n).index_add_(0, safe_lab.flatten(), weight.flatten())
         present = _present_classes(safe_lab, valid, n)
-        per_class = num / den.clamp_min(_EPS)
+        per_class = num / _normaliser(den, eps)
         loss = (per_class * present).sum() / present.sum().clamp_min(1)
     return loss.to(student.dtype)
 
@@ -425,7 +459,7 @@ class _DistillCE(torch.autograd.Function):
     - t_i`` is recomputed from them."""
 
     @staticmethod
-    def forward(ctx, student: Tensor, teacher: Tensor, labels: Tensor, mix: float, entropy: bool):
+    def forward(ctx, student: Tensor, teacher: Tensor, labels: Tensor, mix: float, entropy: bool, eps: float):
         log_s = student.log_softmax(dim=1)
         log_t = teacher.log_softmax(dim=1)
         t = log_t.exp()
@@ -433,7 +467,7 @@ class _DistillCE(torch.autograd.Function):
         if mix:
             nll = log_s.gather(1, labels.unsqueeze(1)).squeeze(1).neg_()
             per_pixel = per_pixel.mul_(1.0 - mix).add_(nll, alpha=mix)
-        weight = _channel_dot(t, log_t).squeeze(1).neg_() if entropy else None
+        weight = _entropy(t, log_t, eps) if entropy else None
         ctx.save_for_backward(student, teacher, labels)
         ctx.mix = mix
         if weight is not None:
@@ -451,24 +485,24 @@ class _DistillCE(torch.autograd.Function):
                 index = labels.unsqueeze(1)
                 grad_student.scatter_add_(1, index, grad_student.new_full(index.shape, -ctx.mix))
             grad_student.mul_(grad.unsqueeze(1))
-        return grad_student, None, None, None, None
+        return grad_student, None, None, None, None, None
 
 
 def _per_image_kl(weighted: Tensor, weight: Tensor, labels: Tensor, valid: Tensor, n: int,
-                  classwise: bool) -> Tensor:
+                  classwise: bool, eps: float = 0.0) -> Tensor:
     """Eqs. (7)/(10)/(11) as printed, one image at a time, then the mean over the images that have
     labelled pixels (for an image with none the equations are 0/0). ``weight`` is zero at ignored
     pixels, so they add nothing to a class or an image."""
     b = weighted.shape[0]
     labelled = valid.flatten(1).any(1).to(weighted.dtype)
     if not classwise:
-        per_image = weighted.flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(_EPS)
+        per_image = weighted.flatten(1).sum(1) / _normaliser(weight.flatten(1).sum(1), eps)
     else:
         bins = (torch.arange(b, device=labels.device).view(b, 1) * n + labels.flatten(1)).flatten()
         num = weighted.new_zeros(b * n).index_add_(0, bins, weighted.flatten())
         den = weighted.new_zeros(b * n).index_add_(0, bins, weight.flatten())
         # an absent class has num = den = 0 and adds 0 to the image's sum over all n classes
-        per_image = (num / den.clamp_min(_EPS)).view(b, n).sum(1) / n
+        per_image = (num / _normaliser(den, eps)).view(b, n).sum(1) / n
     return (per_image * labelled).sum() / labelled.sum().clamp_min(1)
 
 

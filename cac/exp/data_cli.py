@@ -161,12 +161,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_expected(p)
     p.set_defaults(func=_cmd_pascal_context)
 
-    p = sub.add_parser("tiny", help="random images in a real dataset's official layout (smoke tests)")
+    p = sub.add_parser("tiny", help="random images in a real dataset's official layout, sizes and label conventions (smoke tests)")
     p.add_argument("name", choices=list(REAL_DATASETS))
     p.add_argument("--out", help="data folder (default: data/ or $CAC_DATA_ROOT), as for the real dataset")
     p.add_argument("--train", type=int, default=6)
     p.add_argument("--val", type=int, default=2)
-    p.add_argument("--size", type=int, default=96, help="image height in pixels (Cityscapes' are twice as wide)")
+    p.add_argument("--size", type=int, default=96, help="images' longer side in pixels, aspects as in the dataset (Cityscapes: height, twice as wide)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_tiny)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any, Mapping, Optional
 
 from cac.errors import CacError
@@ -30,10 +31,13 @@ class RunOptions:
     world_size: int = 1
     model: Optional[str] = None  # --model: every row's base model (a registered name, or a config file)
     batch_per_gpu: Optional[int] = None  # --batch-per-gpu: the total batch kept by gradient accumulation
+    smoke: bool = False  # --smoke: the config shrunk for a CPU check (cac.mmseg.smoke)
 
     def params(self) -> dict:
         """What MLflow records about them (the config itself is logged too)."""
         out: dict = {"amp": self.amp, "pretrained": "none" if self.no_pretrained else "config"}
+        if self.smoke:
+            out["smoke"] = True
         out.update({f"cfg_options.{k}": v for k, v in self.cfg_options.items()})
         out.update({f"expected_{k}": v for k, v in self.expected.items()})
         return out
@@ -43,8 +47,9 @@ _SHIPPED_BATCH = re.compile(r"_(\d+)xb(\d+)-")
 
 
 def shipped_total_batch(config_name: Optional[str]) -> Optional[int]:
-    """The total batch an mmseg config's name declares (``..._8xb2-160k...`` is 8 GPUs x 2 = 16)."""
-    match = _SHIPPED_BATCH.search(config_name or "")
+    """The total batch an mmseg config's file name declares (``..._8xb2-160k...`` is 8 GPUs x 2 = 16);
+    the folders above it say nothing (a user's ``runs_2xb8-old/`` is not a batch)."""
+    match = _SHIPPED_BATCH.search(PurePosixPath(str(config_name or "").replace("\\", "/")).name)
     return int(match.group(1)) * int(match.group(2)) if match else None
 
 
@@ -66,39 +71,21 @@ def accumulation_steps(total: int, batch_per_gpu: int, world_size: int, where: s
                    f"total batch {total}; {hint}")
 
 
-# Schedule entries counted in iterations. With accumulation an iteration is one micro-batch, so they
-# are scaled by the steps: the run makes the optimizer steps (and sees the images) of the unscaled one.
-_ITER_PATHS = (("train_cfg", "max_iters"), ("train_cfg", "val_interval"), ("train_cfg", "val_begin"),
-               ("default_hooks", "checkpoint", "interval"), ("default_hooks", "logger", "interval"))
-_SCHEDULER_ITER_KEYS = ("begin", "end", "T_max", "step_size", "milestones")
+def _accumulate(cfg: dict, batch_per_gpu: int, steps: int, where: str) -> None:
+    """Per-GPU batch ``batch_per_gpu`` and ``steps`` micro-batches per optimizer step: mmengine's
+    ``accumulative_counts`` and cac's loop's ``micro_batches`` (one loop iteration is one optimizer
+    step, so the schedule, intervals and hooks keep counting optimizer steps, unscaled)."""
+    from cac.mmseg.loops import LOOP_TYPE
 
-
-def _scale_iters(value: Any, steps: int) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, list, tuple)):
-        return value
-    return [v * steps for v in value] if isinstance(value, (list, tuple)) else value * steps
-
-
-def _accumulate(cfg: dict, batch_per_gpu: int, steps: int) -> None:
-    """Per-GPU batch ``batch_per_gpu``, mmengine's ``accumulative_counts`` = ``steps``, and the
-    iteration-counted schedule (length, val/checkpoint/log intervals, the LR schedule's iteration
-    bounds) multiplied by ``steps``."""
     cfg["train_dataloader"]["batch_size"] = batch_per_gpu
     if steps == 1:
         return
+    train = cfg.get("train_cfg") or {}
+    if train.get("type") != LOOP_TYPE:
+        raise CacError(f"{where}: --batch-per-gpu accumulates within cac's {LOOP_TYPE}; this config's train loop "
+                       f"is {train.get('type')!r}")
+    train["micro_batches"] = steps
     cfg["optim_wrapper"] = {**(cfg.get("optim_wrapper") or {}), "accumulative_counts": steps}
-    for path in _ITER_PATHS:
-        node = cfg
-        for key in path[:-1]:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict) and path[-1] in node:
-            node[path[-1]] = _scale_iters(node[path[-1]], steps)
-    schedulers = cfg.get("param_scheduler") or []
-    for sched in [schedulers] if isinstance(schedulers, dict) else schedulers:
-        if isinstance(sched, dict) and sched.get("by_epoch", True) is False:
-            for key in _SCHEDULER_ITER_KEYS:
-                if key in sched:
-                    sched[key] = _scale_iters(sched[key], steps)
 
 
 def _merge_cfg_options(cfg: dict, options: Mapping[str, Any]) -> dict:
@@ -135,9 +122,9 @@ def apply_run_options(cfg: dict, options: RunOptions, *, embedded: bool, config_
         # batch (16) is kept on any count.
         cfg["train_dataloader"]["batch_size"] = per_process_batch(total, options.world_size, where)
     if options.batch_per_gpu is not None:
-        if "train_dataloader.batch_size" in options.cfg_options:
-            raise CacError("--batch-per-gpu and --cfg-options train_dataloader.batch_size both set the per-GPU "
-                           "batch; use one of them")
+        for key in ("train_dataloader.batch_size", "optim_wrapper.accumulative_counts", "train_cfg.micro_batches"):
+            if key in options.cfg_options:
+                raise CacError(f"--batch-per-gpu and --cfg-options {key} both set how a step is batched; use one of them")
         # the total kept: the paper's (the shipped config's name), or an embedded preset's batch
         kept = cfg["train_dataloader"]["batch_size"] if embedded else total
         if kept is None:
@@ -145,7 +132,12 @@ def apply_run_options(cfg: dict, options: RunOptions, *, embedded: bool, config_
                            "declare (no _NxbM-); set train_dataloader.batch_size and "
                            "optim_wrapper.accumulative_counts with --cfg-options")
         _accumulate(cfg, options.batch_per_gpu, accumulation_steps(kept, options.batch_per_gpu,
-                                                                   1 if embedded else options.world_size, where))
+                                                                   1 if embedded else options.world_size, where),
+                    where)
+    if options.smoke:
+        from cac.mmseg.smoke import smoke_config
+
+        smoke_config(cfg, batch_size=None if options.batch_per_gpu is not None else 2)
     if options.cfg_options:
         cfg = _merge_cfg_options(cfg, options.cfg_options)
     return cfg
@@ -164,9 +156,13 @@ def add_run_options(parser, *, training: bool = True) -> None:
         parser.add_argument("--amp", action="store_true", help="mixed precision (mmengine's AmpOptimWrapper)")
         parser.add_argument("--no-pretrained", action="store_true",
                             help="random init instead of the config's pretrained backbone (recorded)")
+        parser.add_argument("--smoke", action="store_true",
+                            help="check that a config trains, evaluates and checkpoints on a CPU: every image size "
+                                 "divided by 8, 2 iterations, batch 2, no worker processes (a run of its own)")
         parser.add_argument("--batch-per-gpu", type=int, metavar="N",
                             help="per-GPU batch N; gradient accumulation keeps the total batch (16 at preset "
-                                 "paper) and the schedule counts the optimizer steps (part of the run's identity)")
+                                 "paper); iterations (the schedule, intervals, logged steps, --cfg-options) stay "
+                                 "optimizer steps (part of the run's identity)")
 
 
 def add_model_option(parser) -> None:
@@ -203,4 +199,4 @@ def run_options(args) -> RunOptions:
         raise CacError(f"--batch-per-gpu must be >= 1, got {batch_per_gpu}")
     return RunOptions(cfg_options=dict(getattr(args, "cfg_options", None) or {}), amp=bool(getattr(args, "amp", False)),
                       no_pretrained=bool(getattr(args, "no_pretrained", False)), expected=expected,
-                      model=model_option(args), batch_per_gpu=batch_per_gpu)
+                      model=model_option(args), batch_per_gpu=batch_per_gpu, smoke=bool(getattr(args, "smoke", False)))

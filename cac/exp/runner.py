@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -85,7 +86,7 @@ class RunUnit:
 def make_unit(spec: Spec, row: Row, seed: int, preset: str, *, cac_extra: Optional[dict] = None,
               overrides_extra: Optional[dict] = None, extra_tags: Optional[dict] = None,
               work_root: Optional[Path] = None, options: Optional[RunOptions] = None) -> RunUnit:
-    from cac.mmseg.config import dataset_of_config
+    from cac.mmseg.config import dataset_of_config, existing_cac
     from cac.mmseg.zoo import resolve_model
 
     options = options or RunOptions()
@@ -99,6 +100,9 @@ def make_unit(spec: Spec, row: Row, seed: int, preset: str, *, cac_extra: Option
     cfg = apply_run_options(cfg, options, embedded=get_preset(preset).embedded, config_name=entry.config,
                             where=f"{spec.name} {row.label}")
     digest = config_hash(cfg)
+    # A user's config that already has CAC: the rows' settings replace its own; the run says so.
+    own = existing_cac(model) if entry.own_data else None
+    replaced = {} if own is None else {"config_cac": json.dumps(own, sort_keys=True)}
     # A user's config at preset paper trains on its own data (whatever the spec's dataset says).
     dataset = dataset_of_config(cfg) if entry.own_data and not get_preset(preset).embedded else spec.dataset
     # The data version is part of a unit's identity (its tags and its work dir): after the generator
@@ -108,7 +112,16 @@ def make_unit(spec: Spec, row: Row, seed: int, preset: str, *, cac_extra: Option
                 / f"{slug(row.label)}-s{seed}-{digest[:8]}")
     cfg["work_dir"] = str(work_dir)
     return RunUnit(spec, row, seed, preset, entry.name, cfg, digest, work_dir,
-                   {"data_version": version, **(extra_tags or {})}, options, dataset)
+                   {"data_version": version, **replaced, **(extra_tags or {})}, options, dataset)
+
+
+def replaced_cac_note(unit: RunUnit) -> Optional[str]:
+    """One line when the unit's base config already had CAC (``config_cac`` tag), else None."""
+    own = unit.extra_tags.get("config_cac")
+    if own is None:
+        return None
+    what = "its own CAC settings are replaced by the row's" if unit.row.cac is not None else "the row trains the head its CACHead wraps"
+    return f"note  {unit.model}: the config already has CAC ({own}); {what}"
 
 
 def plan_runs(spec: Spec, preset: str, rows: Optional[str] = None, seeds: Optional[int] = None,
@@ -265,7 +278,7 @@ def train_unit(unit: RunUnit, tracker: Optional[RunTracker], *, launcher: str = 
     from mmengine.runner import Runner
 
     from cac.mmseg.evaluation import iou_from_confusion
-    from cac.mmseg.hooks import TrackingHook
+    from cac.mmseg.hooks import EVALUATION_PRIORITY, EvaluationHook, TrackingHook
 
     cfg = Config(copy.deepcopy(unit.cfg))  # tuples stay tuples: mmseg transforms check for them
     cfg.launcher = launcher
@@ -289,7 +302,8 @@ def train_unit(unit: RunUnit, tracker: Optional[RunTracker], *, launcher: str = 
     hook = TrackingHook(tracker, interval=interval, log_interval=max(1, min(10, interval)),
                         label=f"{unit.row.label} s{unit.seed}", progress=progress and is_main_process(),
                         on_eval=on_eval, curve_interval=curve_interval(max_iters, interval))
-    runner.register_hook(hook, priority="LOW")
+    runner.register_hook(hook, priority="LOW")  # the loss guard runs before a checkpoint is written
+    runner.register_hook(EvaluationHook(hook), priority=EVALUATION_PRIORITY)  # and the evaluations after it
     from cac.mmseg.checkpoint import trusted_dir
 
     import urllib.error
@@ -505,6 +519,9 @@ def execute_unit(unit: RunUnit, state: str, run_id: Optional[str], uri: str, *, 
     main = is_main_process()
     if main:  # before any MLflow run is opened: a missing dataset must leave nothing behind
         ensure_data(unit)
+        note = replaced_cac_note(unit)
+        if note:
+            echo(note)
     if launcher != "none":
         broadcast(None)  # other ranks wait for the data
     with work_dir_lock(unit.work_dir, enabled=main) as locked:
@@ -570,6 +587,8 @@ def _print_plan(spec: Spec, preset: str, units: list[RunUnit], states: list, uri
                 "cac.design_y", "cac.design_p")
         brief = " ".join(f"{k.replace('cac.', '')}={settings[k]}" for k in keys if k in settings)
         echo(f"  {unit.row.label:>8} seed={unit.seed} [{unit.cfg_hash[:8]}] {what}: {brief}")
+    for note in dict.fromkeys(filter(None, (replaced_cac_note(u) for u in units))):
+        echo(note)
     counts = {s: sum(1 for st, _ in states if st == s) for s in ("new", "resume", "finished", "shared")}
     echo(f"plan: {counts['new']} to train, {counts['resume']} to resume, {counts['finished']} done, "
          f"{counts['shared']} shared with other specs (trainings saved: {counts['shared']})")

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["confusion_matrix", "iou_from_confusion", "classifier_logits", "evaluate_classifiers", "unwrap",
-           "ClassifierPass", "evaluate_pass", "explain_metrics", "explain_artifacts", "CLASSIFIER_SHORT"]
+           "ClassifierPass", "evaluate_pass", "explain_metrics", "explain_artifacts", "CLASSIFIER_SHORT",
+           "size_groups", "rank_share"]
 
 CLASSIFIER_SHORT = {"p": "p", "p_p": "pp", "p_y": "py"}  # metric-name suffixes: val/mIoU_pp, val/ece_pp
 
@@ -36,6 +37,38 @@ def iou_from_confusion(conf: Tensor) -> tuple[Tensor, float]:
 def unwrap(model):
     """The segmentor inside DDP / TTA wrappers."""
     return getattr(model, "module", model)
+
+
+def _sizes(batch: Mapping, i: int) -> tuple:
+    """What must agree for two test images to share a forward pass: the input's shape and the label's."""
+    samples = batch.get("data_samples") or []
+    gt = getattr(samples[i], "gt_sem_seg", None) if i < len(samples) else None
+    return tuple(batch["inputs"][i].shape), tuple(gt.shape) if gt is not None else ()
+
+
+def size_groups(batch: Mapping) -> list[tuple[list[int], dict]]:
+    """A collated test batch as ``(indices, sub-batch)`` pairs of images of one size (and labels of one
+    size), in order of first appearance. mmseg's ``SegDataPreProcessor`` stacks a test batch only when
+    every image has the same size, and real test pipelines keep each image's aspect (ADE20K,
+    COCO-Stuff, Pascal-Context), so a batch of val images is in general several forward passes."""
+    inputs = batch.get("inputs")
+    if not isinstance(inputs, (list, tuple)):  # already a stacked tensor: one size
+        return [(list(range(len(inputs))), dict(batch))]
+    groups: dict[tuple, list[int]] = {}
+    for i in range(len(inputs)):
+        groups.setdefault(_sizes(batch, i), []).append(i)
+    if len(groups) == 1:
+        return [(list(range(len(inputs))), dict(batch))]
+    return [(idx, {k: [v[i] for i in idx] if isinstance(v, (list, tuple)) and len(v) == len(inputs) else v
+                   for k, v in batch.items()}) for idx in groups.values()]
+
+
+def rank_share(dataset_size: int, rank: int, world_size: int) -> int:
+    """How many of a rank's val samples are real under mmengine's ``DefaultSampler``: it pads the
+    dataset to a multiple of the world size with repeats at the end of the index list and deals it
+    out round-robin, so rank ``r`` holds positions ``r, r + world, ...`` and those at or past
+    ``dataset_size`` are the padding (mmengine's evaluator drops them; so must every count here)."""
+    return len(range(rank, dataset_size, world_size))
 
 
 def classifier_logits(segmentor, inputs: Tensor, labels: Optional[Tensor]) -> dict[str, Tensor]:
@@ -88,34 +121,59 @@ def _add(store: dict, key: str, value: Tensor) -> None:
 
 @torch.no_grad()
 def evaluate_pass(model, batches: Iterable[dict], num_classes: int, ignore_index: int = 255,
-                  explain: bool = False) -> ClassifierPass:
+                  explain: bool = False, max_images: Optional[int] = None) -> ClassifierPass:
     """Confusion matrices per classifier over ``batches`` (mmengine data batches, test pipeline) and,
-    with ``explain``, calibration and p-vs-p_p change counts from the same logits (one forward pass)."""
-    from cac.core.explain import calibration_bins, change_counts
+    with ``explain``, calibration and p-vs-p_p change counts from the same logits (one forward pass).
 
+    Images of any sizes: a batch is run as :func:`size_groups`, so every count equals the sum of each
+    image's own. ``max_images``: count only the first that many images (the rest are a DDP sampler's
+    padding, see :func:`rank_share`)."""
     segmentor = unwrap(model)
     was_training = segmentor.training
     segmentor.eval()
     result = ClassifierPass({})
     try:
+        seen = 0
         for batch in batches:
-            data = segmentor.data_preprocessor(batch, False)
-            inputs, samples = data["inputs"], data["data_samples"]
-            labels = torch.stack([s.gt_sem_seg.data.squeeze(0) for s in samples]).to(inputs.device)
-            preds = {}
-            for name, logits in classifier_logits(segmentor, inputs, labels).items():
-                logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear",
-                                       align_corners=segmentor.align_corners)
-                preds[name] = logits.argmax(1)
-                _add(result.confusion, name, confusion_matrix(preds[name], labels, num_classes, ignore_index).cpu())
-                if explain and name in ("p", "p_p"):
-                    _add(result.calibration, name, calibration_bins(logits, labels, ignore_index))
-            if explain and "p_p" in preds:
-                counts = change_counts(preds["p"], preds["p_p"], labels, num_classes, ignore_index)
-                result.changes = counts if result.changes is None else result.changes + counts
+            if max_images is not None:
+                if seen >= max_images:
+                    continue  # the rest is padding; the loader is still drained to its end
+                batch = _first(batch, max_images - seen)
+            seen += len(batch["inputs"])
+            for _, group in size_groups(batch):
+                _count_group(segmentor, group, result, num_classes, ignore_index, explain)
     finally:
         segmentor.train(was_training)
     return result
+
+
+def _count_group(segmentor, group: dict, result: ClassifierPass, num_classes: int, ignore_index: int,
+                 explain: bool) -> None:
+    """One forward pass over images of one size, added to ``result``."""
+    from cac.core.explain import calibration_bins, change_counts
+
+    data = segmentor.data_preprocessor(group, False)
+    inputs, samples = data["inputs"], data["data_samples"]
+    labels = torch.stack([s.gt_sem_seg.data.squeeze(0) for s in samples]).to(inputs.device)
+    preds = {}
+    for name, logits in classifier_logits(segmentor, inputs, labels).items():
+        logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear",
+                               align_corners=segmentor.align_corners)
+        preds[name] = logits.argmax(1)
+        _add(result.confusion, name, confusion_matrix(preds[name], labels, num_classes, ignore_index).cpu())
+        if explain and name in ("p", "p_p"):
+            _add(result.calibration, name, calibration_bins(logits, labels, ignore_index))
+    if explain and "p_p" in preds:
+        counts = change_counts(preds["p"], preds["p_p"], labels, num_classes, ignore_index)
+        result.changes = counts if result.changes is None else result.changes + counts
+
+
+def _first(batch: dict, n: int) -> dict:
+    """The first ``n`` images of a collated batch."""
+    size = len(batch["inputs"])
+    if n >= size:
+        return batch
+    return {k: v[:n] if isinstance(v, (list, tuple, Tensor)) and len(v) == size else v for k, v in batch.items()}
 
 
 def evaluate_classifiers(model, batches: Iterable[dict], num_classes: int, ignore_index: int = 255,

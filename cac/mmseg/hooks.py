@@ -15,9 +15,13 @@ from mmengine.registry import HOOKS
 
 from cac.errors import CacError
 from cac.mmseg.evaluation import (ClassifierPass, evaluate_classifiers, evaluate_pass, explain_artifacts,
-                                    explain_metrics, iou_from_confusion)
+                                    explain_metrics, iou_from_confusion, rank_share)
 
-__all__ = ["TrackingHook", "NonFiniteLossError", "metric_name"]
+__all__ = ["TrackingHook", "EvaluationHook", "NonFiniteLossError", "metric_name", "EVALUATION_PRIORITY"]
+
+# The three-classifier evaluation runs after mmengine's CheckpointHook (VERY_LOW = 90): an evaluation
+# that fails (a bad image, out of memory) then never costs the checkpoint that was due at that step.
+EVALUATION_PRIORITY = 95
 
 _SHORT = {"p": "p", "p_p": "pp", "p_y": "py"}
 
@@ -102,6 +106,24 @@ class TrackingHook(Hook):
         if self.tracker is not None and runner.iter > 0:  # where each resume started: the run's history
             self.tracker.log_metrics({"resume/start_iter": float(runner.iter)}, runner.iter)
 
+    def _due(self, step: int, max_iters: int) -> tuple[bool, bool]:
+        """Whether the full and the curve evaluations are due after ``step``."""
+        last = step == max_iters
+        return ((self.interval and step % self.interval == 0) or last,
+                (self.curve_interval and step % self.curve_interval == 0) or last)
+
+    def resume_evaluations(self, runner) -> None:
+        """A run resumed at a step whose evaluation did not get logged (the process died in it, after
+        its checkpoint was written) evaluates that step first, so the curves keep their point."""
+        step = runner.iter
+        if self.tracker is None or step == 0 or step >= runner.max_iters:
+            return
+        full, curve = self._due(step, runner.max_iters)
+        if full and self._logged.get("val/mIoU_p", -1) < step:
+            self._evaluate(runner, step, final=False)
+        if curve and self._logged.get("curve/val_mIoU_p", -1) < step:
+            self._timed(self._evaluate_curve, runner, step)
+
     def _log(self, metrics: dict, step: int) -> None:
         fresh = {k: v for k, v in metrics.items() if step > self._logged.get(k, -1)}
         if self.tracker is not None and fresh:
@@ -123,12 +145,18 @@ class TrackingHook(Hook):
             if lr:
                 metrics["train/lr"] = float(next(iter(lr.values()))[0])
             self._log(metrics, step)
-        if (self.interval and step % self.interval == 0) or step == runner.max_iters:
-            self._evaluate(runner, step, final=step == runner.max_iters)
-        if (self.curve_interval and step % self.curve_interval == 0) or step == runner.max_iters:
-            self._timed(self._evaluate_curve, runner, step)
         if self.progress:
             self._print_progress(runner, step)
+
+    def evaluate_after_iter(self, runner) -> None:
+        """The evaluations due after this iteration (called by :class:`EvaluationHook`, which runs
+        after the checkpoint hook)."""
+        step = runner.iter + 1
+        full, curve = self._due(step, runner.max_iters)
+        if full:
+            self._evaluate(runner, step, final=step == runner.max_iters)
+        if curve:
+            self._timed(self._evaluate_curve, runner, step)
 
     def after_train(self, runner) -> None:
         """A run resumed from its final checkpoint trained nothing here: evaluate it as the end of an
@@ -210,7 +238,8 @@ class TrackingHook(Hook):
         num_classes = len(runner.val_dataloader.dataset.metainfo["classes"])
         metrics: dict[str, float] = {}
         for split, batches in (("val", runner.val_dataloader), ("train", self._train_subset_batches(runner))):
-            result = evaluate_pass(runner.model, batches, num_classes, explain=split == "val")
+            result = evaluate_pass(runner.model, batches, num_classes, explain=split == "val",
+                                   max_images=self._val_share(runner) if split == "val" else None)
             if split == "val":  # under DDP each rank saw its shard of val: sum every count
                 result = ClassifierPass.from_tensors({k: _all_reduce(v) for k, v in result.tensors().items()})
                 metrics.update(explain_metrics(result))  # val/ece_*, val/changed_pixels, ...
@@ -228,6 +257,14 @@ class TrackingHook(Hook):
             self.on_eval(step, metrics)
 
     @staticmethod
+    def _val_share(runner) -> Optional[int]:
+        """This rank's real val images (None on one process): the sampler's padding is not counted."""
+        from mmengine.dist import get_dist_info
+
+        rank, world = get_dist_info()
+        return None if world == 1 else rank_share(len(runner.val_dataloader.dataset), rank, world)
+
+    @staticmethod
     def _test_time_confusion(runner, confs: dict) -> torch.Tensor:
         from cac.mmseg.evaluation import unwrap
         from cac.mmseg.head import CACHead
@@ -237,3 +274,19 @@ class TrackingHook(Hook):
         if isinstance(head, CACHead) and "p_p" in confs and head.options.test_output == "context":
             return confs["p_p"]
         return confs["p"]
+
+
+@HOOKS.register_module()
+class EvaluationHook(Hook):
+    """Runs a :class:`TrackingHook`'s evaluations after each training iteration; registered at
+    :data:`EVALUATION_PRIORITY`, after the checkpoint hook, and before the first training step of a
+    resumed run (for an evaluation the interrupted process did not finish)."""
+
+    def __init__(self, tracking: TrackingHook) -> None:
+        self.tracking = tracking
+
+    def before_train(self, runner) -> None:
+        self.tracking.resume_evaluations(runner)
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        self.tracking.evaluate_after_iter(runner)

@@ -9,6 +9,13 @@ training step's own draws (dropout, drop path) from one seeded by (seed, iterati
 then trains on exactly the batches, augmentations and masks of the uninterrupted one, and the number
 of dataloader workers changes nothing.
 
+Gradient accumulation (``micro_batches=k``, what ``--batch-per-gpu`` sets, with the optimizer
+wrapper's ``accumulative_counts=k``): one iteration of the loop is one optimizer step over k
+micro-batches. Iterations, and everything counted in them (``max_iters``, the val and checkpoint
+intervals, the LR schedule, per-iteration hooks such as EMA, the logged steps), mean optimizer steps
+whatever the per-GPU batch, and the step sees the same images in the same order as one batch of k
+times the size.
+
 ``resolve_config`` writes the loop into every config, so mmseg's stock ``tools/train.py`` uses it too
 (``custom_imports`` brings in ``cac``). Registered: the loop, :class:`PositionedInfiniteSampler` and
 :class:`PositionSeededDataset` (which the loop puts around the configured ones).
@@ -141,21 +148,38 @@ class ResumableIterBasedTrainLoop(IterBasedTrainLoop):
     every training step from (seed, iteration). Same arguments as mmengine's loop. A dataloader that
     cannot be positioned (not an ``InfiniteSampler``) resumes mmengine's way, with a warning."""
 
-    def __init__(self, runner, dataloader, max_iters: int, **kwargs) -> None:
+    def __init__(self, runner, dataloader, max_iters: int, micro_batches: int = 1, **kwargs) -> None:
+        if int(micro_batches) != micro_batches or micro_batches < 1:
+            raise ValueError(f"train_cfg.micro_batches must be a positive integer, got {micro_batches!r}")
+        self.micro_batches = int(micro_batches)
         positioned = seekable_dataloader(dataloader)
         self._seekable = positioned is not None
         # The held sampler yields nothing until run() seeks it, so the iterator mmengine's __init__
         # makes (and its workers' prefetch) loads no batch.
         super().__init__(runner, positioned if self._seekable else dataloader, max_iters, **kwargs)
 
+    def _check_accumulation(self) -> None:
+        """The optimizer wrapper steps once per iteration's micro-batches, and counts them as such."""
+        k = self.micro_batches
+        wrapper = self.runner.optim_wrapper
+        counts = getattr(wrapper, "_accumulative_counts", None)
+        if counts is not None and counts != k:
+            raise ValueError(f"train_cfg.micro_batches={k} needs optim_wrapper.accumulative_counts={k}, "
+                             f"got {counts}")
+        if k > 1:
+            if not self._seekable:
+                raise ValueError("train_cfg.micro_batches > 1 needs the train sampler to be an InfiniteSampler")
+            wrapper.initialize_count_status(self.runner.model, self._iter * k, self._max_iters * k)
+
     def run(self):
+        self._check_accumulation()
         if not self._seekable:
             print_log("ResumableIterBasedTrainLoop: the train sampler is not an InfiniteSampler; a resume "
                       "replays the data as mmengine's loop does", logger="current", level=logging.WARNING)
             return super().run()
         self.runner.call_hook("before_train")
         self.runner.call_hook("before_train_epoch")
-        consumed = self._iter * self.dataloader.batch_size
+        consumed = self._iter * self.dataloader.batch_size * self.micro_batches
         self.dataloader.sampler.seek(consumed)
         self.dataloader_iterator = iter(self.dataloader)  # the sampler is infinite: no restarts needed
         if self._iter > 0:
@@ -163,7 +187,10 @@ class ResumableIterBasedTrainLoop(IterBasedTrainLoop):
                       "skipped without loading them", logger="current", level=logging.INFO)
         while self._iter < self._max_iters and not self.stop_training:
             self.runner.model.train()
-            self.run_iter(next(self.dataloader_iterator))
+            if self.micro_batches == 1:
+                self.run_iter(next(self.dataloader_iterator))
+            else:
+                self.run_iter([next(self.dataloader_iterator) for _ in range(self.micro_batches)])
             self._decide_current_val_interval()
             if (self.runner.val_loop is not None and self._iter >= self.val_begin
                     and (self._iter % self.val_interval == 0 or self._iter == self._max_iters)):
@@ -178,4 +205,17 @@ class ResumableIterBasedTrainLoop(IterBasedTrainLoop):
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
-        super().run_iter(data_batch)
+        if self.micro_batches == 1:
+            return super().run_iter(data_batch)
+        return self._accumulated_iter(data_batch)
+
+    def _accumulated_iter(self, micro: list) -> None:
+        """One optimizer step over the micro-batches: each one's forward and backward (the wrapper
+        scales the losses by 1/k, skips DDP's gradient sync and steps on the last), then the hooks
+        once, with the whole step's batch and its losses averaged over the micro-batches."""
+        whole = {key: [item for batch in micro for item in batch[key]] for key in micro[0]}
+        self.runner.call_hook("before_train_iter", batch_idx=self._iter, data_batch=whole)
+        outputs = [self.runner.model.train_step(batch, optim_wrapper=self.runner.optim_wrapper) for batch in micro]
+        merged = {key: sum(out[key] for out in outputs) / len(outputs) for key in outputs[0]}
+        self.runner.call_hook("after_train_iter", batch_idx=self._iter, data_batch=whole, outputs=merged)
+        self._iter += 1
