@@ -93,10 +93,10 @@ def _spec(where: Path, workers: int = 0, persistent: bool = False, extra: str = 
     return path
 
 
-def _run(where: Path, spec: Path, uri: str, log_level: str = "ERROR") -> subprocess.CompletedProcess:
+def _run(where: Path, spec: Path, uri: str, log_level: str = "ERROR", extra: tuple = ()) -> subprocess.CompletedProcess:
     env = probe_env({**os.environ, "CAC_WORK_DIR": str(where / "work_dirs"), "CAC_LOG_LEVEL": log_level,
                      "OMP_NUM_THREADS": "2"})
-    return subprocess.run([sys.executable, "-m", "cac.cli", "run", str(spec), "--tracking-uri", uri],
+    return subprocess.run([sys.executable, "-m", "cac.cli", "run", str(spec), "--tracking-uri", uri, *extra],
                           cwd=where, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -145,3 +145,23 @@ def test_dataloader_workers_change_nothing(uninterrupted, tmp_path):
     out = _run(tmp_path, _spec(tmp_path, workers=2), uri)
     assert out.returncode == 0, out.stderr[-3000:]
     assert _final(uri)[1] == pytest.approx(uninterrupted, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_resume_is_exact_with_diff_rank_seed(tmp_path_factory):
+    """``randomness.diff_rank_seed=True`` (each rank its own seed; mmengine then draws the sampler's seed
+    from the global RNG): a run killed at 6 and resumed at 4 ends as the uninterrupted one."""
+    extra = ("--cfg-options", "randomness.diff_rank_seed=True")
+    straight = tmp_path_factory.mktemp("drs-straight")
+    out = _run(straight, _spec(straight), f"sqlite:///{straight}/mlflow.db", extra=extra)
+    assert out.returncode == 0, out.stderr[-3000:]
+    reference = _final(f"sqlite:///{straight}/mlflow.db")[1]
+    where = tmp_path_factory.mktemp("drs-killed")
+    probe = where / "probe"
+    spec = _spec(where, extra=probe_overrides(probe, kill_at=6))
+    uri = f"sqlite:///{where}/mlflow.db"
+    assert _run(where, spec, uri, extra=extra).returncode == -signal.SIGKILL
+    resumed = _run(where, spec, uri, extra=extra)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert start_iters(probe) == [0, 4]
+    assert _final(uri)[1] == pytest.approx(reference, abs=1e-9)
