@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast data repro clean-venv
+.PHONY: setup demo test test-fast data repro docs clean-venv
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ data: setup
 
 demo: setup
 	$(VENV)/bin/cac-exp demo
+
+# The guides (docs/) as a site in site/; --strict: a broken link, anchor or snippet fails the build.
+docs: setup
+	$(VENV)/bin/mkdocs build --strict
 
 clean-venv:
 	rm -rf $(VENV)
