@@ -73,10 +73,11 @@ def report_ablation(spec, preset: str, uri: str, out_dir: Path, fig_dir: Optiona
                     echo: Callable[[str], None] = print) -> list[Path]:
     """``table{N}.{md,csv,tex}`` for one spec; the Markdown ends with :func:`explain_sections` and
     ``table{N}_classes.csv`` holds its per-class table (figures in ``fig_dir`` when given)."""
-    from cac.exp.results import collect
+    from cac.exp.results import collect, matched_runs, versions_note
 
-    results = collect(spec, preset, uri)
-    table = build_ablation(spec, results, preset, notes=_ignored_note(spec, preset, uri, results))
+    runs = matched_runs(spec, preset, uri)
+    results = collect(spec, preset, uri, runs=runs)
+    table = build_ablation(spec, results, preset, notes=_ignored_note(spec, preset, uri, results) + versions_note(runs))
     stem = table_number(spec.name)
     extra, classes_csv, figures = explain_sections(spec, preset, uri, fig_dir, echo)
     texts = {"md": ablation_markdown(table, uri) + extra, "csv": ablation_csv(table), "tex": ablation_latex(table)}

@@ -27,7 +27,7 @@ from mmengine.registry import HOOKS
 TESTS_DIR = Path(__file__).resolve().parent
 
 __all__ = ["ProbeHook", "probe_overrides", "probe_env", "start_iters", "rank_reports", "assert_steps_logged_once",
-           "trainer_pids"]
+           "trainer_pids", "loaded_positions"]
 
 
 def _param_digest(model: torch.nn.Module) -> str:
@@ -64,6 +64,8 @@ class ProbeHook(Hook):
         # runner.iter here is where training really starts (after mmengine loaded any checkpoint)
         with open(self.out_dir / f"starts-rank{self._rank()}.txt", "a") as fh:
             fh.write(f"{runner.iter}\n")
+        with open(self.out_dir / f"pids-rank{self._rank()}.txt", "a") as fh:
+            fh.write(f"{runner.iter} {os.getpid()}\n")
         self._initial = _param_digest(runner.model)
         self._count_steps(runner)
         if self.trainers:
@@ -130,6 +132,40 @@ def probe_overrides(out_dir: Path, kill_at: int = 0, kill_at_end: bool = False, 
     return ("  custom_imports: {imports: [cac_probes], allow_failed_imports: false}\n"
             f"  custom_hooks: [{{type: ProbeHook, out_dir: '{out_dir}', kill_at: {kill_at}, "
             f"kill_at_end: {str(kill_at_end).lower()}, trainers: {trainers}, wait_s: {wait_s}}}]\n")
+
+
+# Every sample a training process (or its dataloader workers) reads, by its position in the sample
+# stream, appended to $CAC_PROBE_LOADS as "pid parent-pid position": what a resumed process loaded,
+# replayed or not, whatever it logs. Patched when the runner imports this module (custom_imports),
+# before any dataloader worker forks.
+LOADS_ENV = "CAC_PROBE_LOADS"
+
+
+def _record_loads(path: str) -> None:
+    from cac.mmseg.loops import PositionSeededDataset, StreamKey
+
+    real = PositionSeededDataset.__getitem__
+
+    def recorded(self, key):
+        if isinstance(key, StreamKey):
+            with open(path, "a") as fh:
+                fh.write(f"{os.getpid()} {os.getppid()} {key.position}\n")
+        return real(self, key)
+
+    PositionSeededDataset.__getitem__ = recorded
+
+
+if os.environ.get(LOADS_ENV):
+    _record_loads(os.environ[LOADS_ENV])
+
+
+def loaded_positions(out_dir: Path, loads: Path, start_iter: int, rank: int = 0) -> list[int]:
+    """Sample-stream positions read by the training process that started at ``start_iter`` (its own
+    reads and its dataloader workers'), from the ``$CAC_PROBE_LOADS`` file ``loads``."""
+    pids = [int(pid) for it, pid in (line.split() for line in (Path(out_dir) / f"pids-rank{rank}.txt").read_text()
+                                      .splitlines()) if int(it) == start_iter]
+    rows = [line.split() for line in Path(loads).read_text().splitlines()] if Path(loads).is_file() else []
+    return [int(pos) for pid, ppid, pos in rows if int(pid) in pids or int(ppid) in pids]
 
 
 def trainer_pids(out_dir: Path) -> set[int]:

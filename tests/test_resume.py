@@ -2,6 +2,7 @@
 position, and augmentations and training steps draw from (seed, position) and (seed, iteration)."""
 import itertools
 import os
+from typing import Optional
 import random
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from cac_probes import probe_env, probe_overrides, start_iters
+from cac_probes import LOADS_ENV, loaded_positions, probe_env, probe_overrides, start_iters
 
 METRICS = ("val/mIoU", "val/mIoU_p", "val/mIoU_pp", "val/mIoU_py")
 
@@ -93,9 +94,10 @@ def _spec(where: Path, workers: int = 0, persistent: bool = False, extra: str = 
     return path
 
 
-def _run(where: Path, spec: Path, uri: str, log_level: str = "ERROR", extra: tuple = ()) -> subprocess.CompletedProcess:
+def _run(where: Path, spec: Path, uri: str, log_level: str = "ERROR", extra: tuple = (),
+         env_extra: Optional[dict] = None) -> subprocess.CompletedProcess:
     env = probe_env({**os.environ, "CAC_WORK_DIR": str(where / "work_dirs"), "CAC_LOG_LEVEL": log_level,
-                     "OMP_NUM_THREADS": "2"})
+                     "OMP_NUM_THREADS": "2", **(env_extra or {})})
     return subprocess.run([sys.executable, "-m", "cac.cli", "run", str(spec), "--tracking-uri", uri, *extra],
                           cwd=where, env=env, capture_output=True, text=True, timeout=600)
 
@@ -125,9 +127,10 @@ def test_killed_and_resumed_run_ends_as_the_uninterrupted_one(uninterrupted, tmp
     probe = tmp_path / "probe"
     spec = _spec(tmp_path, workers=2, persistent=True, extra=probe_overrides(probe, kill_at=6))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    killed = _run(tmp_path, spec, uri)
+    loads = tmp_path / "loads.txt"
+    killed = _run(tmp_path, spec, uri, env_extra={LOADS_ENV: str(loads)})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    resumed = _run(tmp_path, spec, uri, log_level="INFO")
+    resumed = _run(tmp_path, spec, uri, log_level="INFO", env_extra={LOADS_ENV: str(loads)})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert start_iters(probe) == [0, 4]
     work_dir, metrics = _final(uri)
@@ -135,6 +138,11 @@ def test_killed_and_resumed_run_ends_as_the_uninterrupted_one(uninterrupted, tmp
     log = logs[-1].read_text()  # the resumed process's mmengine log, at INFO
     assert "Resumed the sample stream at iteration 4: 32 samples per rank skipped" in log
     assert "Advance dataloader" not in log
+    # what the resumed process really read: nothing before position 32 (4 iterations x 8), every
+    # position from there on (the killed process had read from 0)
+    resumed_loads = loaded_positions(probe, loads, 4)
+    assert resumed_loads and min(resumed_loads) == 32 and sorted(resumed_loads)[:8] == list(range(32, 40))
+    assert min(loaded_positions(probe, loads, 0)) == 0
     assert metrics == pytest.approx(uninterrupted, abs=1e-9)
 
 

@@ -72,6 +72,32 @@ def test_run_tracks_everything_then_skips_finished(workspace, capsys):
     assert {"config.py", "per_class_iou.csv", "checkpoint"} <= arts
     assert "val/mIoU_pp" not in by_row["(a)"].data.metrics and "val/mIoU_p" in by_row["(a)"].data.metrics
 
+    # Provenance in MLflow's own fields (the UI's Source and Dataset columns, a training experiment)
+    # and the versions of the stack as env.* tags.
+    import importlib.metadata
+
+    import torch
+
+    assert tags["mlflow.source.name"] == "cac-exp" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.git.commit"] == tags["git_commit"] and tags["mlflow.source.git.dirty"] in ("true", "false")
+    assert tags["env.torch"] == torch.__version__.split("+")[0] or tags["env.torch"] == importlib.metadata.version("torch")
+    assert tags["env.mmcv"] == importlib.metadata.version("mmcv") and tags["env.mmcv_ops"] == "compiled"
+    assert tags["env.mmseg"] == importlib.metadata.version("mmsegmentation") and tags["env.cac"] == "0.1.0"
+    assert tags["env.device"].startswith("cpu") and tags["env.cuda"] == "none"
+    (dataset,) = client.get_run(cac_run.info.run_id).inputs.dataset_inputs
+    assert dataset.dataset.name == tags["data_version"]
+    assert {t.key: t.value for t in dataset.tags} == {"mlflow.data.context": "training"}
+    assert client.get_experiment_by_name("rt").tags["mlflow.experimentKind"] == "custom_model_development"
+    # `results` says what the rows were made with, and when they differ, which row had what
+    capsys.readouterr()
+    assert main(["results", str(spec), "--preset", "quick", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert f"made with: " in out and f"mmseg {tags['env.mmseg']}" in out and "different versions" not in out
+    client.set_tag(by_row["(a)"].info.run_id, "env.torch", "1.13.1")
+    assert main(["results", str(spec), "--preset", "quick", "--tracking-uri", uri]) == 0
+    assert f"different versions: torch: 1.13.1 in (a); {tags['env.torch']} in (f)." in capsys.readouterr().out
+    client.set_tag(by_row["(a)"].info.run_id, "env.torch", tags["env.torch"])
+
     capsys.readouterr()
     assert main(["run", str(spec), "--preset", "quick", "--tracking-uri", uri]) == 0
     assert capsys.readouterr().out.count("skip") == 2

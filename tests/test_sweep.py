@@ -276,5 +276,23 @@ def test_sweep_workers_as_local_jobs(workspace, sweep_spec, capsys, monkeypatch)
     runs = mlflow.MlflowClient(tracking_uri=uri).search_runs(
         [mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("base").experiment_id])
     trained = {int(r.data.tags["trial"]) for r in runs if r.info.status == "FINISHED"}
-    # workers starting together may propose the same point; the later trial reuses the FINISHED run
-    assert trained and trained <= {t.number for t in done} and all(t.value is not None for t in done)
+    # workers starting together on one study draw from their own seed streams: no point twice, so every
+    # completed trial trained its own run
+    points = [tuple(sorted(t.params.items())) for t in done]
+    assert len(set(points)) == len(points), points
+    assert trained == {t.number for t in complete} and all(t.value is not None for t in done)
+
+
+@pytest.mark.parametrize("kind", ["random", "tpe"])
+def test_dispatched_workers_starting_on_an_empty_study_draw_different_points(kind):
+    """Workers dispatched together find the study empty: their samplers still differ (each its own seed
+    stream), and each is deterministic (the same worker draws the same point again)."""
+    from cac.exp.sweep import study_sampler
+
+    def first_point(worker: int) -> tuple:
+        study = optuna.create_study(sampler=study_sampler({"type": kind, "seed": 0}, 0, worker))
+        trial = study.ask()
+        return trial.suggest_float("tau", 1.0, 30.0, log=True), trial.suggest_float("lambda_kl", 0.01, 10.0, log=True)
+
+    assert first_point(0) != first_point(1)
+    assert first_point(1) == first_point(1)

@@ -210,8 +210,10 @@ def _log_run(uri: str, spec: Spec, row: Row, preset: str, model: str, cfg: dict,
             "model": model, "task": "benchmark"}
     tracker = RunTracker.open(uri, spec.name, tags, f"{spec.name} {row.label} {res.size}px {preset}")
     try:
+        from cac.exp.provenance import run_tags
+
         tracker.set_tags({"git_commit": git_commit(), "description": row.description,
-                          "mem_method": res.memory.get("mem_method", "")})
+                          "mem_method": res.memory.get("mem_method", ""), **run_tags("cac-exp run (benchmark)")})
         tracker.log_params(_row_params(spec, row, model, cfg, settings, res.size))
         metrics = {**res.stats, **res.delta, **(res.classifier or {}),
                    **{k: v for k, v in res.memory.items() if isinstance(v, (int, float))}}

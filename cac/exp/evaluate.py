@@ -130,8 +130,10 @@ def evaluate_checkpoint(spec_path: str, row: str, preset: str, checkpoint: str, 
     tags = {**unit.tags, "kind": "eval", "checkpoint": str(checkpoint)[-250:], "checkpoint_sha256": digest}
     tracker = RunTracker.open(uri, eval_experiment(spec.name), tags, f"eval {unit.name}")
     try:
+        from cac.exp.provenance import run_tags
+
         tracker.set_tags({"git_commit": git_commit(), "model": unit.model, "base_model": unit.model,
-                          "description": target.description})
+                          "description": target.description, **run_tags("cac-exp eval")})
         tracker.log_params({**{f"setting.{k}": v for k, v in unit.settings().items()},
                             **flatten(unit.cfg.get("model", {}), "cfg.model."), **unit.options.params()})
         t0 = time.time()

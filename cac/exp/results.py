@@ -7,7 +7,8 @@ from cac.exp.spec import Spec, load_spec
 from cac.exp.stats import fmt_summary, summarize
 from cac.exp.tracking import find_runs, resolve_tracking_uri
 
-__all__ = ["matched_runs", "collect", "collect_evaluations", "print_tracked", "base_model_name"]
+__all__ = ["matched_runs", "collect", "collect_evaluations", "print_tracked", "base_model_name", "versions_note",
+           "run_versions"]
 
 
 def matched_runs(spec: Spec, preset: str, uri: str) -> dict[str, dict[int, object]]:
@@ -46,10 +47,29 @@ def _add_shared(spec: Spec, preset: str, uri: str, out: dict[str, dict[int, obje
                     out[row.label][seed] = run
 
 
-def collect(spec: Spec, preset: str, uri: str, metric: str = "val/mIoU") -> dict[str, dict[int, float]]:
-    """``{row label: {seed: metric}}`` from :func:`matched_runs` (runs without the metric left out)."""
-    return {label: {seed: run.data.metrics[metric] for seed, run in runs.items() if metric in run.data.metrics}
-            for label, runs in matched_runs(spec, preset, uri).items()}
+def collect(spec: Spec, preset: str, uri: str, metric: str = "val/mIoU",
+            runs: Optional[dict] = None) -> dict[str, dict[int, float]]:
+    """``{row label: {seed: metric}}`` from :func:`matched_runs` (or the ``runs`` it gave; runs without
+    the metric left out)."""
+    runs = runs if runs is not None else matched_runs(spec, preset, uri)
+    return {label: {seed: run.data.metrics[metric] for seed, run in by_seed.items() if metric in run.data.metrics}
+            for label, by_seed in runs.items()}
+
+
+def versions_note(runs: dict) -> list[str]:
+    """One sentence when the runs of a table were made with different versions, devices or source
+    trees (``env.*`` and git tags, :mod:`cac.exp.provenance`), naming which rows had which; else none."""
+    from cac.exp.provenance import version_spread
+
+    spread = version_spread((label, run.data.tags) for label, by_seed in runs.items() for run in by_seed.values())
+    return [f"The rows were made with different versions: {'; '.join(spread)}."] if spread else []
+
+
+def run_versions(runs: dict) -> dict[str, str]:
+    """The ``env.*`` and source tags the runs share (their common provenance)."""
+    tags = [run.data.tags for by_seed in runs.values() for run in by_seed.values()]
+    keys = {k for t in tags for k in t if k.startswith("env.") or k.startswith("mlflow.source.git.")}
+    return {k: tags[0][k] for k in sorted(keys) if all(t.get(k) == tags[0].get(k) for t in tags)} if tags else {}
 
 
 def base_model_name(spec: Spec, preset: str) -> str:
@@ -89,14 +109,16 @@ def print_tracked(spec_path: str, preset: str = "quick", tracking_uri: Optional[
                   out: Optional[str] = None, model: Optional[str] = None) -> int:
     spec = load_spec(spec_path).with_model(model)
     uri = resolve_tracking_uri(tracking_uri)
-    results = collect(spec, preset, uri)
+    runs = matched_runs(spec, preset, uri)
+    results = collect(spec, preset, uri, runs=runs)
     if out:  # a small DVC-trackable record of what the table stands on
         import json
         from pathlib import Path
 
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps({"spec": spec.name, "preset": preset, "val/mIoU": results,
-                                         "base_model": base_model_name(spec, preset)},
+                                         "base_model": base_model_name(spec, preset),
+                                         "provenance": run_versions(runs)},
                                         indent=1, sort_keys=True) + "\n")
     print(f"{spec.title} — preset {preset} (val mIoU, %; tracking {uri})")
     print(f"{'row':>10}  {'description':<44} {'ours':>22}  {'paper':>6}")
@@ -105,4 +127,10 @@ def print_tracked(spec_path: str, preset: str = "quick", tracking_uri: Optional[
         values = [results[row.label][s] for s in sorted(results[row.label])]
         print(f"{row.label:>10}  {row.description[:44]:<44} {fmt_summary(summarize(values)):>22}  "
               f"{'' if paper is None else f'{paper:6.2f}'}")
+    common = run_versions(runs)
+    if common:
+        print("made with: " + ", ".join(f"{k.replace('env.', '').replace('mlflow.source.git.', 'git ')} "
+                                        f"{v[:12] if k.endswith('commit') else v}" for k, v in common.items()))
+    for line in versions_note(runs):
+        print(line)
     return 0

@@ -514,6 +514,7 @@ def execute_unit(unit: RunUnit, state: str, run_id: Optional[str], uri: str, *, 
     """Train one unit in a new or reopened MLflow run. Returns its final metrics, None when another
     process holds it, or False when it failed (non-finite loss). Other exceptions (interrupts, an
     Optuna prune) mark the run KILLED — resumable — and propagate."""
+    from cac.exp.provenance import dataset_input, run_tags
     from cac.mmseg.hooks import NonFiniteLossError
 
     main = is_main_process()
@@ -542,7 +543,10 @@ def execute_unit(unit: RunUnit, state: str, run_id: Optional[str], uri: str, *, 
             claim_work_dir(unit.work_dir, uri, tracker.run_id, echo)
             tracker.set_tags({"git_commit": git_commit(),
                               "model": unit.model, "base_model": unit.model, "description": unit.row.description,
-                              "work_dir": str(unit.work_dir.resolve()), **(tags or {})})
+                              "work_dir": str(unit.work_dir.resolve()), **run_tags(), **(tags or {})})
+            if state != "resume":  # the data the run trains on, as MLflow's dataset input
+                version = unit.extra_tags.get("data_version", "")
+                tracker.log_inputs([dataset_input(version, version, unit.cfg.get("data_root"))])
             tracker.log_params({**{f"setting.{k}": v for k, v in unit.settings().items()},
                                 **flatten(unit.cfg.get("model", {}), "cfg.model."), **_scale_params(unit),
                                 **unit.options.params()})

@@ -34,7 +34,7 @@ from cac.errors import CacError
 from cac.exp.options import add_run_options, run_options
 from cac.exp.spec import Spec, SpecError, load_spec, read_yaml, slug
 
-__all__ = ["SweepSpec", "load_sweep", "run_sweep", "register"]
+__all__ = ["SweepSpec", "load_sweep", "run_sweep", "register", "study_sampler"]
 
 _TOP = {"title", "description", "spec", "row", "seed", "study", "objective", "search_space", "sampler", "pruner"}
 _PARAM = {"type", "low", "high", "log", "choices", "step"}
@@ -177,15 +177,15 @@ def _first_line(err: BaseException) -> str:
 _WORKER_STRIDE = 100_003  # seed distance between dispatched workers: more trials than any study holds
 
 
-def _sampler(cfg: dict, offset: int = 0):
-    """The spec's sampler. The seed is offset by the trials the study already holds, so a process
+def study_sampler(cfg: dict, trials: int = 0, worker: int = 0):
+    """The spec's sampler. The seed is offset by the ``trials`` the study already holds, so a process
     that joins or continues a study does not replay the points the first one drew, and by the
-    worker's index for dispatched workers, which start together on the same study (deterministic
+    ``worker``'s index for dispatched workers, which start together on the same study (deterministic
     for one process; undispatched processes started on an empty study at the same instant coincide)."""
     import optuna
 
     kind, seed = cfg.get("type", "tpe"), cfg.get("seed")
-    seed = None if seed is None else int(seed) + offset
+    seed = None if seed is None else int(seed) + trials + _WORKER_STRIDE * worker
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(cfg.get("n_startup_trials", 5)))
@@ -248,7 +248,7 @@ def run_sweep(path: str, trials: int, preset: str = "quick", storage: Optional[s
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=sweep.study, storage=store, load_if_exists=True,
                                 direction=sweep.direction, pruner=_pruner(sweep.pruner))
-    study.sampler = _sampler(sweep.sampler, offset=len(study.get_trials(deepcopy=False)) + _WORKER_STRIDE * worker)
+    study.sampler = study_sampler(sweep.sampler, len(study.get_trials(deepcopy=False)), worker)
     row = sweep.base.row(sweep.row)
 
     def objective(trial) -> float:

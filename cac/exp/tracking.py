@@ -219,14 +219,21 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
 
 
 def experiment_id(uri: str, name: str) -> str:
+    """The experiment ``name``, created (or restored) if needed, marked as a training experiment
+    (:data:`cac.exp.provenance.EXPERIMENT_TAGS`: MLflow's UI then opens on its runs)."""
+    from cac.exp.provenance import EXPERIMENT_TAGS
+
     client = _client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        for key, value in EXPERIMENT_TAGS.items():
+            if exp.tags.get(key) != value:
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags=EXPERIMENT_TAGS)
     except Exception:  # created meanwhile by another process
         return client.get_experiment_by_name(name).experiment_id
 
@@ -295,6 +302,10 @@ class RunTracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
+
+    def log_inputs(self, datasets: list) -> None:
+        """MLflow dataset inputs (the runs table's Dataset column)."""
+        self.client.log_inputs(self.run_id, datasets=datasets)
 
     def log_artifact(self, path: Path, subdir: Optional[str] = None) -> None:
         self.client.log_artifact(self.run_id, str(path), subdir)

@@ -1,0 +1,38 @@
+"""What a run was made with (cac.exp.provenance): the stack's versions, the device, the source tree,
+and the one line a report adds when its rows were made with different ones."""
+from types import SimpleNamespace
+
+from cac.exp.provenance import dataset_input, run_tags, version_spread, versions
+from cac.exp.results import run_versions, versions_note
+
+
+def _run(**tags):
+    return SimpleNamespace(data=SimpleNamespace(tags=tags))
+
+
+def test_versions_name_every_package_and_mmcv_ops():
+    import importlib.metadata
+
+    v = versions()
+    assert v["env.mmseg"] == importlib.metadata.version("mmsegmentation") and v["env.mmcv_ops"] == "compiled"
+    assert set(v) >= {"env.torch", "env.mmcv", "env.mmengine", "env.mlflow", "env.cac", "env.python"}
+    tags = run_tags()
+    assert tags["mlflow.source.type"] == "LOCAL" and len(tags.get("mlflow.source.git.commit", "")) == 40
+    assert tags["mlflow.source.git.dirty"] in ("true", "false") and tags["env.device"]
+
+
+def test_a_report_names_the_rows_made_with_other_versions():
+    same = {"env.torch": "2.13.0", "env.device": "cpu", "mlflow.source.git.commit": "a" * 40}
+    runs = {"(a)": {0: _run(**same), 1: _run(**same)}, "(f)": {0: _run(**same)}}
+    assert versions_note(runs) == [] and run_versions(runs) == same
+    runs["(f)"][1] = _run(**{**same, "env.torch": "2.12.1", "mlflow.source.git.commit": "b" * 40})
+    (note,) = versions_note(runs)
+    assert "torch: 2.12.1 in (f); 2.13.0 in (a), (f)" in note and "git commit: aaaaaaaaaaaa in (a), (f); bbbbbbbbbbbb in (f)" in note
+    assert "env.torch" not in run_versions(runs) and run_versions(runs)["env.device"] == "cpu"
+    assert version_spread([]) == []
+
+
+def test_dataset_input_names_the_data_version():
+    data = dataset_input("ade20k-subset-train6-val2", "ade20k-subset-train6-val2", "/data/ade")
+    assert data.dataset.name == "ade20k-subset-train6-val2" and data.dataset.source == "/data/ade"
+    assert len(data.dataset.digest) == 8 and data.tags[0].value == "training"
