@@ -35,8 +35,10 @@ def _cmd_run(args) -> int:
                     tracking_uri=args.tracking_uri, dry_run=args.dry_run, launcher=args.launcher,
                     multiscale=args.ms, options=options, execute=execute)
     if args.dry_run and dispatch.executor != "inline":
+        from cac.exp.dispatch import describe_ask
+
         print(f"executor {dispatch.executor}: one job per unit to train, {dispatch.jobs} at a time, "
-              f"{dispatch.gpus_per_run} GPU(s) each")
+              f"each asks {describe_ask(dispatch)}")
         if dispatch.executor == "slurm":
             from pathlib import Path
 

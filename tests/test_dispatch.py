@@ -154,14 +154,23 @@ def test_slurm_dry_run_and_bad_dispatch_flags(tmp_path, capsys):
     assert main(["run", str(TABLE3), "--preset", "quick", "--tracking-uri", uri, "--dry-run", "--executor", "slurm",
                  "--jobs", "4", "--gpus-per-run", "2", "--partition", "gpu"]) == 0
     out = capsys.readouterr().out
-    assert "plan: 7 to train" in out and "executor slurm: one job per unit to train, 4 at a time, 2 GPU(s) each" in out
+    assert "plan: 7 to train" in out and "executor slurm: one job per unit to train, 4 at a time, each asks 2 GPU(s)" in out
+    # a CPU job asks for the cores it trains with and some memory, so --jobs N of them fit at once
+    assert main(["run", str(TABLE3), "--preset", "quick", "--tracking-uri", uri, "--dry-run", "--executor", "slurm",
+                 "--jobs", "2", "--cpus-per-task", "3", "--mem-gb", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "each asks 0 GPU(s), 3 CPU(s) (its torch threads), 6 GB" in out
+    assert "#SBATCH --cpus-per-task=3" in out and "#SBATCH --mem=6G" in out
     assert main(["run", str(TABLE3), "--tracking-uri", uri, "--dry-run", "--jobs", "2"]) == 2
     assert "need --executor local or slurm" in capsys.readouterr().err
 
 
-def test_slurm_submission_script(tmp_path, capsys):
-    """What sbatch would get (no Slurm here): GPUs, tasks for DDP, partition, time, the requeue signal;
-    submitting without Slurm is one line."""
+def test_slurm_submission_script(tmp_path, capsys, monkeypatch):
+    """What sbatch would get: GPUs, tasks for DDP, partition, time, the requeue signal (the same with
+    or without Slurm installed); submitting where there is no Slurm, or where sbatch refuses the job
+    (here: no controller answers, or no partition "gpu"), is one line and exit 2, nothing trained."""
+    import shutil
+
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = ["run", str(TABLE3), "--preset", "quick", "--tracking-uri", uri, "--executor", "slurm", "--gpus-per-run", "4",
             "--partition", "gpu", "--time-min", "600", "--slurm", "account=seg", "exclusive=True"]
@@ -170,6 +179,12 @@ def test_slurm_submission_script(tmp_path, capsys):
     for line in ("#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=4", "#SBATCH --partition=gpu",
                  "#SBATCH --time=600", "#SBATCH --account=seg", "#SBATCH --signal=USR2@120", "#SBATCH --exclusive"):
         assert line in text, line
+    if shutil.which("sbatch"):  # Slurm's clients are installed: sbatch itself refuses the job
+        assert main([*args, "--submitit-folder", str(tmp_path / "jobs")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("cac-exp: error: --executor slurm: the scheduler refused the job:") and "\n" not in err
+        assert "Traceback" not in err
+    monkeypatch.setenv("PATH", str(tmp_path))  # a machine without Slurm
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "--executor slurm" in err and "--executor local" in err and "\n" not in err

@@ -22,7 +22,8 @@ from cac.errors import CacError
 from cac.exp.options import RunOptions
 
 __all__ = ["DispatchOptions", "UnitJob", "dispatch_units", "run_jobs", "make_executor", "job_env", "cpu_threads",
-           "limit_threads", "end_reason", "describe_ended", "slurm_parameters", "slurm_script",
+           "limit_threads", "end_reason", "describe_ended", "slurm_parameters", "slurm_script", "job_memory_gb",
+           "describe_ask", "DEFAULT_MEM_GB",
            "add_dispatch_options", "dispatch_options", "EXECUTORS"]
 
 EXECUTORS = ("inline", "local", "slurm")
@@ -39,6 +40,7 @@ class DispatchOptions:
     partition: Optional[str] = None
     time_min: int = 24 * 60
     cpus_per_task: Optional[int] = None
+    mem_gb: Optional[int] = None  # memory each job asks for (CPU jobs: DEFAULT_MEM_GB when unset)
     retries: int = 2  # resubmissions of a job that failed without finishing its unit
     folder: Optional[str] = None  # submitit's logs and pickles
     slurm: dict = field(default_factory=dict)  # more sbatch options (account, qos, constraint, ...)
@@ -47,6 +49,9 @@ class DispatchOptions:
     @property
     def tasks(self) -> int:
         return max(1, self.gpus_per_run)
+
+
+DEFAULT_MEM_GB = 4  # what a CPU job asks Slurm for unless --mem-gb says (an embedded run needs 1-2 GB)
 
 
 def job_env() -> dict:
@@ -127,8 +132,11 @@ def slurm_parameters(d: DispatchOptions) -> dict:
         params["gpus_per_node"] = d.gpus_per_run
     if d.partition:
         params["partition"] = d.partition
-    if d.cpus_per_task:
-        params["cpus_per_task"] = d.cpus_per_task
+    cpus, mem = cpu_threads(d), job_memory_gb(d)
+    if cpus:  # what the job trains with: Slurm then places as many jobs at once as fit
+        params["cpus_per_task"] = cpus
+    if mem:
+        params["mem"] = f"{mem}G"
     extra = dict(d.slurm)
     params.update({k: extra.pop(k) for k in list(extra) if k in ("account", "qos", "constraint", "mem", "comment",
                                                                     "exclusive")})
@@ -168,10 +176,36 @@ def make_executor(d: DispatchOptions, folder: Path):
 
 
 def cpu_threads(d: DispatchOptions) -> Optional[int]:
-    """CPU cores per local CPU job: the machine's cores split over the jobs running at once."""
-    if d.executor != "local" or d.gpus_per_run:
+    """CPU cores a job asks for and trains with (torch's threads): ``--cpus-per-task``, else for CPU
+    jobs this machine's cores split over the jobs running at once; None (the cluster's default) for
+    GPU jobs without ``--cpus-per-task``, and inline."""
+    if d.executor == "inline":
+        return None
+    if d.cpus_per_task:
+        return d.cpus_per_task
+    if d.gpus_per_run:
         return None
     return max(1, (os.cpu_count() or 1) // max(1, d.jobs))
+
+
+def job_memory_gb(d: DispatchOptions) -> Optional[int]:
+    """Memory a Slurm job asks for: ``--mem-gb``, else DEFAULT_MEM_GB for CPU jobs (without an ask a
+    job of a memory-scheduled partition takes the whole node, so no two run at once); None for GPU
+    jobs (the cluster's default) and other executors."""
+    if d.executor != "slurm":
+        return None
+    return d.mem_gb or (None if d.gpus_per_run else DEFAULT_MEM_GB)
+
+
+def describe_ask(d: DispatchOptions) -> str:
+    """What each job asks for, in words (the dry run prints it)."""
+    parts = [f"{d.gpus_per_run} GPU(s)"]
+    cpus, mem = cpu_threads(d), job_memory_gb(d)
+    if cpus:
+        parts.append(f"{cpus} CPU(s) (its torch threads)")
+    if mem:
+        parts.append(f"{mem} GB")
+    return ", ".join(parts)
 
 
 def _gpu_slots(d: DispatchOptions) -> list[tuple[int, ...]]:
@@ -257,6 +291,28 @@ def _outcome(job, d: DispatchOptions) -> tuple[Any, Optional[str]]:
         return err, end_reason(job, err, record, d.time_min)
 
 
+def _refusal(err: BaseException) -> str:
+    """The scheduler's own reason for refusing a submission: sbatch's last ``error:``/``fatal:`` line
+    (submitit wraps them in a FailedJobError with its command line and a traceback)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    said = [ln for ln in lines if "error:" in ln or "fatal:" in ln]
+    return (said or lines or [type(err).__name__])[-1][:300]
+
+
+def _submit(executor, job, d: DispatchOptions):
+    """``executor.submit(job)``; a submission the scheduler refuses (an unknown partition, GPUs on a
+    CPU partition, a bad account, no controller) is one CacError line, before anything is trained."""
+    import contextlib
+    import io
+
+    said = io.StringIO()  # submitit echoes sbatch's stderr before raising: the one line below says it
+    try:
+        with contextlib.redirect_stderr(said):
+            return executor.submit(job)
+    except Exception as err:  # noqa: BLE001 - submitit's FailedJobError, or sbatch missing on a node
+        raise CacError(f"--executor {d.executor}: the scheduler refused the job: {_refusal(err)}") from None
+
+
 def run_jobs(make_job: Callable[[Any], Any], items: list, label: Callable[[Any], str], d: DispatchOptions,
               folder: Path, echo: Callable[[str], None]) -> list[tuple[Any, Any]]:
     """Submit one job per item, ``d.jobs`` at a time; a failed job is resubmitted up to ``d.retries``
@@ -273,7 +329,7 @@ def run_jobs(make_job: Callable[[Any], Any], items: list, label: Callable[[Any],
             slot = free.pop(0)
             if d.executor == "local" and d.gpus_per_run:
                 executor.update_parameters(visible_gpus=slots[slot])
-            job = executor.submit(make_job(item))
+            job = _submit(executor, make_job(item), d)
             echo(f"job   {label(item)}: {d.executor} job {job.job_id}"
                  + (f" on GPUs {','.join(map(str, slots[slot]))}" if slots[slot] else "")
                  + (f" (attempt {attempt + 1})" if attempt else ""))
@@ -333,7 +389,10 @@ def add_dispatch_options(parser) -> None:
     parser.add_argument("--gpus-per-run", type=int, default=0, help="GPUs (and DDP processes) per job")
     parser.add_argument("--partition", help="Slurm partition")
     parser.add_argument("--time-min", type=int, default=24 * 60, help="a job's time limit; it is requeued after")
-    parser.add_argument("--cpus-per-task", type=int)
+    parser.add_argument("--cpus-per-task", type=int,
+                        help="CPUs a job asks for and trains with (default: CPU jobs split this machine's cores over --jobs)")
+    parser.add_argument("--mem-gb", type=int,
+                        help=f"memory a Slurm job asks for (default: {DEFAULT_MEM_GB} for CPU jobs, the cluster's for GPU jobs)")
     parser.add_argument("--retries", type=int, default=2, help="resubmissions of a job whose process died")
     parser.add_argument("--submitit-folder", help="submitit's logs (default: <work dir root>/submitit)")
     parser.add_argument("--slurm", nargs="+", action=DictAction, default={}, metavar="KEY=VALUE",
@@ -344,9 +403,10 @@ def dispatch_options(args) -> DispatchOptions:
     d = DispatchOptions(executor=getattr(args, "executor", "inline"), jobs=getattr(args, "jobs", 1),
                         gpus_per_run=getattr(args, "gpus_per_run", 0), partition=getattr(args, "partition", None),
                         time_min=getattr(args, "time_min", 24 * 60), cpus_per_task=getattr(args, "cpus_per_task", None),
+                        mem_gb=getattr(args, "mem_gb", None),
                         retries=getattr(args, "retries", 2), folder=getattr(args, "submitit_folder", None),
                         slurm=dict(getattr(args, "slurm", None) or {}))
-    for name in ("jobs", "time_min"):
+    for name in ("jobs", "time_min") + tuple(n for n in ("cpus_per_task", "mem_gb") if getattr(d, n) is not None):
         if getattr(d, name) < 1:
             raise CacError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(d, name)}")
     for name in ("gpus_per_run", "retries"):
