@@ -137,7 +137,7 @@ def test_a_cancelled_job_is_retried_with_slurms_reason(where, cluster):
     """scancel on the running job: cac resubmits it, saying Slurm's state (CANCELLED), and the unit
     finishes in its one MLflow run, resumed from its checkpoint."""
     uri = f"sqlite:///{where}/mlflow.db"
-    spec = _spec(where, iters=16)
+    spec = _spec(where, iters=40)  # long enough to be cancelled mid-run
     proc = _cac_exp(where, cluster, "run", str(spec), "--preset", "quick", "--rows", "(f)", "--tracking-uri", uri,
                     "--executor", "slurm", "--submitit-folder", str(where / "jobs"))
     deadline = time.monotonic() + 300
