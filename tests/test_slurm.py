@@ -62,7 +62,7 @@ def _runs(uri: str, experiment: str = "sl"):
     return [] if exp is None else client.search_runs([exp.experiment_id])
 
 
-def _watch_running(cluster, proc) -> list[int]:
+def _watch_running(cluster, proc) -> tuple[list[int], threading.Thread]:
     """How many jobs squeue shows RUNNING, sampled until ``proc`` ends."""
     seen: list[int] = []
 
@@ -148,7 +148,7 @@ def test_a_cancelled_job_is_retried_with_slurms_reason(where, cluster):
     subprocess.run(["scancel", job], env=cluster.env, check=True)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-    assert f"retry" in out and "was cancelled (Slurm state CANCELLED" in out, out
+    assert "retry" in out and "was cancelled (Slurm state CANCELLED" in out, out
     (run,) = _runs(uri)
     assert run.info.status == "FINISHED"
 
