@@ -6,7 +6,7 @@ import json
 import os
 import signal
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
 from cac.errors import CacError
 
@@ -120,13 +120,18 @@ def _cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole ``cac-exp`` parser; its commands and their help are :data:`cac_cli.commands.COMMANDS`."""
+    from cac.exp.data_cli import add_data_arguments
     from cac.exp.dispatch import add_dispatch_options
+    from cac.exp.evaluate import add_eval_arguments, add_import_arguments
     from cac.exp.options import add_model_option, add_run_options
+    from cac.exp.sweep import add_sweep_arguments
+    from cac_cli.commands import COMMANDS, top_parser
 
-    parser = argparse.ArgumentParser(prog="cac-exp", description="Context-Aware Classifier experiments")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = top_parser()
+    command = {name: sub.add_parser(name, help=text) for name, text in COMMANDS.items()}
 
-    p = sub.add_parser("run", help="train a spec's rows x seeds, tracked in MLflow")
+    p = command["run"]
     p.add_argument("spec")
     p.add_argument("--preset", default="quick")
     p.add_argument("--rows", help='comma-separated row labels, e.g. "(a),(f)"')
@@ -140,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dispatch_options(p)
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("config", help="print a row's resolved mmengine config")
+    p = command["config"]
     p.add_argument("spec")
     p.add_argument("--row", required=True)
     p.add_argument("--preset", default="quick")
@@ -149,14 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(p)
     p.set_defaults(func=_cmd_config)
 
-    p = sub.add_parser("params", help="parameter count of each row (no data, no weights)")
+    p = command["params"]
     p.add_argument("spec")
     p.add_argument("--preset", default="paper")
     p.add_argument("--json", action="store_true")
     add_model_option(p)
     p.set_defaults(func=_cmd_params)
 
-    p = sub.add_parser("results", help="print a spec's tracked results (mean ± std per row)")
+    p = command["results"]
     p.add_argument("spec")
     p.add_argument("--preset", default="quick")
     p.add_argument("--tracking-uri")
@@ -164,23 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_option(p)
     p.set_defaults(func=_cmd_results)
 
-    p = sub.add_parser("demo", help="run ablations/table3.yaml at the quick preset and print its table")
+    p = command["demo"]
     p.add_argument("--tracking-uri")
     p.add_argument("--out", default="reports")
     p.set_defaults(func=_cmd_demo)
 
-    for register in _plugins():
-        register(sub)
+    add_data_arguments(command["data"])
+    add_sweep_arguments(command["sweep"])
+    add_eval_arguments(command["eval"])
+    add_import_arguments(command["import-official"])
     return parser
-
-
-def _plugins() -> list[Callable]:
-    """Subcommands that live with their subsystem (data, sweep, ...)."""
-    from cac.exp.data_cli import register as data_register
-    from cac.exp.sweep import register as sweep_register
-    from cac.exp.evaluate import register as eval_register
-
-    return [data_register, sweep_register, eval_register]
 
 
 def _validate(args: argparse.Namespace) -> None:

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("cac", "analysis", "tsne")
+PACKAGES = ("cac", "analysis", "tsne", "cac_cli")
 # Lower layers first; a module may import its own layer or any layer before it.
 # The command line (cac.cli) composes them all, the reports included.
-LAYERS = ["cac.errors", "cac.core", "cac.functional", "cac.synthetic", "cac.data", "cac.mmseg", "cac.exp",
+LAYERS = ["cac_cli.commands", "cac.errors", "cac.core", "cac.functional", "cac.synthetic", "cac.data", "cac.mmseg", "cac.exp",
           "cac.bench", "cac", "analysis.tables", "analysis.figures", "analysis.efficiency", "tsne", "analysis.make_tables",
-          "cac.cli"]
+          "cac.cli", "cac_cli"]
 
 
 def _module_name(path: Path) -> str:
@@ -158,3 +158,37 @@ def test_import_cac_alone_registers_the_plugin():
             "assert cac.mmseg.__name__ == 'cac.mmseg'\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_cac_exp_help_imports_neither_torch_nor_cac():
+    """``cac-exp --help`` and a mistyped command answer from ``cac_cli`` alone (torch and mmseg take
+    seconds to import); a command name hands over to the whole parser."""
+    code = ("import sys, cac_cli\n"
+            "for argv in (['--help'], ['frob'], []):\n"
+            "    try:\n        cac_cli.main(argv)\n    except SystemExit as e:\n        print('exit', e.code)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'cac', 'mmseg', 'mmengine', 'numpy'}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout.splitlines()
+    assert out[-1] == "[]" and [line for line in out if line.startswith("exit")] == ["exit 0", "exit 2", "exit 2"]
+    assert "invalid choice: 'frob'" in proc.stderr
+    code = "import sys, cac_cli\ntry:\n    cac_cli.main(['params', '--help'])\nexcept SystemExit:\n    pass\n" \
+           "print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.stdout.splitlines()[-1] == "True" and "--json" in proc.stdout  # the real parser answered
+
+
+def test_light_command_table_is_the_whole_parsers():
+    """Every command the full parser has is in ``cac_cli.commands.COMMANDS`` with the same help, and
+    every sub-command's ``--help`` parses."""
+    from cac.cli import build_parser
+    from cac_cli.commands import COMMANDS
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    assert list(sub.choices) == list(COMMANDS)
+    assert {a.dest: a.help for a in sub._choices_actions} == COMMANDS
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as stop:
+            parser.parse_args([name, "--help"])
+        assert stop.value.code == 0

@@ -12,7 +12,7 @@ from cac.data import context_scenes
 from cac.data.real import (REAL_DATASETS, default_real_root, prepare_ade20k, prepare_cityscapes,
                            prepare_cocostuff, prepare_pascal_context, verify)
 
-__all__ = ["register"]
+__all__ = ["add_data_arguments"]
 
 
 def _one_line_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -111,10 +111,8 @@ def _add_expected(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expected-val", type=int, help="override the official validation count")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``data`` and its sub-commands to the ``cac-exp`` parser; each sets ``func``."""
-    data = subparsers.add_parser("data", help="generate context-scenes; prepare/verify ADE20K, COCO-Stuff, "
-                                              "Cityscapes, Pascal-Context")
+def add_data_arguments(data: argparse.ArgumentParser) -> None:
+    """The sub-commands of ``cac-exp data``; each sets ``func``."""
     sub = data.add_subparsers(dest="data_command", required=True)
 
     p = sub.add_parser("context-scenes", help="generate the embedded benchmark (seconds)")

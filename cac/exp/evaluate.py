@@ -23,7 +23,7 @@ from cac.exp.spec import load_spec
 from cac.exp.tracking import RunTracker, flatten, git_commit, resolve_tracking_uri
 
 __all__ = ["EVAL_SUFFIX", "eval_experiment", "file_sha256", "read_checkpoint", "evaluate_checkpoint", "import_official",
-           "register"]
+           "add_eval_arguments", "add_import_arguments"]
 
 EVAL_SUFFIX = "/eval"
 
@@ -179,8 +179,8 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="evaluate a checkpoint as a spec row's model (an MLflow eval run)")
+def add_eval_arguments(p) -> None:
+    """``cac-exp eval``'s arguments."""
     p.add_argument("spec")
     p.add_argument("--row", required=True)
     p.add_argument("--preset", default="quick")
@@ -194,7 +194,9 @@ def register(subparsers) -> None:
     add_run_options(p, training=False)
     p.set_defaults(func=_cmd_eval)
 
-    p = subparsers.add_parser("import-official", help="convert an official CAC (mmseg 0.x) checkpoint")
+
+def add_import_arguments(p) -> None:
+    """``cac-exp import-official``'s arguments."""
     p.add_argument("checkpoint", help="the official .pth (local path or http(s) URL)")
     p.add_argument("--spec", default="experiments/table1_ade20k.yaml", help="the spec whose row it is")
     p.add_argument("--row", required=True, help='e.g. "fcn-mv2+cac", "upernet-swin-t+cac"')

@@ -34,7 +34,7 @@ from cac.errors import CacError
 from cac.exp.options import add_run_options, run_options
 from cac.exp.spec import Spec, SpecError, load_spec, read_yaml, slug
 
-__all__ = ["SweepSpec", "load_sweep", "run_sweep", "register", "study_sampler"]
+__all__ = ["SweepSpec", "load_sweep", "run_sweep", "add_sweep_arguments", "study_sampler"]
 
 _TOP = {"title", "description", "spec", "row", "seed", "study", "objective", "search_space", "sampler", "pruner"}
 _PARAM = {"type", "low", "high", "log", "choices", "step"}
@@ -402,8 +402,8 @@ def _plot_sweep(study, sweep: SweepSpec, figures: Path, complete: list) -> None:
     plt.close(fig)
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("sweep", help="Optuna sweep of CAC options, every trial a tracked run")
+def add_sweep_arguments(p) -> None:
+    """``cac-exp sweep``'s arguments."""
     p.add_argument("spec")
     p.add_argument("--trials", type=int, required=True, help="total trials the study should reach")
     p.add_argument("--preset", default="quick")
