@@ -1,4 +1,6 @@
 """Shared fixtures: an isolated data root with the quick context-scenes data, generated once."""
+import contextlib
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -7,17 +9,45 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _sys_path_restored() -> Iterator[None]:
+    """A test (or a benchmark script it imports) may put folders on ``sys.path``: undone after it."""
+    saved = list(sys.path)
+    yield
+    sys.path[:] = saved
+
+
+@contextlib.contextmanager
+def data_env(root: Path) -> Iterator[Path]:
+    """``CAC_DATA_ROOT`` is ``root`` inside, restored (or removed) after."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CAC_DATA_ROOT", str(root))
+        yield root
+
+
 @pytest.fixture(scope="session")
-def data_root(tmp_path_factory) -> Iterator[Path]:
-    """``CAC_DATA_ROOT`` for the rest of the session, holding the quick data (generated once); the
-    variable is restored (or removed) when the session ends."""
+def quick_data(tmp_path_factory) -> Path:
+    """A data root holding the quick context-scenes data, generated once for the session."""
     from cac.data import context_scenes
 
     root = tmp_path_factory.mktemp("cac-data")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CAC_DATA_ROOT", str(root))
+    with data_env(root):
         context_scenes.ensure("quick", seed=0)
-        yield root
+    return root
+
+
+@pytest.fixture()
+def data_root(quick_data: Path) -> Iterator[Path]:
+    """``CAC_DATA_ROOT`` = the quick data, for this test only."""
+    with data_env(quick_data):
+        yield quick_data
+
+
+@pytest.fixture(scope="module")
+def module_data_root(quick_data: Path) -> Iterator[Path]:
+    """``CAC_DATA_ROOT`` = the quick data while a module's tests (and its module fixtures) run."""
+    with data_env(quick_data):
+        yield quick_data
 
 
 def enter_work(monkeypatch: pytest.MonkeyPatch, root: Path, work: Path) -> None:

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
+from ports import on_free_ports
+
 __all__ = ["BINARIES", "missing_binaries", "SlurmCluster", "start_cluster"]
 
 BINARIES = ("slurmctld", "slurmd", "slurmdbd", "sbatch", "sacct", "sacctmgr", "squeue", "scancel", "munged",
@@ -31,18 +33,6 @@ def missing_binaries() -> list[str]:
 
 def _which(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin") / name)
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _wait(check, what: str, timeout: float = 60.0) -> None:
@@ -143,10 +133,11 @@ NodeName={host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.memory_mb} 
 PartitionName=cpu Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """)
 
-    def start(self) -> "SlurmCluster":
+    def start(self, ports: list[int]) -> "SlurmCluster":
+        """Start munge, MariaDB, slurmdbd, slurmctld and slurmd on ``ports`` (4, free on loopback)."""
         for sub in ("log", "state", "spool"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        db_port, dbd_port, ctld_port, slurmd_port = _free_ports(4)
+        db_port, dbd_port, ctld_port, slurmd_port = ports
         self._munge()
         self._mariadb(db_port)
         self._configs(db_port, dbd_port, ctld_port, slurmd_port)
@@ -191,9 +182,22 @@ PartitionName=cpu Nodes={host} Default=YES MaxTime=INFINITE State=UP
 
 
 def start_cluster(root: Path) -> Iterator[SlurmCluster]:
-    """Start the cluster in ``root`` (2 CPUs and 12 GB of this machine), yield it, stop it."""
-    cluster = SlurmCluster(root, cpus=max(1, min(2, os.cpu_count() or 1)), memory_mb=12000)
+    """Start the cluster in ``root`` (2 CPUs and 12 GB of this machine), yield it, stop it. A start that
+    fails (a port taken between our check and a daemon's bind) is stopped and retried on new ports."""
+    clusters: list[SlurmCluster] = []
+
+    def start(ports: list[int]) -> SlurmCluster:
+        cluster = SlurmCluster(root / f"try{len(clusters)}", cpus=max(1, min(2, os.cpu_count() or 1)),
+                               memory_mb=12000)
+        clusters.append(cluster)
+        try:
+            return cluster.start(ports)
+        except Exception:
+            cluster.stop()
+            raise
+
     try:
-        yield cluster.start()
+        yield on_free_ports(start, n=4)
     finally:
-        cluster.stop()
+        if clusters:
+            clusters[-1].stop()

@@ -132,7 +132,7 @@ def _subset_spec(src: Path, dst: Path, labels: list[str], extra: dict) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tracked(tmp_path_factory, data_root):
+def tracked(tmp_path_factory, quick_data):
     """table3 rows (a), (e) x 2 seeds and table1_ade20k's fcn-mv2+cac (the slim FCN: shared with table3 (e) s0) x 1 seed,
     20 iterations each, in a temporary MLflow SQLite store. Row (b) and fcn-mv2 stay without runs."""
     from cac.exp.runner import run_spec
@@ -147,20 +147,22 @@ def tracked(tmp_path_factory, data_root):
     work = root / "work_dirs"
     with pytest.MonkeyPatch.context() as mp:
         enter_work(mp, root, work)
+        mp.setenv("CAC_DATA_ROOT", str(quick_data))
         assert run_spec(str(t3), "quick", rows="(a),(e)", tracking_uri=uri, echo=lambda s: None) == 0
         assert run_spec(str(t1), "quick", rows="fcn-mv2+cac", tracking_uri=uri, echo=lambda s: None) == 0
-    return SimpleNamespace(root=root, uri=uri, work=work, table3=t3, table1=t1)
+    return SimpleNamespace(root=root, uri=uri, work=work, table3=t3, table1=t1, data=quick_data)
 
 
 @pytest.fixture()
 def in_work(tracked, monkeypatch):
-    """Analysis code finds the runs' local work dirs as the runner placed them."""
+    """Analysis code finds the runs' local work dirs and data as the runner placed them."""
     enter_work(monkeypatch, tracked.root, tracked.work)
+    monkeypatch.setenv("CAC_DATA_ROOT", str(tracked.data))
     return tracked
 
 
 def _env(tracked) -> dict:
-    return {**os.environ, "CAC_WORK_DIR": str(tracked.work), "MPLBACKEND": "Agg"}
+    return {**os.environ, "CAC_WORK_DIR": str(tracked.work), "CAC_DATA_ROOT": str(tracked.data), "MPLBACKEND": "Agg"}
 
 
 def _assert_figure(path: Path) -> None:

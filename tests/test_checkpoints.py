@@ -37,7 +37,7 @@ class _Payload:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_root):
+def trained(tmp_path_factory, module_data_root):
     """One 4-iteration +CAC run: its spec, store, final checkpoint and logged val/mIoU."""
     work = tmp_path_factory.mktemp("ckpt")
     spec = work / "ck.yaml"

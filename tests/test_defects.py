@@ -25,6 +25,7 @@ def _jobs(tmp_path: Path, jobs: dict, retries: int, time_min: float = 5) -> list
     return lines
 
 
+@pytest.mark.slow  # real submitit jobs
 def test_local_job_killed_with_sigkill_is_reported_as_such(tmp_path):
     """The job's process gets SIGKILL from another process (its own shell child, so the kill needs no
     timing); the retry line says so, and the resubmitted job finishes."""
@@ -38,15 +39,17 @@ def test_local_job_killed_with_sigkill_is_reported_as_such(tmp_path):
     assert not any(ln.startswith("error") for ln in lines), lines
 
 
+@pytest.mark.slow  # real submitit jobs
 def test_local_job_exit_code_exception_and_timeout_are_reported(tmp_path):
+    # 12 s, the local controller's time limit: long enough for a job to start on a busy machine
     lines = _jobs(tmp_path, {"exits": functools.partial(os._exit, 3), "raises": functools.partial(int, "x"),
-                             "sleeps": functools.partial(time.sleep, 60)},
-                  retries=0, time_min=0.05)  # 3 s: the local controller's time limit
+                             "sleeps": functools.partial(time.sleep, 600)},
+                  retries=0, time_min=0.2)
     errors = {ln.split(":", 1)[0].split()[1]: ln for ln in lines if ln.startswith("error")}
     assert sorted(errors) == ["exits", "raises", "sleeps"], lines
     assert "exited with code 3: its process ended before finishing" in errors["exits"]
     assert "raised ValueError: invalid literal for int() with base 10: 'x'" in errors["raises"]
-    assert "timed out (limit 0.05 min)" in errors["sleeps"]
+    assert "timed out (limit 0.2 min)" in errors["sleeps"]
 
 
 def test_out_of_memory_kill_is_named_from_the_record():

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from ports import refused_port
+
 ROOT = Path(__file__).resolve().parents[1]
 CAC_EXP = Path(sys.executable).with_name("cac-exp")
 TABLE3 = str(ROOT / "ablations" / "table3.yaml")
@@ -69,18 +71,13 @@ def _cli(args: list[str], limit: float = 120) -> subprocess.CompletedProcess:
         pytest.fail(f"cac-exp {' '.join(args)} did not return within {err.timeout} s")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # -- the installed command ---------------------------------------------------------------------------
 def test_unreachable_tracking_server_fails_fast(store):
     before = _snapshot(store)
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
-    # MLflow alone retries for minutes; our check answers first ("not reachable" is its message)
-    proc = _cli(["run", TABLE3, "--preset", "quick", "--tracking-uri", url])
+    with refused_port() as port:
+        url = f"http://127.0.0.1:{port}"  # nothing listens there
+        # MLflow alone retries for minutes; our check answers first ("not reachable" is its message)
+        proc = _cli(["run", TABLE3, "--preset", "quick", "--tracking-uri", url])
     _one_line_error(proc.returncode, proc.stderr, url, "not reachable", "--tracking-uri")
     assert _snapshot(store) == before and not (Path.cwd() / "work_dirs").exists()
 
@@ -112,9 +109,10 @@ def test_bad_input_is_one_line(store, tmp_path, capsys, args, words):
 
     (tmp_path / "a-file").write_text("a file, not a folder")
     before = _snapshot(store)
-    args = [a.format(port=_free_port(), tmp=tmp_path) for a in args]
-    capsys.readouterr()  # the fixture's store-creation chatter
-    code = main(args)
+    with refused_port() as port:
+        args = [a.format(port=port, tmp=tmp_path) for a in args]
+        capsys.readouterr()  # the fixture's store-creation chatter
+        code = main(args)
     _one_line_error(code, capsys.readouterr().err, *words)
     assert _snapshot(store) == before
     assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "work_dirs").exists()
@@ -140,12 +138,13 @@ def test_report_scripts_say_one_line_too(store, capsys):
     from analysis.make_tables import main as make_tables
     from tsne.make_tsne import main as make_tsne
 
-    url = f"http://127.0.0.1:{_free_port()}"
-    capsys.readouterr()
-    _one_line_error(make_tables(["--tracking-uri", url]), capsys.readouterr().err, "not reachable")
-    _one_line_error(make_tables(["--preset", "nosuch"]), capsys.readouterr().err, "unknown preset")
-    _one_line_error(make_tsne(["--spec", "table3", "--tracking-uri", url]), capsys.readouterr().err,
-                    "not reachable")
+    with refused_port() as port:
+        url = f"http://127.0.0.1:{port}"
+        capsys.readouterr()
+        _one_line_error(make_tables(["--tracking-uri", url]), capsys.readouterr().err, "not reachable")
+        _one_line_error(make_tables(["--preset", "nosuch"]), capsys.readouterr().err, "unknown preset")
+        _one_line_error(make_tsne(["--spec", "table3", "--tracking-uri", url]), capsys.readouterr().err,
+                        "not reachable")
     _one_line_error(make_tsne(["--run-id", "0123456789abcdef", "--tracking-uri", store]),
                     capsys.readouterr().err, "run '0123456789abcdef' not found")
 

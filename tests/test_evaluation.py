@@ -32,7 +32,7 @@ def ocrnet():
     torch.manual_seed(0)
     seg = build_model(add_cac(model, {}))
     assert type(seg).__name__ == "CascadeEncoderDecoder" and isinstance(seg.decode_head[-1], CACHead)
-    return seg
+    return seg.eval()
 
 
 def _batches() -> list[dict]:
@@ -70,7 +70,7 @@ def test_cascade_three_classifiers_match_a_direct_computation(ocrnet):
     """p, p_p and p_y of the last (CAC) stage, fed the first stage's output as OCR's prev_output.
     p_p is checked against mmseg's own cascade inference (``model.predict``), p against the stage's
     conv_seg on its features, and the confusion matrices against a numpy count over both batches."""
-    ocrnet.eval()
+    assert not ocrnet.training  # as built: no other test left it in train mode
     batches = _batches()
     confs = evaluate_classifiers(ocrnet, batches, NUM_CLASSES)
     assert set(confs) == {"p", "p_p", "p_y"}
@@ -114,7 +114,7 @@ def test_cascade_loss_terms_logged_under_the_readme_names(ocrnet, tmp_path):
     read back from a real MLflow run."""
     from cac.exp.tracking import RunTracker
 
-    ocrnet.train()
+    ocrnet = copy.deepcopy(ocrnet).train()  # a train-mode forward updates BN statistics: not the shared model's
     batch = ocrnet.data_preprocessor(seg_batch(SIZE, 2, NUM_CLASSES, per_image=4, block=8, seed=0), True)
     _, log_vars = ocrnet.parse_losses(ocrnet.loss(batch["inputs"], batch["data_samples"]))
     assert "decode_1.loss_kl" in log_vars and "decode_0.loss_ce" in log_vars

@@ -117,7 +117,7 @@ def test_centring_keeps_every_margin_between_present_classes():
 
 # -- one quick Table 3 run of (a) and (e) ------------------------------------------------------------
 @pytest.fixture(scope="module")
-def quick_t3(tmp_path_factory, data_root):
+def quick_t3(tmp_path_factory, module_data_root):
     """Table 3 (a) and (e), seed 0, 20 iterations each, in a temporary MLflow SQLite store."""
     import time
 

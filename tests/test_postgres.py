@@ -5,7 +5,6 @@ The driver checks need no server."""
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 
 from cac.cli import main
 from cac.errors import CacError
+from ports import on_free_ports
 from sync_probes import barrier_overrides
 from test_sweep import SWEEP  # the same sweep over the base spec below
 
@@ -28,12 +28,6 @@ def _pg_bin() -> Path | None:
         return Path(found[-1]).parent
     initdb = shutil.which("initdb")
     return Path(initdb).parent if initdb else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,18 +50,22 @@ def pg_server():
             pytest.skip("running as root and there is no postgres user to run the server as")
         os.chown(tmp, pw.pw_uid, pw.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = tmp / "data", _free_port()
+    data = tmp / "data"
 
     def run(*cmd: str) -> None:
         out = subprocess.run([*as_user, *cmd], capture_output=True, text=True, timeout=120)
         log = tmp / "server.log"
         assert out.returncode == 0, (out.stdout + out.stderr + (log.read_text() if log.exists() else ""))[-3000:]
 
+    def start(ports: list[int]) -> int:
+        options = (f"-p {ports[0]} -k {tmp} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
+                   "-c full_page_writes=off")
+        run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(tmp / "server.log"), "-o", options, "-w", "-t", "60",
+            "start")
+        return ports[0]
+
     run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
-    options = (f"-p {port} -k {tmp} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
-               "-c full_page_writes=off")
-    run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(tmp / "server.log"), "-o", options, "-w", "-t", "60",
-        "start")
+    port = on_free_ports(start)
     try:
         for name in ("optuna", "mlflow"):
             run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", name)

@@ -110,7 +110,7 @@ def _final(uri: str) -> tuple[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, data_root):
+def uninterrupted(tmp_path_factory, module_data_root):
     """The reference: the run trained straight through, no dataloader workers."""
     where = tmp_path_factory.mktemp("straight")
     uri = f"sqlite:///{where}/mlflow.db"

@@ -141,15 +141,6 @@ def test_sigkill_then_resume_leaves_one_finished_run(workspace, capsys):
     assert_steps_logged_once(client, runs[0].info.run_id)
 
 
-def _free_port() -> int:
-    """A port nobody listens on now (a fixed one can be held by another job on a shared machine)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _labelled_val_pixels(data_root: Path) -> int:
     """Labelled pixels (not 255) of the whole quick val split, read from its annotation files."""
     import numpy as np
@@ -170,7 +161,8 @@ def test_ddp_two_cpu_processes(workspace, data_root):
     probe = workspace / "probe"
     spec = _spec(workspace, iters=10, interval=10, extra=probe_overrides(probe))
     uri = f"sqlite:///{workspace}/mlflow.db"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+    # --standalone: the launcher's rendezvous store binds a free port itself (no port picked, then taken)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "cac.cli", "run", str(spec), "--rows", "(f)", "--launcher", "pytorch", "--tracking-uri", uri]
     out = subprocess.run(cmd, cwd=workspace, env=_env(workspace), capture_output=True, text=True, timeout=600)
     # each rank's own error lines, not only the launcher's summary at the end

@@ -114,10 +114,11 @@ def policy_bmm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     """``torch.bmm(a, b)`` at the model's own precision (:func:`conv_precision`), backward included.
 
     CAC's products (soft pooling, Eq. 4; cosine classifiers, Eqs. 3/6) go through here. On CPU, under
-    autocast (the product runs in half precision anyway) and for non-float32 inputs it is plain bmm.
+    autocast (the product runs in half precision anyway) and for non-float32 inputs it is plain bmm;
+    on other devices the products go through :func:`conv_precision` (a no-op but on CUDA).
     ``out`` (no autograd) receives the product.
     """
-    if a.device.type != "cuda" or a.dtype != torch.float32 or _autocast(a.device.type):
+    if a.device.type == "cpu" or a.dtype != torch.float32 or _autocast(a.device.type):
         return torch.bmm(a, b, out=out)
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
         return _ConvPrecisionBmm.apply(a, b)
