@@ -473,11 +473,21 @@ def test_float16_soft_pool_stays_finite_for_large_features_and_empty_classes():
 
 def test_float16_cosine_scaling_backward_is_finite_at_zero_features():
     """A float16 cosine output (Table 4's cosine original classifier under AMP) at an all-zero feature
-    pixel: 1/eps overflows fp16, so the gradient of the product is formed in float32 (0, not inf * 0)."""
-    feats = torch.rand(1, 4, 2, 2, dtype=torch.float16)
+    pixel: 1/eps overflows fp16, so the gradient of the product is formed in float32 (0 there, not
+    inf * 0 = NaN), and every other pixel's gradient is the float64 one to fp16 precision."""
+    g = torch.Generator().manual_seed(0)
+    feats = torch.rand(1, 4, 2, 2, generator=g).half()
     feats[0, :, 0, 0] = 0
+    weights = torch.randn(3, 4, generator=g)
+    upstream = torch.randn(1, 3, 2, 2, generator=g)
+    upstream[0, :, 0, 0] = 0  # its true gradient (tau * a / eps: 1e7) is not a float16 number
     feats.requires_grad_()
-    out = cosine_logits(feats, torch.randn(3, 4), 10.0)
+    out = cosine_logits(feats, weights, 10.0)
     assert out.dtype == torch.float16
-    out.backward(torch.zeros_like(out))
-    assert torch.equal(feats.grad, torch.zeros_like(feats.grad))
+    out.backward(upstream.half())
+    ref = feats.detach().double().requires_grad_()  # Eq. (3) by plain autograd in float64
+    a = F.normalize(weights.double(), dim=-1, eps=1e-6)
+    (10.0 * torch.einsum("nd,bdhw->bnhw", a, F.normalize(ref, dim=1, eps=1e-6))).backward(upstream.double())
+    assert torch.isfinite(feats.grad).all() and torch.equal(feats.grad[0, :, 0, 0], torch.zeros(4, dtype=torch.float16))
+    torch.testing.assert_close(feats.grad.double(), ref.grad, rtol=2e-2, atol=2e-2)
+    assert feats.grad.abs().amax() > 1  # not a zero gradient

@@ -303,10 +303,20 @@ def test_per_class_table_is_the_difference_of_the_logged_per_class_iou(at_work, 
     # p_p vs p within (e): the logged per-classifier table of the same run
     within = {r["class"]: r for r in rows if r["comparison"] == "p_p vs p within (e)"}
     cls = {r["class"]: r for r in _logged_table(at_work.uri, runs["(e)"], "per_class_iou_classifiers.csv")}
-    k = next(k for k in cls if cls[k]["iou_p"] and cls[k]["iou_pp"])
-    assert float(within[k]["delta"]) == pytest.approx(float(cls[k]["iou_pp"]) - float(cls[k]["iou_p"]), abs=1e-6)
-    # the test-time IoU table and the per-classifier one agree on p_p (the two logging paths)
-    assert float(cls[k]["iou_pp"]) == pytest.approx(float(e_iou[k]), abs=0.006)
+    assert set(within) == set(cls) and set(vs_base) == set(e_iou)  # every class, in both comparisons
+    measured = [k for k in cls if cls[k]["iou_p"] and cls[k]["iou_pp"]]
+    assert len(measured) >= 2
+    for k in cls:
+        if k in measured:
+            assert float(within[k]["delta"]) == pytest.approx(float(cls[k]["iou_pp"]) - float(cls[k]["iou_p"]),
+                                                              abs=1e-6), k
+            # the test-time IoU table and the per-classifier one agree on p_p (the two logging paths)
+            assert float(cls[k]["iou_pp"]) == pytest.approx(float(e_iou[k]), abs=0.006), k
+        else:
+            assert within[k]["delta"] == "", k  # a class without an IoU has no difference
+    for k in e_iou:
+        if k not in both:
+            assert vs_base[k]["delta"] == "", k
     freq = [float(r["train_pixels_pct"]) for r in vs_base.values()]
     assert sum(freq) == pytest.approx(100.0, abs=0.01) and min(freq) > 0
     md = (out / "table3.md").read_text()
