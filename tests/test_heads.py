@@ -170,6 +170,31 @@ def test_supported_head_trains_and_predicts_under_cac(name):
         torch.manual_seed(2)
         torch.testing.assert_close(own, head.head.predict_by_feat(head.features(*inputs), metas))
         assert own.shape[1] == head.head.conv_seg.in_channels
+        # and its values are Eqs. (4)-(6) on those features with the head's own conv_seg, in float64
+        torch.manual_seed(2)
+        feats = head.features(*inputs)
+        torch.manual_seed(2)
+        p_p = head.forward(*inputs)
+        torch.testing.assert_close(p_p.double(), _p_p_formula(head, feats.double()), rtol=1e-4, atol=1e-4)
+        torch.manual_seed(2)
+        torch.testing.assert_close(head.predict(*inputs, metas, {}), head.head.predict_by_feat(p_p, metas))
+
+
+def _p_p_formula(head, f: torch.Tensor) -> torch.Tensor:
+    """p_p written out: p from ``conv_seg``, soft prototypes (Eq. 4), A_p = design(C_p, C) (Eq. 5) and
+    the cosine classifier tau * eta(f) . eta(A_p) (Eq. 6)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    cac, conv = head.classifier, head.head.conv_seg
+    weight, bias = conv.weight.flatten(1).double(), conv.bias.double()
+    p = torch.einsum("nd,bdhw->bnhw", weight, f) + bias[:, None, None]
+    prob = p.flatten(2).softmax(1)
+    c_p = prob @ f.flatten(2).transpose(1, 2) / prob.sum(2, keepdim=True)
+    a_p = cac.form(cac.options.design_p, c_p, weight, copy.deepcopy(cac.proj_p).double())
+    return cac.options.tau * torch.einsum("bnd,bdhw->bnhw", F.normalize(a_p, dim=-1, eps=1e-6),
+                                          F.normalize(f, dim=1, eps=1e-6))
 
 
 @pytest.mark.parametrize("name", REFUSED)
