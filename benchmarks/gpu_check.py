@@ -16,7 +16,8 @@
    CAC's products in strict fp32, as on the paper's 2080Ti); ``table6`` runs at torch's defaults.
 5. ``resume``: UperNet-Swin-T + CAC at preset paper, batch 16: 10 iterations and a
    checkpoint, then resumed at 10 by cac's loop and by mmengine's: seconds to the first resumed
-   iteration, and whether the log says mmengine's "Advance dataloader" (a replay).
+   iteration, and the images loaded when it began (counted at the dataset: a replay loads the k
+   skipped batches first).
 6. ``profile``: ``torch.profiler``'s top CUDA kernels of one train step (UperNet-Swin-T, crop 512,
    batch 4) and of one 2560 inference, baseline vs +CAC, and the host syncs per train step
    (``torch.cuda.set_sync_debug_mode``; mmengine's hooks not included).
@@ -294,7 +295,7 @@ def section_resume(device: str, dry: bool, work: Path) -> dict:
     from mmengine.config import Config
     from mmengine.runner import Runner
 
-    from resume import first_iteration_clock
+    from resume import counted_loads, first_iteration_clock
 
     from cac.mmseg.loops import LOOP_TYPE
 
@@ -310,17 +311,24 @@ def section_resume(device: str, dry: bool, work: Path) -> dict:
         cfg.train_cfg.update(type=loop, max_iters=at + 2)  # stopped after one iteration: no val, no checkpoint
         cfg.default_hooks.checkpoint = None
         cfg.update(resume=True, load_from=str(ckpt), work_dir=str(work / f"resume-{loop}"), log_level="WARNING")
-        runner = Runner.from_cfg(cfg)
-        clock = first_iteration_clock()
-        runner.register_hook(clock)
-        t0 = time.perf_counter()
-        runner.train()
-        log = "".join(p.read_text() for p in Path(runner.log_dir).glob("*.log"))
+        batch = cfg.train_dataloader.batch_size
+        with counted_loads(work / f"loads-{loop}.txt") as loads:
+            runner = Runner.from_cfg(cfg)
+            clock = first_iteration_clock(loads)
+            runner.register_hook(clock)
+            t0 = time.perf_counter()
+            runner.train()
+        # A replay has loaded the k skipped batches and the first one when the first iteration begins;
+        # a seeking loop only the first and what its workers prefetch (at most workers x prefetch batches).
+        prefetch = cfg.train_dataloader.get("num_workers", 0) * cfg.train_dataloader.get("prefetch_factor", 2)
+        loaded = clock.loads_before_first
         out[loop] = {"first_iter_s": clock.t_first - clock.t_start, "train_to_first_iter_s": clock.t_first - t0,
-                     "resumed_at": clock.start_iter, "replayed": "Advance dataloader" in log}
+                     "resumed_at": clock.start_iter, "loaded_before_first_iter": loaded,
+                     "replayed": loaded >= (at + 1) * batch,
+                     "distinguishable": max(1, prefetch) * batch < (at + 1) * batch}
         print(f"resume at {at}: {loop:<30} {out[loop]['first_iter_s']:7.3f} s to the first iteration "
-              f"({out[loop]['train_to_first_iter_s']:.3f} s from train()), replayed: {out[loop]['replayed']}",
-              flush=True)
+              f"({out[loop]['train_to_first_iter_s']:.3f} s from train()), {loaded} images loaded before it "
+              f"(a replay: >= {(at + 1) * batch}), replayed: {out[loop]['replayed']}", flush=True)
         del runner
         gc.collect()
     return out

@@ -260,7 +260,10 @@ def test_gpu_check_dry_runs_every_section(tmp_path):
     resume = result["sections"]["resume"]
     ours, stock = resume["ResumableIterBasedTrainLoop"], resume["IterBasedTrainLoop"]
     assert ours["resumed_at"] == stock["resumed_at"] == resume["at"] > 0
-    assert not ours["replayed"] and stock["replayed"]  # mmengine's loop logs its replay; ours has none
+    # counted loads: mmengine's loop loads the k skipped batches before its first iteration, ours only that one
+    batch = resume["batch"]
+    assert ours["distinguishable"] and not ours["replayed"] and stock["replayed"]
+    assert ours["loaded_before_first_iter"] == batch and stock["loaded_before_first_iter"] == (resume["at"] + 1) * batch
     profile = result["sections"]["profile"]
     assert all(profile[part][label]["top"] for part, label in (("train_step", "+CAC"), ("inference", "Ours")))
     assert result["sections"]["table6"]["sizes"]["64"]["Ours"]["fps"] > 0
