@@ -461,9 +461,15 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
-    result: dict = {"device": name, "torch": torch.__version__, "dry": args.dry, "sections": {},
+    from cac.exp.provenance import source_tree, versions
+
+    tree = source_tree()  # every figure names the code it was measured on
+    commit, dirty = tree.get("mlflow.source.git.commit", "unknown"), tree.get("mlflow.source.git.dirty", "unknown")
+    result: dict = {"device": name, "torch": torch.__version__, "dry": args.dry, "commit": commit, "dirty": dirty,
+                    "versions": versions(), "sections": {},
                     "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}}
-    print(f"gpu_check on {name}, torch {torch.__version__}{' (dry run)' if args.dry else ''}", flush=True)
+    print(f"gpu_check on {name}, torch {torch.__version__}, commit {commit[:12]}"
+          f"{' (uncommitted changes)' if dirty == 'true' else ''}{' (dry run)' if args.dry else ''}", flush=True)
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for section in args.sections:

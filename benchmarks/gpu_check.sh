@@ -4,7 +4,9 @@
 # iterations of UperNet-Swin-T +-CAC on a tiny ADE20K at batch 16 and at --batch-per-gpu 4, a resume
 # at iteration 10 (cac's loop vs mmengine's replay), and a profile of the top CUDA kernels and the
 # host syncs of a train step.
-#   benchmarks/gpu_check.sh            on a GPU node with cac installed (about 7 minutes)
+#   benchmarks/gpu_check.sh            on a GPU node with cac installed; it prints its run time at the end
+#                                      (three of its sections took 162 s on an H100 at b2686eb; the rest
+#                                      have not run on a GPU yet: give the first run a 10-minute limit)
 #   benchmarks/gpu_check.sh --dry      anywhere: every section on the CPU at toy sizes
 # Extra arguments go to gpu_check.py (--out DIR, --sections ...). PYTHON picks the interpreter.
 set -euo pipefail

@@ -251,6 +251,11 @@ def test_gpu_check_dry_runs_every_section(tmp_path):
     import json
 
     result = json.loads((out / "gpu_check.json").read_text())
+    from cac.exp.provenance import source_tree
+
+    # the figures name the tree they were measured on
+    assert result["commit"] == source_tree()["mlflow.source.git.commit"] and result["dirty"] in ("true", "false")
+    assert result["versions"]["env.mmseg"] and f"commit {result['commit'][:12]}" in proc.stdout
     assert set(result["sections"]) == {"table6", "table6_fp32", "train_step", "paper", "resume", "profile",
                                        "memory_model"}
     predicted = result["sections"]["memory_model"]["upernet-swin-t b2"]
