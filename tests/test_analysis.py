@@ -344,3 +344,69 @@ def test_tsne_helpers_on_hand_made_arrays():
     xy = tsne_2d(pts.vectors, random_state=0)
     assert xy.shape == (len(pts.vectors), 2) and np.isfinite(xy).all()
     assert np.allclose(xy, tsne_2d(pts.vectors, random_state=0))
+
+
+def _visible_text(page: str) -> str:
+    """The text a reader sees in a dumped DOM (scripts and styles dropped, tags to spaces)."""
+    import html
+    import re
+
+    page = re.sub(r"<script.*?</script>|<style.*?</style>", " ", page, flags=re.S)
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page)))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_mlflow_ui_shows_each_runs_dataset_and_source(tracked, tmp_path):
+    """``mlflow server`` on the tracked store, the experiment's runs page opened in headless Chromium:
+    the runs table names each run's dataset (the data version, as a training input) and its source
+    (cac-exp), as MLflow's own columns. The link picks MLflow's "Model training" view: MLflow 3.17's UI
+    opens every experiment on its GenAI overview until the browser has chosen that view once."""
+    import shutil
+    import time
+    import urllib.request
+
+    import mlflow
+
+    from ports import on_free_ports
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("headless Chromium is not installed: apt-get install chromium (.ci/run does)")
+    client = mlflow.MlflowClient(tracked.uri)
+    experiment = client.get_experiment_by_name("table3")
+    (run, *_) = client.search_runs([experiment.experiment_id])
+    version = run.data.tags["data_version"]
+
+    def serve(ports: list[int]) -> tuple[subprocess.Popen, str]:
+        url = f"http://127.0.0.1:{ports[0]}"
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
+                                 tracked.uri, "--host", "127.0.0.1", "--port", str(ports[0]), "--workers", "1"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                return proc, url
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError("mlflow server exited (port taken?)")
+                time.sleep(0.5)
+        proc.kill()
+        raise RuntimeError("mlflow server did not answer within 60 s")
+
+    server, url = on_free_ports(serve)
+    try:
+        page = f"{url}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning"
+        dump = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                               f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1920,1200",
+                               "--virtual-time-budget=30000", "--dump-dom", page],
+                              capture_output=True, text=True, timeout=180)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    text = _visible_text(dump.stdout)
+    assert "Runs - Experiment" in text, text[:2000]
+    assert " Dataset " in text and " Source " in text, text[:2000]  # MLflow's own columns
+    runs = client.search_runs([experiment.experiment_id])
+    assert text.count(f"{version} (") == len(runs) and text.count(" training ") >= len(runs), text[:3000]
+    assert text.count(" cac-exp ") == len(runs), text[:3000]

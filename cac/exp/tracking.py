@@ -220,7 +220,8 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
 
 def experiment_id(uri: str, name: str) -> str:
     """The experiment ``name``, created (or restored) if needed, marked as a training experiment
-    (:data:`cac.exp.provenance.EXPERIMENT_TAGS`: MLflow's UI then opens on its runs)."""
+    (:data:`cac.exp.provenance.EXPERIMENT_TAGS`). MLflow 3.17's UI still opens it on its GenAI overview
+    unless the browser chose "Model training" (``?workflowType=machine_learning``)."""
     from cac.exp.provenance import EXPERIMENT_TAGS
 
     client = _client(uri)
