@@ -312,12 +312,9 @@ def test_verify_unknown_name(tmp_path):
 # ---------------------------------------------------------------- CLI
 
 def test_cli_register(tmp_path, capsys):
-    import argparse
+    from cac.cli import build_parser
 
-    from cac.exp.data_cli import register
-
-    parser = argparse.ArgumentParser(prog="cac-exp")
-    register(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     args = parser.parse_args(["data", "context-scenes", "--out", str(tmp_path / "cs"), "--seed", "2"])
     assert args.func(args) == 0
     assert "64 train / 32 val" in capsys.readouterr().out
