@@ -149,6 +149,11 @@ def test_every_module_imports_in_dependency_order():
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def _fresh_python(code: str) -> subprocess.CompletedProcess:
+    """``code`` run by a new interpreter from the repository root (nothing imported before it)."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+
+
 def test_import_cac_alone_registers_the_plugin():
     """``custom_imports=['cac']`` is all an mmseg config has: ``import cac`` must register CACHead,
     the tracking hook and the dataset by itself (a fresh interpreter, nothing else imported)."""
@@ -156,7 +161,7 @@ def test_import_cac_alone_registers_the_plugin():
             "assert MODELS.get('CACHead') is not None and HOOKS.get('TrackingHook') is not None\n"
             "assert DATASETS.get('ContextScenesDataset') is not None\n"
             "assert cac.mmseg.__name__ == 'cac.mmseg'\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    proc = _fresh_python(code)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -167,14 +172,14 @@ def test_cac_exp_help_imports_neither_torch_nor_cac():
             "for argv in (['--help'], ['frob'], []):\n"
             "    try:\n        cac_cli.main(argv)\n    except SystemExit as e:\n        print('exit', e.code)\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'cac', 'mmseg', 'mmengine', 'numpy'}))\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    proc = _fresh_python(code)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout.splitlines()
     assert out[-1] == "[]" and [line for line in out if line.startswith("exit")] == ["exit 0", "exit 2", "exit 2"]
     assert "invalid choice: 'frob'" in proc.stderr
     code = "import sys, cac_cli\ntry:\n    cac_cli.main(['params', '--help'])\nexcept SystemExit:\n    pass\n" \
            "print('torch' in sys.modules)"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    proc = _fresh_python(code)
     assert proc.stdout.splitlines()[-1] == "True" and "--json" in proc.stdout  # the real parser answered
 
 
