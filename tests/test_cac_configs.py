@@ -81,6 +81,36 @@ def test_cac_row_of_a_cac_config_uses_the_rows_options_only(tmp_path):
     assert model.decode_head.options.tau == 3.0
 
 
+def test_a_config_file_is_parsed_once_until_it_or_a_base_beside_it_changes(tmp_path, monkeypatch):
+    """Reports plan dozens of units from one config file: mmengine parses it once; an edit to the file
+    or to its ``_base_`` beside it is read, and every caller gets its own copy."""
+    import os
+
+    from mmengine.config import Config
+
+    from cac.mmseg import zoo
+
+    dump_config(resolve_config("fcn-slim-r18", "quick"), tmp_path / "plain.py")
+    path = tmp_path / "mine.py"
+    path.write_text("_base_ = ['./plain.py']\nmodel = dict(decode_head=dict(num_classes=7))\n")
+    parsed = []
+    real = Config.fromfile
+    monkeypatch.setattr(Config, "fromfile", staticmethod(lambda *a, **k: parsed.append(a[0]) or real(*a, **k)))
+    first, second = zoo._load_config_file(str(path)), zoo._load_config_file(str(path))
+    assert len(parsed) == 1 and first.to_dict() == second.to_dict() and first is not second
+    first.model.decode_head.num_classes = 99  # a caller's edit stays its own
+    assert zoo._load_config_file(str(path)).model.decode_head.num_classes == 7 and len(parsed) == 1
+
+    def edit(file: Path, old: str, new: str) -> None:
+        stat = file.stat()
+        file.write_text(file.read_text().replace(old, new))
+        os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a later mtime, even on coarse clocks
+    edit(path, "num_classes=7", "num_classes=5")
+    assert zoo._load_config_file(str(path)).model.decode_head.num_classes == 5 and len(parsed) == 2
+    edit(tmp_path / "plain.py", "align_corners=False", "align_corners=True")
+    assert zoo._load_config_file(str(path)).model.decode_head.align_corners is True and len(parsed) == 3
+
+
 def test_readme_one_line_form_over_a_base(tmp_path):
     """``decode_head=dict(type='CACHead', head_type=..., cac=...)`` merged over a base's head."""
     from cac.mmseg.params import build_model
