@@ -2,6 +2,8 @@
 and the one line a report adds when its rows were made with different ones."""
 from types import SimpleNamespace
 
+import pytest
+
 from cac.exp.provenance import dataset_input, run_tags, version_spread, versions
 from cac.exp.results import run_versions, versions_note
 
@@ -36,3 +38,41 @@ def test_dataset_input_names_the_data_version():
     data = dataset_input("ade20k-subset-train6-val2", "ade20k-subset-train6-val2", "/data/ade")
     assert data.dataset.name == "ade20k-subset-train6-val2" and data.dataset.source == "/data/ade"
     assert len(data.dataset.digest) == 8 and data.tags[0].value == "training"
+
+
+def test_a_dataset_insert_lost_to_another_run_is_retried_and_other_errors_are_not():
+    """Two runs starting together on a shared PostgreSQL store both inserted the same dataset; the
+    later one failed its trial (seen in CI: psycopg UniqueViolation on ``dataset_pk``). The tracker
+    retries such a refusal (the dataset exists by then) and raises anything else at once."""
+    from mlflow.exceptions import MlflowException
+
+    from cac.exp.tracking import retry_on_duplicate
+
+    calls = []
+
+    def lost_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise MlflowException('(psycopg.errors.UniqueViolation) duplicate key value violates unique '
+                                  'constraint "dataset_pk"')
+        return "linked"
+
+    assert retry_on_duplicate(lost_once) == "linked" and len(calls) == 2
+    calls.clear()
+
+    def broken():
+        calls.append(1)
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: run 0123 not found")
+
+    with pytest.raises(MlflowException, match="not found"):
+        retry_on_duplicate(broken)
+    assert len(calls) == 1
+
+    def always_lost():
+        calls.append(1)
+        raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id")
+
+    calls.clear()
+    with pytest.raises(MlflowException, match="UNIQUE"):
+        retry_on_duplicate(always_lost, tries=3)
+    assert len(calls) == 3

@@ -204,6 +204,26 @@ def git_commit() -> str:
         return "unknown"
 
 
+_DUPLICATE = ("UniqueViolation", "UNIQUE constraint failed", "Duplicate entry", "IntegrityError")
+
+
+def retry_on_duplicate(call, tries: int = 3):
+    """``call()``, again (up to ``tries`` times) when the store refused a row another process inserted
+    first (a unique-key violation on PostgreSQL, SQLite or MySQL); any other error is raised at once."""
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(tries):
+        try:
+            return call()
+        except MlflowException as err:
+            if attempt == tries - 1 or not any(word in str(err) for word in _DUPLICATE):
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    return None
+
+
 def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
     """Nested dicts/lists to ``a.b.0.c`` keys with string values (MLflow params)."""
     out: dict[str, str] = {}
@@ -305,8 +325,10 @@ class RunTracker:
             self.client.set_tag(self.run_id, k, str(v))
 
     def log_inputs(self, datasets: list) -> None:
-        """MLflow dataset inputs (the runs table's Dataset column)."""
-        self.client.log_inputs(self.run_id, datasets=datasets)
+        """MLflow dataset inputs (the runs table's Dataset column). Runs starting together on a shared
+        store (sweep workers, jobs) may both insert the same dataset: the later insert breaks its
+        unique key, the dataset then exists, and the retry only links it to this run."""
+        retry_on_duplicate(lambda: self.client.log_inputs(self.run_id, datasets=datasets))
 
     def log_artifact(self, path: Path, subdir: Optional[str] = None) -> None:
         self.client.log_artifact(self.run_id, str(path), subdir)
