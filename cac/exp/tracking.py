@@ -221,7 +221,6 @@ def retry_on_duplicate(call, tries: int = 3):
             if attempt == tries - 1 or not any(word in str(err) for word in _DUPLICATE):
                 raise
             time.sleep(0.05 * (attempt + 1))
-    return None
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, str]:

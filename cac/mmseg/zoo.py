@@ -89,11 +89,12 @@ def _folders_state(path: Path) -> tuple:
     state = []
     for folder in {path.parent, path.parent.parent}:
         try:
-            entries = sorted((e.path, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(folder)
-                             if e.name.endswith(".py") and e.is_file())
+            for entry in os.scandir(folder):
+                if entry.name.endswith(".py") and entry.is_file():
+                    stat = entry.stat()
+                    state.append((entry.path, stat.st_size, stat.st_mtime_ns))
         except OSError:
-            entries = []
-        state.extend(entries)
+            continue
     return tuple(sorted(state))
 
 
