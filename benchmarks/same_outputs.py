@@ -1,6 +1,8 @@
 """Whether this tree's CAC outputs are bitwise those of another commit: ``ContextAwareClassifier.predict``
 (the test-time output), ``soft_pool`` (Eq. 4) and ``cosine_logits`` (Eq. 6) on the same seeded inputs
-(D = 512, N = 150, 64² features), float32 and float64, with and without autograd.
+(D = 512, N = 150, 64² features), float32 and float64, with and without autograd; and one training
+step's loss terms (Eq. 8) and gradients (f, C, the projectors) under ``profile: paper`` and
+``official`` (D = 64, N = 19, labels with ignored pixels and absent classes).
 
     .venv/bin/python benchmarks/same_outputs.py --against 7531630
 
@@ -38,6 +40,28 @@ for dtype in (torch.float32, torch.float64):
             out[f"predict {key}"] = cac.predict(feats, weight, bias).detach()
             out[f"soft_pool {key}"] = soft_pool(feats, logits).detach()
             out[f"cosine_logits {key}"] = cosine_logits(feats, weight, 15.0).detach()
+from cac.core.classifier import CACOptions, cac_losses, plain_cross_entropy
+for profile in ("paper", "official"):
+    for dtype in (torch.float32, torch.float64):
+        g = torch.Generator().manual_seed(1)
+        d, n = 64, 19
+        feats = torch.randn(2, d, 24, 40, generator=g).to(dtype).requires_grad_(True)
+        weight = torch.randn(n, d, generator=g).to(dtype).requires_grad_(True)
+        bias = torch.randn(n, generator=g).to(dtype)
+        labels = torch.randint(0, 7, (2, 96, 160), generator=g)
+        labels[:, :, :16] = 255
+        torch.manual_seed(0)
+        options = CACOptions.from_dict({"profile": profile})
+        cac = ContextAwareClassifier(d, n, options).to(dtype)
+        losses = cac_losses(cac(feats, weight, bias, labels), labels, options,
+                            ce=lambda logits, acc: {"loss_ce": plain_cross_entropy(logits, labels)})
+        key = f"{profile} {str(dtype)[6:]}"
+        for name, value in losses.items():
+            out[f"train {key} {name}"] = value.detach()
+        named = [("f", feats), ("C", weight)] + [(k, p) for k, p in cac.named_parameters() if p.requires_grad]
+        grads = torch.autograd.grad(sum(losses.values()), [p for _, p in named])
+        for (name, _), grad in zip(named, grads):
+            out[f"grad {key} {name}"] = grad
 torch.save(out, sys.argv[1])
 """
 
@@ -65,12 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CAC outputs of this tree ({here}) vs {args.against}:")
     for name in ours:
         if name not in theirs:
-            print(f"  {name:<34} only here")
+            print(f"  {name:<44} only here")
             continue
         a, b = ours[name], theirs[name]
         same = a.shape == b.shape and a.dtype == b.dtype and bool((a == b).all())
         diff = "" if same else f"largest |difference| {(a.double() - b.double()).abs().max().item():.3g}"
-        print(f"  {name:<34} {'bitwise equal' if same else diff}")
+        print(f"  {name:<44} {'bitwise equal' if same else diff}")
     return 0
 
 

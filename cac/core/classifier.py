@@ -15,14 +15,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cac.core.designs import DESIGNS, Projector
-from cac.core.functional import (cosine_logits, dot_logits, entropy_kl_loss, mask_pool, soft_pool,
+from cac.core.functional import (cosine_logits, dot_logits, entropy_kl_loss, mask_pool, resize_bilinear, soft_pool,
                                  upsampled_cross_entropy)
+from cac.core.ssa import (SSAExtras, SSAModules, boundary_mask, dice_loss, position_distill_loss,
+                          relation_distill_loss)
 
 __all__ = ["PROFILES", "CACOptions", "CACOutputs", "ContextAwareClassifier", "cac_losses", "plain_cross_entropy",
-           "resize_labels"]
+           "resize_labels", "ssa_losses"]
 
 _CHOICES = {
-    "profile": ("paper", "official"),
+    "profile": ("paper", "official", "ssa"),
     "original": ("dot", "cos"),
     "context": ("cos", "dot", "none"),
     "kl_entropy_source": ("oracle", "estimated", "original"),
@@ -32,6 +34,7 @@ _CHOICES = {
     "kl_normaliser": ("batch", "literal"),
     "extra_ce": ("head", "fixed"),
     "numerics": ("exact", "official"),
+    "ctx_upsample": ("head", "aligned"),
 }
 
 # What ``numerics="official"`` adds where the equations divide or take a log: the official code's 1e-12.
@@ -44,6 +47,10 @@ PROFILES: dict[str, dict] = {
     "official": dict(oracle_pool="batch", oracle_absent="classifier", kl_target_mix=0.5, extra_ce="fixed",
                      projector_first_bias=False, kl_normaliser="batch", numerics="official"),
 }
+# SSA-Seg (xwmaxwma/SSA-Seg, its ``*_ssa.py`` heads): the official CAC code's choices, which it keeps,
+# plus every addition of cac.core.ssa at the weights its heads use.
+PROFILES["ssa"] = dict(PROFILES["official"], ctx_upsample="aligned", ssa_pixel_pos=True, ssa_center_pos=True, ssa_gt_pos=True,
+                       ssa_relation=10.0, ssa_pos_distill=0.4, ssa_dice=1.0, ssa_kl_edges=True)
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,17 @@ class CACOptions:
     # "official": the official code's 1e-12 on the soft-mask mass, in the entropy's log and on the
     # KL's normalisers (it shrinks C_p of a class whose mass nears 1e-12: an absent class ~25 logits down)
     numerics: str = "exact"
+    # How p_p reaches the label size for the head's loss: the head's own resize ("head"), or bilinear
+    # with align_corners=True first ("aligned": SSA-Seg's heads upsample p_p so before their loss)
+    ctx_upsample: str = "head"
+    # SSA-Seg's additions (cac.core.ssa), all off by default (then this is CAC, bit for bit):
+    ssa_pixel_pos: bool = False  # pixel positions P (depthwise 3x3 conv of f) added to f in p_p and p_y
+    ssa_center_pos: bool = False  # class positions added to A_p, then a linear map
+    ssa_gt_pos: bool = False  # the oracle's own class positions (per image, from the labels) added to A_y
+    ssa_relation: float = 0.0  # weight of the inter-centre relation distillation (SSA-Seg: 10)
+    ssa_pos_distill: float = 0.0  # weight of the position distillation (SSA-Seg: 0.4)
+    ssa_dice: float = 0.0  # weight of the dice terms on p_p and p_y (SSA-Seg: 1)
+    ssa_kl_edges: bool = False  # L_KL averages each class's boundary and interior pixels apart
 
     def __post_init__(self) -> None:
         for key, allowed in _CHOICES.items():
@@ -98,6 +116,20 @@ class CACOptions:
             raise ValueError(f"cac.kl_target_mix must be in [0, 1], got {self.kl_target_mix}")
         if not self.projector_hidden_ratio > 0:
             raise ValueError(f"cac.projector_hidden_ratio must be > 0, got {self.projector_hidden_ratio}")
+        self._check_ssa()
+
+    def _check_ssa(self) -> None:
+        for key in ("ssa_relation", "ssa_pos_distill", "ssa_dice"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"cac.{key} must be >= 0, got {getattr(self, key)}")
+        if self.uses_ssa and self.context != "cos":
+            raise ValueError("cac.ssa_* options extend the cosine context classifier: they need context='cos'")
+        if self.ssa_pos_distill > 0 and not (self.ssa_center_pos and self.ssa_gt_pos):
+            raise ValueError("cac.ssa_pos_distill distils the oracle's class positions into the estimate's: "
+                             "it needs ssa_center_pos and ssa_gt_pos")
+        if self.ssa_kl_edges and not (self.kl_classwise and self.kl_normaliser == "batch" and self.lambda_kl > 0):
+            raise ValueError("cac.ssa_kl_edges splits the class-wise L_KL (kl_classwise, kl_normaliser='batch', "
+                             "lambda_kl > 0)")
 
     @classmethod
     def from_dict(cls, cfg: Optional[Mapping] = None) -> "CACOptions":
@@ -125,20 +157,32 @@ class CACOptions:
         return self.context != "none"
 
     @property
+    def uses_ssa(self) -> bool:
+        """Any of SSA-Seg's additions is on."""
+        return (self.ssa_pixel_pos or self.ssa_center_pos or self.ssa_gt_pos or self.ssa_kl_edges
+                or self.ssa_relation > 0 or self.ssa_pos_distill > 0 or self.ssa_dice > 0)
+
+    @property
     def needs_oracle(self) -> bool:
-        """p_y is needed in training when its CE or the distillation from it is on."""
-        return self.has_context and (self.loss_ce_y > 0 or self.lambda_kl > 0)
+        """p_y is needed in training when its CE, a distillation from it or its dice term is on."""
+        return self.has_context and (self.loss_ce_y > 0 or self.lambda_kl > 0 or self.ssa_relation > 0
+                                     or self.ssa_pos_distill > 0 or self.ssa_dice > 0)
 
     @property
     def trains_oracle(self) -> bool:
-        """theta_y gets a gradient only from L_y^ce: the distillation's teacher is detached."""
-        return self.needs_oracle and self.loss_ce_y > 0
+        """theta_y gets a gradient only from L_y^ce (and SSA-Seg's dice on p_y): the distillations'
+        teachers are detached."""
+        return self.needs_oracle and (self.loss_ce_y > 0 or self.ssa_dice > 0)
 
 
 class CACOutputs(NamedTuple):
     p: Tensor  # original classifier, [B, N, h, w]
     p_p: Optional[Tensor]  # context-aware classifier (estimated), Eq. (6)
     p_y: Optional[Tensor]  # oracle context-aware classifier, Eq. (3)
+    ssa: Optional[SSAExtras] = None  # what SSA-Seg's losses need (None without its additions)
+
+    def logits(self) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        return self.p, self.p_p, self.p_y
 
 
 def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
@@ -159,10 +203,16 @@ class ContextAwareClassifier(nn.Module):
         o = self.options
         self.proj_y = self._projector(o.design_y) if o.needs_oracle else None
         self.proj_p = self._projector(o.design_p) if o.has_context else None
+        positions = o.ssa_pixel_pos or o.ssa_center_pos or (o.ssa_gt_pos and o.needs_oracle)
+        self.ssa = SSAModules(dim, num_classes, centre=o.ssa_center_pos, oracle=o.ssa_gt_pos and o.needs_oracle,
+                              hidden_ratio=o.projector_hidden_ratio) if positions else None
         if self.proj_y is not None and not o.trains_oracle:
             # Without L_y^ce nothing trains theta_y (Table 2 (e)): it stays at its init either way, and
             # declaring that keeps stock DDP (find_unused_parameters=False) from waiting for its grads.
             self.proj_y.requires_grad_(False)
+            for module in (self.ssa.oracle_pos_proj, self.ssa.oracle_proj) if self.ssa is not None else ():
+                if module is not None:
+                    module.requires_grad_(False)
 
     def _projector(self, design: str) -> Optional[Projector]:
         in_dim = DESIGNS[design].projector_in(self.dim)
@@ -200,9 +250,13 @@ class ContextAwareClassifier(nn.Module):
         return DESIGNS[design].form(protos, cls, proj)
 
     def context_classifier(self, feats: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-        """A_p of Eq. (5) per image, ``[B, N, D]`` (for inspection, e.g. the t-SNE of Fig. 7)."""
+        """A_p of Eq. (5) per image, ``[B, N, D]`` (for inspection, e.g. the t-SNE of Fig. 7); with
+        SSA-Seg's class positions, the classifier p_p uses, ``W (A_p + G)``."""
         p = self.original_logits(feats, weight, bias)
-        return self.form(self.options.design_p, soft_pool(feats, p, self.options.eps), weight, self.proj_p)
+        a_p = self.form(self.options.design_p, soft_pool(feats, p, self.options.eps), weight, self.proj_p)
+        if self.options.ssa_center_pos:
+            a_p = self.ssa.centre(a_p, p, self.ssa.positions(feats))[0]
+        return a_p
 
     # -- the whole classifier -----------------------------------------------------------------
     def forward(self, feats: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -221,13 +275,20 @@ class ContextAwareClassifier(nn.Module):
             return CACOutputs(p, None, None)
         a_p = self.form(o.design_p, soft_pool(feats, p, o.eps), weight, self.proj_p)
         dtype = torch.promote_types(feats.dtype, torch.float32)
+        # SSA-Seg: positions P of the pixels; f + P is what the context classifiers see
+        pos = self.ssa.positions(feats) if self.ssa is not None else None
+        f_ctx = feats + pos if o.ssa_pixel_pos else feats
+        cls_p, g_p = self.ssa.centre(a_p, p, pos) if o.ssa_center_pos else (a_p, None)
         if labels is None or not o.needs_oracle:
-            return CACOutputs(p, self.context_logits(feats, a_p, dtype=dtype), None)
-        c_y = self.oracle_prototypes(feats, resize_labels(labels, feats.shape[-2:]), weight)
+            extras = SSAExtras(a_p, None, g_p, None) if o.uses_ssa else None
+            return CACOutputs(p, self.context_logits(f_ctx, cls_p, dtype=dtype), None, extras)
+        small = resize_labels(labels, feats.shape[-2:])
+        c_y = self.oracle_prototypes(feats, small, weight)
         a_y = self.form(o.design_y, c_y, weight, self.proj_y)
-        both = self.context_logits(feats, torch.cat([a_p, a_y.to(a_p.dtype)], dim=1), dtype=dtype)
+        cls_y, g_y = self.ssa.oracle(a_y, small, pos, self.ignore_index) if o.ssa_gt_pos else (a_y, None)
+        both = self.context_logits(f_ctx, torch.cat([cls_p, cls_y.to(cls_p.dtype)], dim=1), dtype=dtype)
         p_p, p_y = both.split(a_p.shape[1], dim=1)
-        return CACOutputs(p, p_p, p_y)
+        return CACOutputs(p, p_p, p_y, SSAExtras(a_p, a_y, g_p, g_y) if o.uses_ssa else None)
 
     def predict(self, feats: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         """Test-time output: p_p (the paper), or p when ``test_output='original'``.
@@ -238,7 +299,7 @@ class ContextAwareClassifier(nn.Module):
         o = self.options
         if not o.has_context or o.test_output == "original":
             return self.original_logits(feats, weight, bias)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or self.ssa is not None:
             return self.forward(feats, weight, bias).p_p
         p = self.original_logits(feats, weight, bias)
         a_p = self.form(o.design_p, soft_pool(feats, p, o.eps), weight, self.proj_p)
@@ -279,15 +340,38 @@ def cac_losses(out: CACOutputs, labels: Tensor, options: CACOptions,
                 losses[f"{key}{tag}"] = value
 
     add("", out.p, options.loss_ce, accuracy=not fixed)
-    add("ctx", out.p_p, options.loss_ce_p, accuracy=fixed)
+    ctx = out.p_p
+    if ctx is not None and options.ctx_upsample == "aligned":
+        ctx = resize_bilinear(ctx, labels.shape[-2:], align_corners=True)
+    add("ctx", ctx, options.loss_ce_p, accuracy=fixed)
     add("oracle", out.p_y, options.loss_ce_y, accuracy=False)
     if options.lambda_kl > 0 and out.p_p is not None and out.p_y is not None:
         source = {"oracle": None, "estimated": out.p_p, "original": out.p}[options.kl_entropy_source]
+        small = resize_labels(labels, out.p_p.shape[-2:])
         kl = entropy_kl_loss(
-            out.p_p, out.p_y, resize_labels(labels, out.p_p.shape[-2:]),
+            out.p_p, out.p_y, small,
             entropy=options.kl_entropy, classwise=options.kl_classwise, ignore_index=ignore_index,
             entropy_from=source, target_mix=options.kl_target_mix, normaliser=options.kl_normaliser,
-            eps=options.eps,
+            eps=options.eps, boundary=boundary_mask(small, ignore_index) if options.ssa_kl_edges else None,
         )
         losses["loss_kl"] = kl * options.lambda_kl
+    if out.ssa is not None:
+        losses.update(ssa_losses(out, labels, options, ignore_index))
+    return losses
+
+
+def ssa_losses(out: CACOutputs, labels: Tensor, options: CACOptions, ignore_index: int = 255) -> dict[str, Tensor]:
+    """SSA-Seg's extra terms, each weighted: dice on p_p and p_y (upsampled as the official heads do,
+    bilinear with ``align_corners=True``), the relation and the position distillations."""
+    losses: dict[str, Tensor] = {}
+    if options.ssa_dice > 0:
+        for key, logits in (("loss_dice", out.p_p), ("loss_oracle_dice", out.p_y)):
+            if logits is not None:
+                full = resize_bilinear(logits, labels.shape[-2:], align_corners=True)
+                losses[key] = dice_loss(full, labels, ignore_index) * options.ssa_dice
+    extras = out.ssa
+    if options.ssa_relation > 0 and extras.oracle_centres is not None:
+        losses["loss_relation"] = relation_distill_loss(extras.centres, extras.oracle_centres) * options.ssa_relation
+    if options.ssa_pos_distill > 0 and extras.oracle_positions is not None:
+        losses["loss_pos"] = position_distill_loss(extras.positions, extras.oracle_positions) * options.ssa_pos_distill
     return losses

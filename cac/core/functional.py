@@ -389,6 +389,7 @@ def entropy_kl_loss(
     target_mix: float = 0.0,
     normaliser: str = "batch",
     eps: float = 0.0,
+    boundary: Tensor | None = None,
 ) -> Tensor:
     """Distillation loss from the oracle ``teacher`` (p_y) to the ``student`` (p_p).
 
@@ -414,9 +415,15 @@ def entropy_kl_loss(
     ``eps``: 0 is the equations as written, at any confidence (a confident teacher has entropies of
     1e-10 and below; their ratios still weigh the pixels); the official code's 1e-12 goes inside the
     entropy's log and onto each normaliser. Only an all-zero normaliser (no weight at all) is guarded.
+
+    ``boundary`` (bool ``[B, H, W]``, class-wise batch form only): SSA-Seg's split, a class's loss is
+    the mean of its boundary pixels' weighted average and its interior pixels' (a part without pixels
+    adds 0 to that mean).
     """
     if normaliser not in ("batch", "literal"):
         raise ValueError(f"normaliser must be 'batch' or 'literal', got {normaliser!r}")
+    if boundary is not None and not (classwise and normaliser == "batch"):
+        raise ValueError("boundary splits the class-wise, batch-normalised form only")
     if student.shape != teacher.shape:
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ")
     b, n, h, w = student.shape
@@ -443,10 +450,12 @@ def entropy_kl_loss(
     if not classwise:
         loss = weighted.sum() / _normaliser(weight.sum(), eps)
     else:
-        num = per_pixel.new_zeros(n).index_add_(0, safe_lab.flatten(), weighted.flatten())
-        den = per_pixel.new_zeros(n).index_add_(0, safe_lab.flatten(), weight.flatten())
+        parts = 1 if boundary is None else 2
+        bins = safe_lab.flatten() if boundary is None else safe_lab.flatten() * 2 + boundary.flatten().long()
+        num = per_pixel.new_zeros(n * parts).index_add_(0, bins, weighted.flatten())
+        den = per_pixel.new_zeros(n * parts).index_add_(0, bins, weight.flatten())
         present = _present_classes(safe_lab, valid, n)
-        per_class = num / _normaliser(den, eps)
+        per_class = (num / _normaliser(den, eps)).view(n, parts).mean(dim=1)
         loss = (per_class * present).sum() / present.sum().clamp_min(1)
     return loss.to(student.dtype)
 
@@ -509,7 +518,7 @@ def _per_image_kl(weighted: Tensor, weight: Tensor, labels: Tensor, valid: Tenso
 
 def _present_classes(labels: Tensor, valid: Tensor, num_classes: int) -> Tensor:
     """Bool ``[N]``: classes with at least one valid pixel, without a host sync."""
-    counts = torch.zeros(num_classes, device=labels.device).index_add_(
+    counts = torch.zeros(num_classes, device=labels.device, dtype=torch.float32).index_add_(
         0, labels.flatten(), valid.flatten().float()
     )
     return counts > 0

@@ -589,6 +589,8 @@ def _print_plan(spec: Spec, preset: str, units: list[RunUnit], states: list, uri
         keys = ("model", "cac", "cac.profile", "cac.tau", "cac.lambda_kl", "cac.loss_ce", "cac.loss_ce_p", "cac.loss_ce_y",
                 "cac.kl_entropy", "cac.kl_classwise", "cac.kl_entropy_source", "cac.original", "cac.context",
                 "cac.design_y", "cac.design_p")
+        # SSA-Seg's switches only where on: a CAC row's line stays as it was
+        keys += tuple(k for k, v in settings.items() if k.startswith("cac.ssa_") and v)
         brief = " ".join(f"{k.replace('cac.', '')}={settings[k]}" for k in keys if k in settings)
         echo(f"  {unit.row.label:>8} seed={unit.seed} [{unit.cfg_hash[:8]}] {what}: {brief}")
     for note in dict.fromkeys(filter(None, (replaced_cac_note(u) for u in units))):

@@ -87,7 +87,7 @@ def classifier_logits(segmentor, inputs: Tensor, labels: Optional[Tensor]) -> di
         head = heads
     if isinstance(head, CACHead):
         out = head.all_logits(*args, labels=labels)
-        return {k: v for k, v in out._asdict().items() if v is not None}
+        return {k: v for k, v in zip(("p", "p_p", "p_y"), out.logits()) if v is not None}
     return {"p": head.forward(*args)}
 
 

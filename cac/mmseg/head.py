@@ -37,6 +37,16 @@ def _features_unchanged(feat: Tensor) -> Tensor:
     return feat
 
 
+def _lift(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _lifted(out: CACOutputs) -> CACOutputs:
+    """``out`` with half-precision tensors in float32 (the losses' dtype)."""
+    ssa = None if out.ssa is None else type(out.ssa)(*map(_lift, out.ssa))
+    return CACOutputs(*map(_lift, out.logits()), ssa)
+
+
 def is_plain_cross_entropy(term: torch.nn.Module) -> bool:
     """A softmax CE term with no class weights or masks, mean-reduced: the fused path reproduces it."""
     from mmseg.models.losses import CrossEntropyLoss
@@ -123,8 +133,7 @@ class CACHead(BaseModule):
         branch_losses = self.outputs.branch_losses(branches, out.p, batch_data_samples)
         # Under AMP the logits may be half precision: the losses, and the KL's softmaxes, entropies and
         # class-wise sums above all, are computed in float32 with autocast off.
-        out = CACOutputs(*(t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
-                           for t in out))
+        out = _lifted(out)
         with autocast_off(labels.device.type):
             return {**cac_losses(out, labels, self.options,
                                  ce=lambda logits, accuracy: self.segmentation_loss(logits, seg_label, accuracy),
