@@ -40,6 +40,7 @@ class AblationRow:
     is_baseline: bool
     paper: Optional[float]
     paper_delta: Optional[float]
+    compare_delta: Optional[PairedCI] = None  # against the spec's ``compare`` row, paired by seed
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class AblationTable:
     ordering: Optional[Ordering]
     confidence: float = 0.95
     notes: list[str] = field(default_factory=list)
+    compare: Optional[str] = None  # the second reference row (spec ``compare``), if any
 
     @property
     def verdict(self) -> str:
@@ -107,24 +109,28 @@ def build_ablation(spec: Spec, results: Mapping[str, Mapping[int, float]], prese
                    metric: str = "val/mIoU", confidence: float = 0.95,
                    notes: Sequence[str] = ()) -> AblationTable:
     """One row per spec row (in spec order), Δ paired by seed against ``spec.baseline``."""
-    base = spec.baseline
+    base, compare = spec.baseline, spec.compare
     base_values = dict(results.get(base, {})) if base else {}
+    compare_values = dict(results.get(compare, {})) if compare else {}
     base_paper = paper_value(spec.row(base)) if base else None
     rows = []
     for row in spec.rows:
         values = dict(results.get(row.label, {}))
         is_base = row.label == base
-        delta = None
+        delta = compare_delta = None
         if base and not is_base and values:
             delta = paired_ci(paired_differences(values, base_values), confidence)
+        if compare and row.label != compare and values:
+            compare_delta = paired_ci(paired_differences(values, compare_values), confidence)
         paper = paper_value(row)
         paper_delta = None if (paper is None or base_paper is None or not base) else paper - base_paper
         rows.append(AblationRow(row.label, row.description, values,
                                 summarize([values[s] for s in sorted(values)]), delta, is_base, paper,
-                                paper_delta))
+                                paper_delta, compare_delta))
     ordering = kendall_ordering({r.label: r.summary.mean for r in rows if r.summary},
                                 {r.label: r.paper for r in rows if r.paper is not None})
-    return AblationTable(spec.name, spec.title, preset, metric, base, rows, ordering, confidence, list(notes))
+    return AblationTable(spec.name, spec.title, preset, metric, base, rows, ordering, confidence, list(notes),
+                         compare)
 
 
 def build_table1(parts: Sequence[tuple[Spec, Mapping, Mapping]], preset: str,
@@ -184,9 +190,12 @@ def fmt_delta(row: AblationRow, confidence: float = 0.95) -> str:
     """``+0.52 [-0.10, +1.14] (3 pairs)``; ``n/a`` where fewer than 2 seeds pair with the baseline."""
     if row.is_baseline:
         return "baseline"
+    return _fmt_ci(row, row.delta)
+
+
+def _fmt_ci(row: AblationRow, d: Optional[PairedCI]) -> str:
     if row.summary is None:
         return "—"
-    d = row.delta
     if d is None:
         return "n/a (0 pairs)"
     if not d.has_interval:
@@ -222,11 +231,17 @@ def ablation_markdown(table: AblationTable, tracking_uri: str = "") -> str:
     note = _comparability(table.preset)
     if note:
         lines.append(note)
-    lines += ["", f"| Row | Description | Ours mIoU | Δ vs {base or '—'} [{pct}% CI] | Paper mIoU | Paper Δ |",
-              "|---|---|---|---|---|---|"]
+    if table.compare:
+        lines.append(f"Δ vs {table.compare}: the same, paired against row {table.compare}.")
+    extra = f" Δ vs {table.compare} [{pct}% CI] |" if table.compare else ""
+    lines += ["", f"| Row | Description | Ours mIoU | Δ vs {base or '—'} [{pct}% CI] |{extra} Paper mIoU | Paper Δ |",
+              "|---|---|---|---|" + ("---|" if table.compare else "") + "---|---|"]
     for r in table.rows:
+        cmp = ""
+        if table.compare:
+            cmp = f" {'reference' if r.label == table.compare else _fmt_ci(r, r.compare_delta)} |"
         lines.append(f"| {r.label} | {_md_escape(r.description)} | {fmt_summary(r.summary)} | "
-                     f"{fmt_delta(r, table.confidence)} | {_num(r.paper)} | {_paper_delta(r)} |")
+                     f"{fmt_delta(r, table.confidence)} |{cmp} {_num(r.paper)} | {_paper_delta(r)} |")
     lines += ["", table.verdict[0].upper() + table.verdict[1:] + "."]
     lines += [f"\n{n}" for n in table.notes]
     return "\n".join(lines) + "\n"
@@ -267,15 +282,18 @@ def _csv_num(value: Optional[float]) -> str:
 def ablation_csv(table: AblationTable) -> str:
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
+    extra = ["compare_delta", "compare_ci_low", "compare_ci_high", "compare_n_pairs"] if table.compare else []
     w.writerow(["row", "description", "status", "n", "seeds", "mean", "std", "delta", "delta_ci_low",
-                "delta_ci_high", "n_pairs", "paper", "paper_delta", "is_baseline"])
+                "delta_ci_high", "n_pairs", "paper", "paper_delta", "is_baseline"] + extra)
     for r in table.rows:
-        s, d = r.summary, r.delta
+        s, d, c = r.summary, r.delta, r.compare_delta
+        cells = [_csv_num(c.mean if c else None), _csv_num(c.low if c else None), _csv_num(c.high if c else None),
+                 c.n_pairs if c else 0] if table.compare else []
         w.writerow([r.label, r.description, "ok" if s else NO_RUNS, s.n if s else 0,
                     " ".join(str(k) for k in sorted(r.values)), _csv_num(s.mean if s else None),
                     _csv_num(s.std if s else None), _csv_num(d.mean if d else None),
                     _csv_num(d.low if d else None), _csv_num(d.high if d else None), d.n_pairs if d else 0,
-                    _csv_num(r.paper), _csv_num(r.paper_delta), int(r.is_baseline)])
+                    _csv_num(r.paper), _csv_num(r.paper_delta), int(r.is_baseline)] + cells)
     return out.getvalue()
 
 

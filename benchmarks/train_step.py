@@ -3,11 +3,12 @@ backward, SGD step) with and without CAC, on the real mmseg models at a small cr
 
     flock /tmp/cac-cpu.lock .venv/bin/python benchmarks/train_step.py \
         [--models fcn-mv2 upernet-swin-t] [--crop 256] [--batch 2] [--warmup 2] [--repeats 7] \
-        [--variants baseline +CAC "+CAC official" official] [--no-mem] [--profile]
+        [--variants baseline +CAC "+CAC official" official +SSA] [--no-mem] [--profile]
 
 Variants (``VARIANTS``): ``baseline`` (no CAC), ``+CAC`` (ours, the paper profile), ``+CAC official``
-(ours with ``profile: official``: the official code's choices) and ``official`` (the official heads'
-training computation, re-derived in ``benchmarks/official_cac.py``, on the same model and weights).
+(ours with ``profile: official``: the official code's choices), ``official`` (the official heads'
+training computation, re-derived in ``benchmarks/official_cac.py``, on the same model and weights) and,
+on request, ``+SSA`` (``profile: ssa``: SSA-Seg, CAC's successor).
 ``ours ÷ official`` compares the two computations of the same loss (``+CAC official`` ÷ ``official``).
 
 Models come from their shipped configs (150 ADE20K classes, auxiliary heads included, as trained),
@@ -42,7 +43,9 @@ from cac.synthetic import seg_batch  # noqa: E402
 PER_IMAGE = 15
 # variant -> CAC options for resolve_config (None: the plain model)
 VARIANTS: dict[str, Any] = {"baseline": None, "+CAC": True, "+CAC official": {"profile": "official"},
-                            "official": {"profile": "official"}}
+                            "official": {"profile": "official"}, "+SSA": {"profile": "ssa"}}
+# what runs without --variants: CAC's rows (SSA-Seg, CAC's successor, on request)
+DEFAULT_VARIANTS = ["baseline", "+CAC", "+CAC official", "official"]
 
 
 def variant_name(cac: bool | str) -> str:
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
                     help="rows timed side by side (baseline first gives the ratios to it)")
     ap.add_argument("--no-mem", dest="mem", action="store_false", help="skip the memory probes")
     ap.add_argument("--profile", action="store_true", help="print the ops whose time differs most")

@@ -120,6 +120,31 @@ def test_ablation_table_from_hand_made_results():
     assert r"\begin{tabular}" in tex and r"$\tau$" in tex and "τ" not in tex
 
 
+def test_ablation_table_adds_a_delta_against_the_specs_compare_row():
+    """ablations/ssa.yaml compares every row with CAC as well as with the baseline, paired by seed."""
+    from analysis.tables import ablation_csv, ablation_markdown, build_ablation
+    from cac.exp.spec import load_spec
+
+    spec = load_spec(ROOT / "ablations" / "ssa.yaml")
+    assert (spec.baseline, spec.compare) == ("(a)", "CAC")
+    results = {"(a)": {0: 40.0, 1: 41.0, 2: 42.0}, "CAC": {0: 45.0, 1: 47.0, 2: 46.0},
+               "SSA-Seg": {0: 46.0, 1: 47.5, 2: 46.0}, "+dice": {5: 50.0}}
+    table = build_ablation(spec, results, "bench")
+    rows = {r.label: r for r in table.rows}
+    assert rows["SSA-Seg"].compare_delta.mean == pytest.approx(0.5)  # diffs 1.0, 0.5, 0.0
+    assert rows["SSA-Seg"].delta.mean == pytest.approx(16.5 / 3)
+    assert rows["(a)"].compare_delta.mean == pytest.approx(-5.0) and rows["CAC"].compare_delta is None
+    assert rows["+dice"].compare_delta is None  # no seed in common with CAC
+    md = ablation_markdown(table)
+    assert "| Δ vs CAC [95% CI] |" in md and "| CAC | CAC as the official code trains it | 46.00" in md
+    assert "| reference |" in md and "+0.50 [" in md
+    parsed = {r["row"]: r for r in csv.DictReader(io.StringIO(ablation_csv(table)))}
+    assert float(parsed["SSA-Seg"]["compare_delta"]) == pytest.approx(0.5)
+    assert int(parsed["SSA-Seg"]["compare_n_pairs"]) == 3 and parsed["CAC"]["compare_delta"] == ""
+    plain = ablation_csv(build_ablation(load_spec(ROOT / "ablations" / "table3.yaml"), {}, "quick"))
+    assert "compare_delta" not in plain.splitlines()[0]  # other tables keep their columns
+
+
 # -- real quick runs ---------------------------------------------------------------------------------
 def _subset_spec(src: Path, dst: Path, labels: list[str], extra: dict) -> Path:
     """A copy of a repo spec with only ``labels`` and a shorter schedule; the file stem names the table."""

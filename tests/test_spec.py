@@ -55,6 +55,10 @@ BAD = {
     "bad seeds": (GOOD.replace("seeds: 1", "seeds: [0, 0]"), "duplicate seeds"),
     "missing title": (GOOD.replace("title: t\n", ""), "missing required key 'title'"),
     "bad baseline": (GOOD.replace('baseline: "(a)"', 'baseline: "(z)"'), "no row labelled '(z)'"),
+    "bad compare": (GOOD.replace('baseline: "(a)"', 'baseline: "(a)"\ncompare: "(z)"'), "compare: no row labelled '(z)'"),
+    "compare is baseline": (GOOD.replace('baseline: "(a)"', 'baseline: "(a)"\ncompare: "(a)"'),
+                            "other than the baseline"),
+    "ssa without cosine": (GOOD.replace("tau: 10.0", "ssa_dice: 1.0, context: dot"), "need context='cos'"),
     "yaml error": ("title: [unclosed\nrows: 1\n", "YAML error"),
 }
 

@@ -10,6 +10,7 @@ Schema (unknown keys are refused everywhere)::
                                                    # or mmseg::<config>; `--model` replaces it for all rows
     dataset: ade20k | cocostuff | cityscapes | pascal-context   # the paper preset's data (default ade20k)
     baseline: "(a)"                                # the row Δ is measured against
+    compare: "CAC"                                 # optional: a second Δ column, against this row
     seeds: 3 | [0, 1, 2]                           # default 3 -> [0, 1, 2]
     cac: {tau: 15, lambda_kl: 1, ...}              # CAC options shared by all +CAC rows
     overrides: {"model.decode_head.channels": 64}  # dotted config keys, all rows
@@ -43,8 +44,8 @@ class SpecError(CacError):
     """A spec that cannot run; the message names the file and the key."""
 
 
-_TOP = {"title", "description", "task", "model", "dataset", "baseline", "seeds", "cac", "overrides", "presets",
-        "benchmark", "rows"}
+_TOP = {"title", "description", "task", "model", "dataset", "baseline", "compare", "seeds", "cac", "overrides",
+        "presets", "benchmark", "rows"}
 _ROW = {"label", "description", "cac", "model", "overrides", "paper"}
 _PRESET = {"seeds", "overrides", "model", "benchmark"}
 _TASKS = ("train", "benchmark")
@@ -82,6 +83,7 @@ class Spec:
     rows: list[Row] = field(default_factory=list)
     task: str = "train"  # "benchmark": timing and memory (Table 6) instead of training
     benchmark: dict = field(default_factory=dict)
+    compare: Optional[str] = None  # a second reference row: the report adds a Δ against it
 
     def benchmark_for(self, preset: str) -> dict:
         return {**self.benchmark, **self.presets.get(preset, {}).get("benchmark", {})}
@@ -290,10 +292,14 @@ def parse_spec(data: Any, path: Path) -> Spec:
     baseline = data.get("baseline")
     if baseline is not None and not any(r.label == baseline for r in rows):
         _fail(path, "baseline", f"no row labelled {baseline!r}")
+    compare = data.get("compare")
+    if compare is not None and (not any(r.label == compare for r in rows) or compare == baseline):
+        _fail(path, "compare", f"no row labelled {compare!r} other than the baseline")
     return Spec(path=path, name=path.stem, title=data["title"], description=data.get("description", ""),
                 dataset=dataset, baseline=baseline, seeds=seeds,
                 overrides=_check_overrides(path, "overrides", data.get("overrides")),
-                presets={k: dict(v) for k, v in presets.items()}, rows=rows, task=task, benchmark=benchmark)
+                presets={k: dict(v) for k, v in presets.items()}, rows=rows, task=task, benchmark=benchmark,
+                compare=compare)
 
 
 def read_yaml(path: Path, what: str = "spec") -> Any:
