@@ -17,6 +17,16 @@ def _sys_path_restored() -> Iterator[None]:
     sys.path[:] = saved
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory) -> Iterator[Path]:
+    """cac's cache (the empty MLflow store new stores are copied from) in the session's folder, not
+    the user's ~/.cache; jobs the tests start inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        folder = tmp_path_factory.mktemp("cac-cache")
+        mp.setenv("CAC_CACHE_DIR", str(folder))
+        yield folder
+
+
 @contextlib.contextmanager
 def data_env(root: Path) -> Iterator[Path]:
     """``CAC_DATA_ROOT`` is ``root`` inside, restored (or removed) after."""

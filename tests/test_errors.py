@@ -187,3 +187,47 @@ def test_a_bad_argument_creates_no_store(tmp_path, monkeypatch, capsys):
     _one_line_error(main(["run", TABLE3, "--rows", "(zz)", "--dry-run"]), capsys.readouterr().err, "(zz)")
     _one_line_error(make_tables(["--spec", "no-such-table"]), capsys.readouterr().err, "no spec 'no-such-table'")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_new_sqlite_store_is_mlflows_own_schema_copied_with_its_own_default_experiment(tmp_path, monkeypatch):
+    """A new SQLite store is a copy of an empty store MLflow's migrations made once (in cac's cache):
+    the same tables, indexes and schema version as MLflow makes in place, and MLflow's Default
+    experiment made for this store. A template MLflow cannot open is not used: MLflow makes the store."""
+    import sqlite3
+
+    import mlflow
+
+    from cac.exp import tracking
+
+    monkeypatch.setenv("CAC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    ours, theirs = tmp_path / "a" / "ours.db", tmp_path / "a" / "theirs.db"
+    tracking._init_sql_store(f"sqlite:///{ours}")
+    template = tmp_path / "cache" / f"mlflow-{mlflow.__version__}-empty.db"
+    assert template.exists()
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{theirs}").search_experiments()
+
+    def clauses(sql):  # MLflow's own migrations order a table's constraints differently from run to run
+        return None if sql is None else tuple(sorted(line.strip().rstrip(",").strip() for line in sql.splitlines()))
+
+    def content(db):
+        con = sqlite3.connect(db)
+        try:
+            return (sorted((t, n, clauses(sql)) for t, n, sql in con.execute("SELECT type, name, sql FROM sqlite_master")),
+                    con.execute("SELECT * FROM alembic_version").fetchall(),
+                    con.execute("SELECT experiment_id, name, artifact_location, lifecycle_stage FROM experiments").fetchall())
+        finally:
+            con.close()
+
+    assert content(ours) == content(theirs)
+    assert content(template)[2] == []  # the template holds no experiment of its own
+    # a store in use is never replaced by the template
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{ours}").create_experiment("kept")
+    tracking._READY.discard(f"sqlite:///{ours}")
+    tracking._init_sql_store(f"sqlite:///{ours}")
+    assert "kept" in [e.name for e in mlflow.MlflowClient(tracking_uri=f"sqlite:///{ours}").search_experiments()]
+    # a broken template: MLflow builds the store itself
+    template.write_bytes(b"not a database")
+    broken = tmp_path / "b" / "new.db"
+    tracking._init_sql_store(f"sqlite:///{broken}")
+    assert content(broken)[:2] == content(theirs)[:2]

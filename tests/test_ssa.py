@@ -265,3 +265,24 @@ def test_ssa_params_beside_cacs():
     projector = 2 * d * (d // 2) + (d // 2) * d + d
     assert cac == 2 * projector
     assert ssa - cac == (d * 9 + d) + n * d + 2 * projector + 2 * d * d
+
+
+def _ssa_rows():
+    from pathlib import Path
+
+    from cac.exp.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "ablations" / "ssa.yaml")
+    return [pytest.param(row.cac, id=row.label) for row in spec.rows if row.cac is not None]
+
+
+@pytest.mark.parametrize("cac", _ssa_rows())
+def test_every_ssa_row_gives_every_trainable_parameter_a_gradient(cac):
+    """Stock DDP (find_unused_parameters=False) waits for a gradient of every trainable parameter:
+    each row of ablations/ssa.yaml builds only what its losses use."""
+    head = _head(cac).train()
+    _, _, _, labels = _scene(h=12, w=16)
+    losses = head.loss([torch.randn(2, 16, 12, 16)], _samples(labels), {})
+    sum(v for k, v in losses.items() if k.startswith("loss")).backward()
+    missing = [n for n, p in head.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing

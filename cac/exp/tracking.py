@@ -6,6 +6,7 @@ row x seed ends with exactly one FINISHED run.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -16,6 +17,7 @@ __all__ = ["resolve_tracking_uri", "check_tracking_uri", "check_db_driver", "pre
 
 DEFAULT_DB = "mlflow.db"
 TIMEOUT_ENV = "CAC_TRACKING_TIMEOUT"  # seconds a tracking server gets to answer the reachability check
+CACHE_ENV = "CAC_CACHE_DIR"  # where cac keeps what it can rebuild (default: $XDG_CACHE_HOME/cac, ~/.cache/cac)
 _SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")  # MLflow's own
 
 
@@ -178,12 +180,79 @@ def _init_sql_store(uri: str) -> None:
                 fh = stack.enter_context(open(f"{db}.lock", "w"))
                 fcntl.flock(fh, fcntl.LOCK_EX)
                 stack.callback(fcntl.flock, fh, fcntl.LOCK_UN)
+                if not db.exists() or db.stat().st_size == 0:
+                    _new_sqlite_store(db, uri)
             mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except OSError as err:
         raise CacError(f"tracking store {shown}: cannot create it ({err.strerror or err}): {_fix_hint()}") from None
     except Exception as err:  # noqa: BLE001 - MLflow / SQLAlchemy errors: say what failed, in one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CacError(f"tracking store {shown}: cannot open it ({first[:300]}): {_fix_hint()}") from None
+
+
+def cache_dir() -> Path:
+    """cac's cache folder: ``$CAC_CACHE_DIR``, else ``$XDG_CACHE_HOME/cac``, else ``~/.cache/cac``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cac"
+
+
+def _new_sqlite_store(db: Path, uri: str) -> None:
+    """Make the new SQLite store ``db`` a copy of an empty store at this MLflow's schema, when one can
+    be had: MLflow builds a new database by replaying its ~100 schema migrations (about 1 s each time);
+    the result, made once per MLflow version by those very migrations, is kept in :func:`cache_dir`.
+    The copy holds no experiment: MLflow adds its Default experiment (its artifact location, its time)
+    on first use, as it does after its migrations. Without a usable template (an unwritable cache, a
+    damaged file), MLflow creates the store itself."""
+    import shutil
+    import sqlite3
+
+    try:
+        template = _schema_template()
+    except Exception:  # noqa: BLE001 - no template (an unwritable cache, MLflow failing): MLflow's way
+        return
+    try:
+        con = sqlite3.connect(f"file:{template}?mode=ro", uri=True)
+        try:  # MLflow's schema version, and no experiment in it
+            usable = (len(con.execute("SELECT version_num FROM alembic_version").fetchall()) == 1
+                      and con.execute("SELECT count(*) FROM experiments").fetchone()[0] == 0)
+        finally:
+            con.close()
+    except sqlite3.Error:
+        usable = False
+    if not usable:
+        with contextlib.suppress(OSError):
+            template.unlink()  # made again next time
+        return
+    shutil.copyfile(template, db)
+
+
+def _schema_template() -> Path:
+    """An empty SQLite store at this MLflow's schema, made by MLflow's migrations (once per version)."""
+    import fcntl
+    import sqlite3
+    import tempfile
+
+    import mlflow
+
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"mlflow-{mlflow.__version__}-empty.db"
+    if path.exists():
+        return path
+    with open(folder / f"{path.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        if path.exists():  # another process made it while this one waited
+            return path
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            made = Path(tmp) / path.name
+            mlflow.MlflowClient(tracking_uri=f"sqlite:///{made}").search_experiments(max_results=1)
+            with sqlite3.connect(made) as con:  # the Default experiment belongs to the store it is made in
+                con.execute("DELETE FROM experiment_tags")
+                con.execute("DELETE FROM experiments")
+            con.close()
+            os.replace(made, path)
+    return path
 
 
 def prepare_store(uri: str, experiments: Iterable[str] = ()) -> None:
