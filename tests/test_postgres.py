@@ -84,6 +84,7 @@ overrides:
   train_cfg.max_iters: 4
   train_cfg.val_interval: 4
   default_hooks.checkpoint.interval: 4
+  cac_curve.points: 1
 {extra}rows:
   - {{label: "(f)", description: full CAC, cac: true}}
 """

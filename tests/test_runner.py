@@ -349,3 +349,28 @@ def test_curve_interval_gives_enough_points(iters, val_interval, expected):
         assert min(CURVE_POINTS, iters) <= points
         assert points <= 2 * CURVE_POINTS or (val_interval and every == val_interval)
     assert val_interval == 0 or every <= val_interval
+
+
+@pytest.mark.parametrize("points,val_interval,expected", [(2, 10, 10), (4, 10, 5), (0, 10, 10), (0, 0, 0), (40, 0, 1)])
+def test_a_configs_cac_curve_sets_how_dense_the_curve_is(points, val_interval, expected):
+    """``cac_curve.points`` (a spec override) replaces CURVE_POINTS; 0: the val interval alone."""
+    from cac.exp.runner import curve_settings
+
+    assert curve_interval(20, val_interval, curve_settings({"points": points})["points"]) == expected
+    assert curve_settings(None) == {"points": CURVE_POINTS, "train_images": 32, "val_images": 96}
+    assert curve_settings({"val_images": 8})["val_images"] == 8
+
+
+@pytest.mark.parametrize("bad,says", [({"points": -1}, "points: an integer >= 0"), ({"dots": 3}, "a mapping of"),
+                                      ({"val_images": 0}, "val_images: an integer >= 1"), ("dense", "a mapping of")])
+def test_a_bad_cac_curve_is_one_line_before_anything_is_tracked(workspace, data_root, capsys, bad, says):
+    import yaml
+
+    spec = workspace / "c.yaml"
+    spec.write_text(yaml.safe_dump({"title": "t", "model": "fcn-slim-r18", "seeds": 1,
+                                    "overrides": {"cac_curve": bad}, "rows": [{"label": "(a)", "description": "a", "cac": False}]}))
+    uri = f"sqlite:///{workspace}/m.db"
+    assert main(["run", str(spec), "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cac_curve" in err and says in err, err
+    assert not _runs(uri, "c")

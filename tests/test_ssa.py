@@ -286,3 +286,22 @@ def test_every_ssa_row_gives_every_trainable_parameter_a_gradient(cac):
     sum(v for k, v in losses.items() if k.startswith("loss")).backward()
     missing = [n for n, p in head.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
+
+
+def test_without_oracle_training_the_oracle_only_modules_are_frozen():
+    """loss_ce_y = 0 and no dice: nothing trains p_y's modules (its distillations' teachers are
+    detached), so they are frozen, as theta_y is, for stock DDP; the estimate's stay trainable."""
+    model = ContextAwareClassifier(D, N, CACOptions.from_dict(
+        {"profile": "official", "loss_ce_y": 0.0, "ssa_gt_pos": True}))
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.named_parameters()
+                      if n.startswith(("proj_y.", "ssa.oracle_", "ssa.centre_pos.", "ssa.pixel_pos."))}
+    model = ContextAwareClassifier(D, N, CACOptions.from_dict(
+        {"profile": "ssa", "loss_ce_y": 0.0, "ssa_dice": 0.0}))
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.named_parameters() if n.startswith(("proj_y.", "ssa.oracle_"))}
+    feats, weight, bias, labels = _scene()
+    out = model.double()(feats, weight, bias, labels)
+    losses = cac_losses(out, labels, model.options, ce=lambda logits, acc: {"loss_ce": _head_ce(logits, labels)})
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -49,8 +49,8 @@ PROFILES: dict[str, dict] = {
 }
 # SSA-Seg (xwmaxwma/SSA-Seg, its ``*_ssa.py`` heads): the official CAC code's choices, which it keeps,
 # plus every addition of cac.core.ssa at the weights its heads use.
-PROFILES["ssa"] = dict(PROFILES["official"], ctx_upsample="aligned", ssa_pixel_pos=True, ssa_center_pos=True, ssa_gt_pos=True,
-                       ssa_relation=10.0, ssa_pos_distill=0.4, ssa_dice=1.0, ssa_kl_edges=True)
+PROFILES["ssa"] = dict(PROFILES["official"], ctx_upsample="aligned", ssa_pixel_pos=True, ssa_center_pos=True,
+                       ssa_gt_pos=True, ssa_relation=10.0, ssa_pos_distill=0.4, ssa_dice=1.0, ssa_kl_edges=True)
 
 
 @dataclass(frozen=True)
@@ -206,13 +206,21 @@ class ContextAwareClassifier(nn.Module):
         positions = o.ssa_pixel_pos or o.ssa_center_pos or (o.ssa_gt_pos and o.needs_oracle)
         self.ssa = SSAModules(dim, num_classes, centre=o.ssa_center_pos, oracle=o.ssa_gt_pos and o.needs_oracle,
                               hidden_ratio=o.projector_hidden_ratio) if positions else None
-        if self.proj_y is not None and not o.trains_oracle:
+        if o.needs_oracle and not o.trains_oracle:
             # Without L_y^ce nothing trains theta_y (Table 2 (e)): it stays at its init either way, and
             # declaring that keeps stock DDP (find_unused_parameters=False) from waiting for its grads.
-            self.proj_y.requires_grad_(False)
-            for module in (self.ssa.oracle_pos_proj, self.ssa.oracle_proj) if self.ssa is not None else ():
-                if module is not None:
-                    module.requires_grad_(False)
+            for module in self._oracle_only_modules():
+                module.requires_grad_(False)
+
+    def _oracle_only_modules(self) -> list[nn.Module]:
+        """What only p_y uses: theta_y and SSA-Seg's oracle positions (and the class embeddings, when
+        only the oracle's positions use them)."""
+        ssa = self.ssa
+        parts = [self.proj_y] + ([] if ssa is None else [ssa.oracle_pos_proj, ssa.oracle_proj]
+                                 + ([ssa.centre_pos] if not self.options.ssa_center_pos else [])
+                                 + ([ssa.pixel_pos] if not (self.options.ssa_pixel_pos
+                                                            or self.options.ssa_center_pos) else []))
+        return [m for m in parts if m is not None]
 
     def _projector(self, design: str) -> Optional[Projector]:
         in_dim = DESIGNS[design].projector_in(self.dim)

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from cac.mmseg.config import config_hash, dump_config, resolve_config
 from cac.errors import CacError
@@ -99,6 +99,7 @@ def make_unit(spec: Spec, row: Row, seed: int, preset: str, *, cac_extra: Option
                          seed=seed, dataset=spec.dataset)
     cfg = apply_run_options(cfg, options, embedded=get_preset(preset).embedded, config_name=entry.config,
                             where=f"{spec.name} {row.label}")
+    curve_settings(cfg.get("cac_curve"))  # a bad one is refused at planning, before anything is tracked
     digest = config_hash(cfg)
     # A user's config that already has CAC: the rows' settings replace its own; the run says so.
     own = existing_cac(model) if entry.own_data else None
@@ -262,12 +263,28 @@ def _import_custom_modules(cfg) -> None:
 
 
 CURVE_POINTS = 8  # three-classifier evaluations per run at least: the curves of Fig. 4
+# A config's ``cac_curve`` (a spec override such as ``cac_curve.points: 2``): how dense Fig. 4's curve
+# is and on how many images; the defaults when the config has none.
+CURVE_DEFAULTS = {"points": CURVE_POINTS, "train_images": 32, "val_images": 96}
 
 
-def curve_interval(max_iters: int, val_interval: int = 0) -> int:
+def curve_settings(value: Any) -> dict:
+    """The config's ``cac_curve`` over the defaults; a bad one is one CacError line."""
+    value = {} if value is None else value
+    if not isinstance(value, Mapping) or set(value) - set(CURVE_DEFAULTS):
+        raise CacError(f"cac_curve: a mapping of {', '.join(CURVE_DEFAULTS)}, got {value!r}")
+    out = {**CURVE_DEFAULTS, **value}
+    for key, val in out.items():
+        if isinstance(val, bool) or not isinstance(val, int) or val < (0 if key == "points" else 1):
+            raise CacError(f"cac_curve.{key}: an integer >= {0 if key == 'points' else 1}, got {val!r}")
+    return out
+
+
+def curve_interval(max_iters: int, val_interval: int = 0, points: int = CURVE_POINTS) -> int:
     """Iterations between evaluations of the three classifiers: the val interval, or less, so a run
-    has at least ``CURVE_POINTS`` points (the last one is always at ``max_iters``)."""
-    every = max(1, max_iters // CURVE_POINTS) if max_iters else 0
+    has at least ``points`` points (the last one is always at ``max_iters``); ``points=0``: at the
+    val interval only."""
+    every = max(1, max_iters // points) if max_iters and points else 0
     return min(val_interval or every, every) if every else val_interval
 
 
@@ -299,9 +316,11 @@ def train_unit(unit: RunUnit, tracker: Optional[RunTracker], *, launcher: str = 
     runner = Runner.from_cfg(cfg)
     max_iters = cfg.train_cfg.get("max_iters", 0)
     interval = cfg.train_cfg.get("val_interval", 0) or max_iters
+    curve = curve_settings(cfg.get("cac_curve"))
     hook = TrackingHook(tracker, interval=interval, log_interval=max(1, min(10, interval)),
                         label=f"{unit.row.label} s{unit.seed}", progress=progress and is_main_process(),
-                        on_eval=on_eval, curve_interval=curve_interval(max_iters, interval))
+                        on_eval=on_eval, curve_interval=curve_interval(max_iters, interval, curve["points"]),
+                        train_subset=curve["train_images"], val_subset=curve["val_images"])
     runner.register_hook(hook, priority="LOW")  # the loss guard runs before a checkpoint is written
     runner.register_hook(EvaluationHook(hook), priority=EVALUATION_PRIORITY)  # and the evaluations after it
     from cac.mmseg.checkpoint import trusted_dir
