@@ -187,6 +187,10 @@ class _Clock:
             def __init__(self) -> None:
                 self.t0, self.count, self.peak = None, 0, 0.0
 
+            def before_train(self, runner) -> None:
+                if warmup == 0:  # every iteration is timed
+                    self.t0 = time.perf_counter()
+
             def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
                 if device == "cuda":
                     torch.cuda.synchronize()
@@ -250,6 +254,8 @@ def section_paper(device: str, dry: bool, work: Path) -> dict:
         for label in PAPER_ROWS if per_gpu is None or not dry else PAPER_ROWS[1:]:  # --dry: +CAC only
             key = label if per_gpu is None else f"{label} b{per_gpu}"
             iters, warmup = steps, warmup_steps  # optimizer steps, whatever the per-GPU batch
+            if dry and per_gpu:  # one accumulation window, timed: the dry run checks the path, not the speed
+                iters, warmup = 1, 0
             cfg = Config(_paper_unit(work, dry, label, iters, per_gpu).cfg)
             cfg.log_level = "WARNING"
             runner = Runner.from_cfg(cfg)

@@ -110,16 +110,20 @@ def dice_loss(logits: Tensor, labels: Tensor, ignore_index: int = 255) -> Tensor
     """SSA-Seg's dice on class maps: for each class present in an image, ``1 - (2 sum s t + 1) / (sum s
     + sum t + 1)`` with ``s = sigmoid(logit)`` over all the image's pixels (ignored ones add to
     ``sum s``) and ``t`` the class's mask; summed, divided by the number of (image, class) pairs
-    (at least 1). ``logits [B, N, H, W]`` at the labels' size."""
+    (at least 1). ``logits [B, N, H, W]`` at the labels' size.
+
+    No one-hot map: ``sum s t`` is the sigmoid at each pixel's own label, summed per label, so the only
+    full-size tensor is the sigmoid itself (at 150 classes a one-hot would be another)."""
     b, n = logits.shape[:2]
     lab = labels.flatten(1).long()
     valid = (lab != ignore_index) & (lab >= 0) & (lab < n)
-    onehot = torch.zeros(b, n + 1, lab.shape[1], dtype=logits.dtype, device=logits.device)
-    onehot.scatter_(1, torch.where(valid, lab, n).unsqueeze(1), 1.0)
-    t = onehot[:, :n]  # [B, N, HW]
-    present = t.sum(dim=-1) > 0  # [B, N]
-    s = logits.flatten(2).sigmoid()
-    per_class = 1 - (2 * (s * t).sum(-1) + 1) / (s.sum(-1) + t.sum(-1) + 1)
+    bins = torch.where(valid, lab, n)  # [B, HW]; ignored pixels go to a bin of their own
+    s = logits.flatten(2).sigmoid()  # [B, N, HW]
+    at_label = s.gather(1, torch.where(valid, lab, 0).unsqueeze(1)).squeeze(1) * valid  # s_{i, y_i}
+    inter = s.new_zeros(b, n + 1).scatter_add_(1, bins, at_label)[:, :n]
+    mass = s.new_zeros(b, n + 1).scatter_add_(1, bins, valid.to(s.dtype))[:, :n]  # sum t
+    present = mass > 0
+    per_class = 1 - (2 * inter + 1) / (s.sum(dim=-1) + mass + 1)
     return (per_class * present).sum() / present.sum().clamp_min(1)
 
 
