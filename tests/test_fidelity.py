@@ -236,7 +236,7 @@ def _ddp_worker(rank: int, world: int, configs: list, out_dir: str) -> None:
 @pytest.mark.timeout(900)
 def test_every_ablation_row_trains_under_stock_ddp(tmp_path, data_root):
     configs = []
-    for table in ("table2", "table3", "table4", "table5"):
+    for table in ("table2", "table3", "table4", "table5", "ssa"):
         from cac.exp.spec import load_spec
 
         spec = load_spec(ROOT / "ablations" / f"{table}.yaml")

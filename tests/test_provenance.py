@@ -76,3 +76,31 @@ def test_a_dataset_insert_lost_to_another_run_is_retried_and_other_errors_are_no
     with pytest.raises(MlflowException, match="UNIQUE"):
         retry_on_duplicate(always_lost, tries=3)
     assert len(calls) == 3
+
+
+def test_a_process_names_the_commit_of_the_code_it_imported_for_every_run(tmp_path):
+    """One `cac-exp` process runs many units with the code it imported; a commit made while it runs
+    must not be named by its later runs. A copy of this checkout (git clone), a process that reads
+    the source tree, a commit in between, and the process reads it again."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(root), str(clone)], check=True)
+    shutil.copytree(root / "cac", clone / "cac", dirs_exist_ok=True)  # the code under test, committed or not
+    probe = ("import subprocess, sys\n"
+             "from cac.exp.provenance import source_tree\n"
+             "from cac.exp.tracking import git_commit\n"
+             "first = source_tree()['mlflow.source.git.commit']\n"
+             "subprocess.run(['git', '-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-q', '--allow-empty',"
+             " '-m', 'later'], check=True)\n"
+             "print(first, source_tree()['mlflow.source.git.commit'], git_commit(),"
+             " subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True).stdout.strip())\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=clone, capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(clone), "HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, again, commit, head = out.stdout.split()
+    assert first == again == commit != head  # the later commit is the checkout's, not the process's

@@ -6,6 +6,7 @@ experiment, not the GenAI overview). Everything else is an ``env.*`` tag; report
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -67,7 +68,19 @@ def _git(*args: str) -> Optional[str]:
 
 def source_tree() -> dict[str, str]:
     """The checkout cac runs from: commit, branch and whether tracked files differ from it (MLflow's
-    ``mlflow.source.git.*`` tags); nothing when cac is not installed from a git checkout."""
+    ``mlflow.source.git.*`` tags); nothing when cac is not installed from a git checkout.
+
+    Read once per process (the first run it tracks): a process keeps the code it imported, so a run
+    it starts after a commit or an edit of the checkout still ran the code of the first reading."""
+    return dict(_source_tree())
+
+
+@functools.lru_cache(maxsize=None)
+def _source_tree() -> tuple[tuple[str, str], ...]:
+    return tuple(_read_source_tree().items())
+
+
+def _read_source_tree() -> dict[str, str]:
     commit = _git("rev-parse", "HEAD")
     if not commit:
         return {}

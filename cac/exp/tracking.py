@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
@@ -265,12 +264,11 @@ def prepare_store(uri: str, experiments: Iterable[str] = ()) -> None:
 
 
 def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """The commit of the checkout cac runs from, as this process first read it (see
+    :func:`cac.exp.provenance.source_tree`), or ``unknown``."""
+    from cac.exp.provenance import source_tree
+
+    return source_tree().get("mlflow.source.git.commit") or "unknown"
 
 
 _DUPLICATE = ("UniqueViolation", "UNIQUE constraint failed", "Duplicate entry", "IntegrityError")
