@@ -87,6 +87,15 @@ def test_format_table_has_paper_columns_and_deltas():
     text = format_table(res, ["Baseline", "Ours"], "Baseline", "upernet-swin-t")
     assert "20.38" in text and "-2.05%" in text and "-1.94%" in text and "-0.99%" in text and "+0.25%" in text
     assert "20.38" not in format_table(res, ["Baseline", "Ours"], "Baseline", "fcn-mv2")
+    # a row the paper does not have (ablations/ssa_cost.yaml's) gets no paper Δ of its own
+    for size in res:
+        res[size]["SSA-Seg"] = SizeResult("SSA-Seg", size, [1.02], {"fps": 1 / 1.02, "time_ms_median": 1020.0},
+                                          {"mem_mb": 804.0})
+        add_deltas(res[size], "Baseline")
+    lines = format_table(res, ["Baseline", "Ours", "SSA-Seg"], "Baseline", "upernet-swin-t").splitlines()
+    (ours,) = [ln for ln in lines if ln.startswith("Δ Ours")]
+    (ssa,) = [ln for ln in lines if ln.startswith("Δ SSA-Seg")]
+    assert "-2.05%" in ours and "-2.05%" not in ssa and "-1.96%" in ssa and "—" in ssa
 
 
 def test_oracle_branch_never_runs_at_inference():

@@ -151,8 +151,8 @@ def format_table(results: dict[int, dict[str, SizeResult]], rows: list[str], bas
         for s in sizes:
             d = results[s][label].delta if label in results[s] else {}
             cell = _pct(d.get("fps_delta_pct"), w) + _pct(d.get("mem_delta_pct"), w)
-            if with_paper:
-                fps_d, mem_d = _paper_delta(s)
+            if with_paper:  # the paper's Δ belongs to its own + CAC row only
+                fps_d, mem_d = _paper_delta(s) if label in PAPER_TABLE6[s] else (None, None)
                 cell += " |" + _pct(fps_d, w) + _pct(mem_d, w)
             cells.append(cell)
         lines.append(f"{'Δ' if len(others) == 1 else 'Δ ' + label:<12}" + "".join(f"{c}|" for c in cells))
