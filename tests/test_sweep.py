@@ -75,7 +75,7 @@ def test_two_processes_share_a_study_then_continue_to_new_total(workspace, sweep
     (workspace / "base.yaml").write_text(BASE.format(extra=probe_overrides(probe, trainers=2)))
     storage = f"sqlite:///{workspace}/optuna.db"
     uri = f"sqlite:///{workspace}/mlflow.db"
-    cmd = [sys.executable, "-m", "cac.cli", "sweep", str(sweep_spec), "--trials", "3", "--storage", storage,
+    cmd = [sys.executable, "-m", "cac.cli", "sweep", str(sweep_spec), "--trials", "2", "--storage", storage,
            "--tracking-uri", uri, "--out", str(workspace / "reports")]
     env = probe_env({**os.environ, "CAC_WORK_DIR": str(workspace / "work_dirs")})
     # Create the study once so both processes find it (Optuna's own race on first creation is not ours).
@@ -92,7 +92,7 @@ def test_two_processes_share_a_study_then_continue_to_new_total(workspace, sweep
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     study, done = _counted(storage)
-    assert 3 <= len(done) <= 4  # each process stops once the shared total is reached
+    assert 2 <= len(done) <= 3  # each process stops once the shared total is reached (a race may add one)
     # Both processes ran trials: the storage says which process ran each, and each process printed
     # the start of exactly those trials.
     by_worker = {}
