@@ -360,22 +360,25 @@ def cac_losses(out: CACOutputs, labels: Tensor, options: CACOptions,
             out.p_p, out.p_y, small,
             entropy=options.kl_entropy, classwise=options.kl_classwise, ignore_index=ignore_index,
             entropy_from=source, target_mix=options.kl_target_mix, normaliser=options.kl_normaliser,
-            eps=options.eps, boundary=boundary_mask(small, ignore_index) if options.ssa_kl_edges else None,
+            eps=options.eps, boundary=boundary_mask(small) if options.ssa_kl_edges else None,
         )
         losses["loss_kl"] = kl * options.lambda_kl
     if out.ssa is not None:
-        losses.update(ssa_losses(out, labels, options, ignore_index))
+        aligned = ctx if options.ctx_upsample == "aligned" else None  # upsampled once for the CE and the dice
+        losses.update(ssa_losses(out, labels, options, ignore_index, p_p_full=aligned))
     return losses
 
 
-def ssa_losses(out: CACOutputs, labels: Tensor, options: CACOptions, ignore_index: int = 255) -> dict[str, Tensor]:
+def ssa_losses(out: CACOutputs, labels: Tensor, options: CACOptions, ignore_index: int = 255,
+               p_p_full: Optional[Tensor] = None) -> dict[str, Tensor]:
     """SSA-Seg's extra terms, each weighted: dice on p_p and p_y (upsampled as the official heads do,
-    bilinear with ``align_corners=True``), the relation and the position distillations."""
+    bilinear with ``align_corners=True``; ``p_p_full``: p_p already so), the relation and the position
+    distillations."""
     losses: dict[str, Tensor] = {}
     if options.ssa_dice > 0:
-        for key, logits in (("loss_dice", out.p_p), ("loss_oracle_dice", out.p_y)):
+        for key, logits, full in (("loss_dice", out.p_p, p_p_full), ("loss_oracle_dice", out.p_y, None)):
             if logits is not None:
-                full = resize_bilinear(logits, labels.shape[-2:], align_corners=True)
+                full = full if full is not None else resize_bilinear(logits, labels.shape[-2:], align_corners=True)
                 losses[key] = dice_loss(full, labels, ignore_index) * options.ssa_dice
     extras = out.ssa
     if options.ssa_relation > 0 and extras.oracle_centres is not None:

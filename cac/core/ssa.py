@@ -23,16 +23,16 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cac.core.designs import Projector
+from cac.core.functional import mask_pool
 
 __all__ = ["SSAModules", "SSAExtras", "centre_positions", "oracle_positions", "relation_distill_loss",
-           "position_distill_loss", "dice_loss", "boundary_mask", "with_position"]
+           "position_distill_loss", "dice_loss", "boundary_mask"]
 
 # The official code's constants: the relation softmax's scale (the cosine classifier's 15) and the
-# floors it adds to norms and counts.
+# floor it adds to the centres' norms.
 RELATION_SCALE = 15.0
 SSA_EPS = 1e-12
 
@@ -46,10 +46,6 @@ class SSAExtras(NamedTuple):
     oracle_positions: Optional[Tensor]  # the oracle centres' positions, [B, N, D]
 
 
-def with_position(x: Tensor, pos: Optional[Tensor]) -> Tensor:
-    return x if pos is None else x + pos
-
-
 def centre_positions(logits: Tensor, pixel_pos: Tensor, embedding: Tensor, proj: nn.Module) -> Tensor:
     """A class's position: ``proj(E_k ⊕ sum_i softmax_i(p_k) P_i)`` — p's class-k map, normalised over
     the image's pixels (not over classes), weighs the pixels' positions. ``[B, N, D]``."""
@@ -59,27 +55,13 @@ def centre_positions(logits: Tensor, pixel_pos: Tensor, embedding: Tensor, proj:
     return proj(torch.cat([embedding.unsqueeze(0).expand(b, -1, -1), pooled], dim=-1))
 
 
-def _per_image_mask_pool(x: Tensor, labels: Tensor, fill: Tensor, ignore_index: int) -> Tensor:
-    """Each image's mean of ``x [B, D, h, w]`` over its pixels of class k, ``[B, N, D]``; classes absent
-    from an image take ``fill [N, D]``. Counts get the official 1e-12."""
-    b, d = x.shape[:2]
-    n = fill.shape[0]
-    lab = labels.flatten(1).long()
-    valid = (lab != ignore_index) & (lab >= 0) & (lab < n)
-    bins = torch.where(valid, lab, n)
-    sums = x.new_zeros(b, n + 1, d).scatter_add_(1, bins.unsqueeze(-1).expand(-1, -1, d), x.flatten(2).transpose(1, 2))
-    counts = x.new_zeros(b, n + 1).scatter_add_(1, bins, valid.to(x.dtype))
-    sums, counts = sums[:, :n], counts[:, :n]
-    pooled = sums / (counts + SSA_EPS).unsqueeze(-1)
-    return torch.where((counts > 0).unsqueeze(-1), pooled, fill.to(x.dtype).unsqueeze(0))
-
-
 def oracle_positions(pixel_pos: Tensor, labels: Tensor, embedding: Tensor, proj: nn.Module,
                      ignore_index: int = 255) -> Tensor:
     """The oracle centres' positions: ``proj(G_k ⊕ E_k)``, ``G_k`` the mean position of the image's
     pixels labelled k (the detached ``E_k`` where k is absent). ``labels`` at the positions' size."""
     b = pixel_pos.shape[0]
-    pooled = _per_image_mask_pool(pixel_pos, labels, embedding.detach(), ignore_index)
+    pooled, present = mask_pool(pixel_pos, labels, embedding.shape[0], ignore_index)  # Eq. (1), per image
+    pooled = torch.where(present.unsqueeze(-1), pooled, embedding.detach().to(pooled.dtype).unsqueeze(0))
     return proj(torch.cat([pooled, embedding.unsqueeze(0).expand(b, -1, -1)], dim=-1))
 
 
@@ -127,7 +109,7 @@ def dice_loss(logits: Tensor, labels: Tensor, ignore_index: int = 255) -> Tensor
     return (per_class * present).sum() / present.sum().clamp_min(1)
 
 
-def boundary_mask(labels: Tensor, ignore_index: int = 255, margin: int = 6, width: int = 3) -> Tensor:
+def boundary_mask(labels: Tensor, margin: int = 6, width: int = 3) -> Tensor:
     """Bool ``[B, h, w]``: pixels near a label boundary, as SSA-Seg finds them: OpenCV's Canny on the
     label map (ignored pixels are a label like any other), edges within ``margin`` pixels of the border
     dropped, then dilated by a ``width`` square. On the host: a label map is small."""

@@ -180,7 +180,7 @@ def _init_sql_store(uri: str) -> None:
                 fcntl.flock(fh, fcntl.LOCK_EX)
                 stack.callback(fcntl.flock, fh, fcntl.LOCK_UN)
                 if not db.exists() or db.stat().st_size == 0:
-                    _new_sqlite_store(db, uri)
+                    _new_sqlite_store(db)
             mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except OSError as err:
         raise CacError(f"tracking store {shown}: cannot create it ({err.strerror or err}): {_fix_hint()}") from None
@@ -196,7 +196,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cac"
 
 
-def _new_sqlite_store(db: Path, uri: str) -> None:
+def _new_sqlite_store(db: Path) -> None:
     """Make the new SQLite store ``db`` a copy of an empty store at this MLflow's schema, when one can
     be had: MLflow builds a new database by replaying its ~100 schema migrations (about 1 s each time);
     the result, made once per MLflow version by those very migrations, is kept in :func:`cache_dir`.
