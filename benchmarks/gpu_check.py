@@ -219,9 +219,11 @@ def _tiny_ade(work: Path, dry: bool) -> None:
         make_tiny("ade20k", data, train=16, val=2, size=96 if dry else 512)
 
 
-def _paper_unit(work: Path, dry: bool, label: str, iters: int, batch_per_gpu: int | None = None):
+def _paper_unit(work: Path, dry: bool, label: str, iters: int, batch_per_gpu: int | None = None,
+                checkpoint: bool = True):
     """A Table 1 row at preset paper on the tiny ADE20K, ``iters`` iterations (optimizer steps), random
-    init; the paper's total batch 16 on one GPU, or ``batch_per_gpu`` with gradient accumulation."""
+    init; the paper's total batch 16 on one GPU, or ``batch_per_gpu`` with gradient accumulation.
+    ``checkpoint=False``: no checkpoint at the end (Swin-T's weights and AdamW state are 0.7 GB)."""
     from cac.exp.options import RunOptions
     from cac.exp.runner import make_unit
     from cac.exp.spec import load_spec
@@ -231,6 +233,8 @@ def _paper_unit(work: Path, dry: bool, label: str, iters: int, batch_per_gpu: in
                "default_hooks.checkpoint.interval": iters, "default_hooks.logger.interval": 10,
                "train_dataloader.num_workers": 0 if dry else 4, "train_dataloader.persistent_workers": not dry,
                "val_dataloader.num_workers": 0, "val_dataloader.persistent_workers": False}
+    if not checkpoint:
+        options.update({"default_hooks.checkpoint.interval": iters + 1, "default_hooks.checkpoint.save_last": False})
     if dry:  # toy crops on the CPU
         options.update({"train_dataloader.dataset.pipeline.2.scale": (128, 64),
                         "train_dataloader.dataset.pipeline.3.crop_size": (64, 64),
@@ -256,7 +260,8 @@ def section_paper(device: str, dry: bool, work: Path) -> dict:
             iters, warmup = steps, warmup_steps  # optimizer steps, whatever the per-GPU batch
             if dry and per_gpu:  # one accumulation window, timed: the dry run checks the path, not the speed
                 iters, warmup = 1, 0
-            cfg = Config(_paper_unit(work, dry, label, iters, per_gpu).cfg)
+            # the resume section writes and reads checkpoints; this one times training alone
+            cfg = Config(_paper_unit(work, dry, label, iters, per_gpu, checkpoint=False).cfg)
             cfg.log_level = "WARNING"
             runner = Runner.from_cfg(cfg)
             clock = _Clock(warmup, device)

@@ -6,8 +6,9 @@
 
 It records what only the training process can see (the iteration a run starts from, each DDP rank's
 parameters, world size and the TrackingHook's final confusion matrix) into ``out_dir``, and can
-SIGKILL its own process once at a chosen iteration, or hold training until ``trainers`` processes have
-started a run (so concurrent workers overlap for certain). ``tests/`` must be importable (pytest puts it on
+SIGKILL its own process once at a chosen iteration, hold training until ``trainers`` processes have
+started a run (so concurrent workers overlap for certain), or hold it once before a chosen iteration
+(after the previous one's checkpoint) until the test has done what it must do to the process. ``tests/`` must be importable (pytest puts it on
 ``sys.path``; subprocesses get it through ``PYTHONPATH``, see :func:`probe_env`).
 """
 from __future__ import annotations
@@ -48,8 +49,9 @@ class ProbeHook(Hook):
     priority = 80
 
     def __init__(self, out_dir: str, kill_at: int = 0, kill_at_end: bool = False, trainers: int = 0,
-                 wait_s: float = 300.0) -> None:
+                 wait_s: float = 300.0, hold_at: int = 0) -> None:
         self.out_dir, self.kill_at, self.kill_at_end = Path(out_dir), kill_at, kill_at_end
+        self.hold_at = hold_at
         self.trainers, self.wait_s = trainers, wait_s
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._initial: Optional[str] = None
@@ -101,6 +103,17 @@ class ProbeHook(Hook):
                                    f"started within {self.wait_s} s")
             time.sleep(0.2)
 
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        """``hold_at``: once, before iteration ``hold_at`` + 1 (iteration ``hold_at``'s checkpoint and
+        evaluations are done), write ``held`` and wait for a ``release`` file, at most ``wait_s``: a
+        test signals or cancels the process there, however fast it trains."""
+        held = self.out_dir / "held"
+        if self.hold_at and runner.iter == self.hold_at and not held.exists():
+            held.touch()
+            deadline = time.monotonic() + self.wait_s
+            while not (self.out_dir / "release").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         marker = self.out_dir / "killed"
         if self.kill_at and runner.iter + 1 == self.kill_at and not marker.exists():
@@ -127,11 +140,12 @@ class ProbeHook(Hook):
 
 
 def probe_overrides(out_dir: Path, kill_at: int = 0, kill_at_end: bool = False, trainers: int = 0,
-                    wait_s: float = 300.0) -> str:
+                    wait_s: float = 300.0, hold_at: int = 0) -> str:
     """The spec ``overrides`` lines (YAML, two-space indented) that put a ProbeHook into a run."""
     return ("  custom_imports: {imports: [cac_probes], allow_failed_imports: false}\n"
             f"  custom_hooks: [{{type: ProbeHook, out_dir: '{out_dir}', kill_at: {kill_at}, "
-            f"kill_at_end: {str(kill_at_end).lower()}, trainers: {trainers}, wait_s: {wait_s}}}]\n")
+            f"kill_at_end: {str(kill_at_end).lower()}, trainers: {trainers}, wait_s: {wait_s}, "
+            f"hold_at: {hold_at}}}]\n")
 
 
 # Every sample a training process (or its dataloader workers) reads, by its position in the sample

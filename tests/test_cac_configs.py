@@ -313,3 +313,21 @@ def test_the_plan_and_the_run_say_the_configs_own_cac_was_replaced(tmp_path, cap
     assert unit.tags["config_cac"] == '{"tau": 10.0}'
     plain = make_unit(spec, spec.row("(a)"), 0, "quick", options=RunOptions(model=str(path.resolve())))
     assert plain.tags["config_cac"] == '{"tau": 10.0}' and plain.row.cac is None
+
+
+def test_a_configs_text_is_formatted_once_and_as_yapf_formats_it(monkeypatch):
+    """mmengine formats a config with yapf each time it saves or logs it: cac memoizes yapf's answer,
+    so the second pretty_text formats nothing, and the text is yapf's own."""
+    import mmengine.config.config as mmengine_config
+    from mmengine.config import Config
+
+    import cac  # noqa: F401  (wraps mmengine's FormatCode)
+
+    cfg = Config(dict(model=dict(type="EncoderDecoder", decode_head=dict(type="CACHead", tau=15.0)),
+                      train_cfg=dict(max_iters=20, val_interval=10), note=f"formatting {id(object())}"))
+    wrapped = mmengine_config.FormatCode
+    first = cfg.pretty_text
+    hits = wrapped.cache_info().hits
+    assert cfg.pretty_text == first and wrapped.cache_info().hits == hits + 1
+    monkeypatch.setattr(mmengine_config, "FormatCode", wrapped.__wrapped_uncached__)
+    assert cfg.pretty_text == first

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from cac.mmseg.cfgtree import replace_norm, set_num_classes, strip_pretrained
 from cac.mmseg.config import add_cac
-from cac.mmseg.evaluation import classifier_logits, evaluate_classifiers
+from cac.mmseg.evaluation import classifier_logits, evaluate_classifiers, predicted_classes
 from cac.mmseg.head import CACHead
 from cac.mmseg.hooks import TrackingHook
 from cac.mmseg.params import build_model
@@ -66,6 +66,19 @@ def _literal_p_y(cac: CACHead, f: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_predicted_classes_are_argmax_on_ties_nan_and_inf(dtype):
+    """Logits of few distinct values (ties everywhere), a NaN channel and two infinite ones: the
+    prediction is argmax's (the first maximum; NaN counts as the maximum)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (2, 7, 33, 45), generator=g).to(dtype)
+    logits[0, 2, 5, 5] = float("nan")
+    logits[1, :, 3, 3] = float("nan")
+    logits[0, 1, 4, 4] = logits[0, 5, 4, 4] = float("inf")
+    assert torch.equal(predicted_classes(logits), logits.argmax(1))
+    assert predicted_classes(logits)[0, 5, 5] == 2 and predicted_classes(logits)[0, 4, 4] == 1
+
+
 def test_cascade_three_classifiers_match_a_direct_computation(ocrnet):
     """p, p_p and p_y of the last (CAC) stage, fed the first stage's output as OCR's prev_output.
     p_p is checked against mmseg's own cascade inference (``model.predict``), p against the stage's

@@ -13,7 +13,7 @@ SPEC = """\
 title: "Table 1: a small check"
 dataset: ade20k
 seeds: 1
-overrides: {train_cfg.max_iters: 10, train_cfg.val_interval: 10}
+overrides: {train_cfg.max_iters: 10, train_cfg.val_interval: 10, cac_curve.points: 1}
 rows:
   - {label: slim, description: "FCN, slim ResNet-18", model: fcn-slim-r18, cac: false}
   - {label: slim+cac, description: "FCN, slim ResNet-18 + Ours", model: fcn-slim-r18, cac: true}

@@ -260,7 +260,7 @@ def test_report_stage_command_writes_table6_and_tsne(workspace, tmp_path, capsys
     data["rows"] = [r for r in data["rows"] if r["label"] == "(e)"]
     data["baseline"] = "(e)"
     data["overrides"] = {"train_cfg.max_iters": 10, "train_cfg.val_interval": 10,
-                         "default_hooks.checkpoint.interval": 10}
+                         "default_hooks.checkpoint.interval": 10, "cac_curve.points": 1}
     spec.write_text(yaml.safe_dump(data, sort_keys=False))
     uri = f"sqlite:///{workspace / 'mlflow.db'}"
     assert run_spec(str(spec), "quick", tracking_uri=uri, echo=lambda s: None) == 0

@@ -104,52 +104,55 @@ def test_units_run_as_slurm_jobs_as_many_at_once_as_jobs_says(where, cluster):
 
 
 def test_usr2_requeues_and_the_job_resumes_exactly(where, cluster):
-    """The job gets USR2 (what Slurm sends before a time limit) after its checkpoint at 4: submitit
-    requeues it, the requeued job resumes the same MLflow run at 4 and ends with the val mIoU of an
-    uninterrupted run of the same unit."""
+    """The job gets USR2 (what Slurm sends before a time limit) after its checkpoint at 4 (the probe
+    holds it there): submitit requeues it, the requeued job resumes the same MLflow run at 4 and ends
+    with the val mIoU of an uninterrupted run of the same unit (trained meanwhile, outside Slurm)."""
     uri = f"sqlite:///{where}/mlflow.db"
     ref_dir = where / "straight"
     ref_dir.mkdir()
-    straight = _cac_exp(ref_dir, cluster, "run", str(_spec(ref_dir, iters=16)), "--preset", "quick", "--rows", "(f)",
+    # the reference trains with 1 thread, as the job (OMP_NUM_THREADS=1, --cpus-per-task 1)
+    straight = _cac_exp(ref_dir, cluster, "run", str(_spec(ref_dir)), "--preset", "quick", "--rows", "(f)",
                         "--tracking-uri", f"sqlite:///{where}/straight.db")
-    out, err = straight.communicate(timeout=600)
-    assert straight.returncode == 0, err[-3000:]
-    reference = _runs(f"sqlite:///{where}/straight.db")[0].data.metrics["val/mIoU"]
-
     probe = where / "probe"
-    spec = _spec(where, iters=16, extra=probe_overrides(probe))
+    spec = _spec(where, extra=probe_overrides(probe, hold_at=4))
     proc = _cac_exp(where, cluster, "run", str(spec), "--preset", "quick", "--rows", "(f)", "--tracking-uri", uri,
                     "--executor", "slurm", "--cpus-per-task", "1", "--submitit-folder", str(where / "jobs"))
-    deadline = time.monotonic() + 300  # the job trains with 1 thread, as the reference (OMP_NUM_THREADS=1)
-    while not list((where / "work_dirs").rglob("last_checkpoint")):  # written once a checkpoint is complete
-        assert proc.poll() is None and time.monotonic() < deadline, "the job wrote no checkpoint"
-        time.sleep(0.5)
+    _wait_held(probe, proc)
     (job,) = [j for j in cluster.job_ids() if "." not in j][-1:]
     subprocess.run(["scancel", "--signal=USR2", job], env=cluster.env, check=True)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-    starts = start_iters(probe)
-    assert len(starts) == 2 and starts[0] == 0 and 0 < starts[1] < 16 and starts[1] % 4 == 0, starts
+    assert start_iters(probe) == [0, 4]
+    ref_out, ref_err = straight.communicate(timeout=600)
+    assert straight.returncode == 0, ref_err[-3000:]
+    reference = _runs(f"sqlite:///{where}/straight.db")[0].data.metrics["val/mIoU"]
     (run,) = _runs(uri)
     assert run.info.status == "FINISHED" and run.data.metrics["val/mIoU"] == pytest.approx(reference, abs=1e-9)
 
 
+def _wait_held(probe: Path, proc: subprocess.Popen) -> None:
+    """Until the job's probe holds it after its checkpoint at 4 (however fast or slow the machine)."""
+    deadline = time.monotonic() + 300
+    while not (probe / "held").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the job never reached its checkpoint at 4"
+        time.sleep(0.2)
+
+
 def test_a_cancelled_job_is_retried_with_slurms_reason(where, cluster):
-    """scancel on the running job: cac resubmits it, saying Slurm's state (CANCELLED), and the unit
-    finishes in its one MLflow run, resumed from its checkpoint."""
+    """scancel on the running job (held by the probe after its checkpoint at 4): cac resubmits it,
+    saying Slurm's state (CANCELLED), and the unit finishes in its one MLflow run, resumed at 4."""
     uri = f"sqlite:///{where}/mlflow.db"
-    spec = _spec(where, iters=40)  # long enough to be cancelled mid-run
+    probe = where / "probe"
+    spec = _spec(where, extra=probe_overrides(probe, hold_at=4))
     proc = _cac_exp(where, cluster, "run", str(spec), "--preset", "quick", "--rows", "(f)", "--tracking-uri", uri,
                     "--executor", "slurm", "--submitit-folder", str(where / "jobs"))
-    deadline = time.monotonic() + 300
-    while not list((where / "work_dirs").rglob("last_checkpoint")):  # written once a checkpoint is complete
-        assert proc.poll() is None and time.monotonic() < deadline, "the job wrote no checkpoint"
-        time.sleep(0.5)
+    _wait_held(probe, proc)
     (job,) = [j for j in cluster.job_ids() if "." not in j][-1:]
     subprocess.run(["scancel", job], env=cluster.env, check=True)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert "retry" in out and "was cancelled (Slurm state CANCELLED" in out, out
+    assert start_iters(probe) == [0, 4]
     (run,) = _runs(uri)
     assert run.info.status == "FINISHED"
 
@@ -178,12 +181,20 @@ def test_sweep_workers_are_slurm_jobs(where, cluster):
     (["--gpus-per-run", "1"], "gres"),
     (["--slurm", "account=nosuch"], "account"),
 ])
-def test_sbatch_refusals_are_one_line_and_track_nothing(where, cluster, flags, says):
+def test_sbatch_refusals_are_one_line_and_track_nothing(where, cluster, flags, says, monkeypatch, capsys):
+    """``cac-exp run`` as the console script runs it (in this process: the refusal is sbatch's, and
+    ``main`` is what prints the line and picks the exit code)."""
+    from cac.cli import main
+
     uri = f"sqlite:///{where}/mlflow.db"
-    proc = _cac_exp(where, cluster, "run", str(_spec(where)), "--preset", "quick", "--tracking-uri", uri,
-                    "--executor", "slurm", "--submitit-folder", str(where / "jobs"), *flags)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 2, (out, err)
+    monkeypatch.setenv("SLURM_CONF", cluster.env["SLURM_CONF"])
+    monkeypatch.setenv("CAC_WORK_DIR", str(where / "work_dirs"))
+    monkeypatch.chdir(where)
+    capsys.readouterr()
+    code = main(["run", str(_spec(where)), "--preset", "quick", "--tracking-uri", uri, "--executor", "slurm",
+                 "--submitit-folder", str(where / "jobs"), *flags])
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
     err = err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("cac-exp: error: --executor slurm: the scheduler refused"), err
     assert says in err.lower(), err

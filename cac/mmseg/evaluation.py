@@ -147,6 +147,13 @@ def evaluate_pass(model, batches: Iterable[dict], num_classes: int, ignore_index
     return result
 
 
+def predicted_classes(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(1)``: the first maximum over the classes, NaN counting as the maximum. Written
+    as ``max(1).indices``, which gives the same indices and is 2-10x faster on the CPU over the channel
+    dimension of an (N, C, H, W) tensor (argmax reduces over a strided dimension slowly)."""
+    return logits.max(1).indices
+
+
 def _count_group(segmentor, group: dict, result: ClassifierPass, num_classes: int, ignore_index: int,
                  explain: bool) -> None:
     """One forward pass over images of one size, added to ``result``."""
@@ -159,7 +166,7 @@ def _count_group(segmentor, group: dict, result: ClassifierPass, num_classes: in
     for name, logits in classifier_logits(segmentor, inputs, labels).items():
         logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear",
                                align_corners=segmentor.align_corners)
-        preds[name] = logits.argmax(1)
+        preds[name] = predicted_classes(logits)
         _add(result.confusion, name, confusion_matrix(preds[name], labels, num_classes, ignore_index).cpu())
         if explain and name in ("p", "p_p"):
             _add(result.calibration, name, calibration_bins(logits, labels, ignore_index))
