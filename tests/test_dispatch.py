@@ -14,6 +14,7 @@ from cac.exp.dispatch import DispatchOptions, UnitJob, dispatch_units, make_exec
 from cac.exp.options import RunOptions
 from cac.exp.runner import make_unit
 from cac.exp.spec import load_spec
+from cac_probes import probe_env, start_iters
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE3 = ROOT / "ablations" / "table3.yaml"
@@ -42,34 +43,13 @@ def _assert_resumed_once(uri, run):
         assert steps and len(steps) == len(set(steps)), key
 
 
-def _wait_for(path_glob: Path, pattern: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not list(path_glob.rglob(pattern)):
-        assert time.monotonic() < deadline, f"no {pattern} under {path_glob} after {timeout} s"
-        time.sleep(0.2)
-
-
-def _wait_past_checkpoint(uri: str, step: int, folder: Path, timeout: float = 300) -> list[int]:
-    """Wait until the job's run has logged ``train/loss`` beyond ``step`` (iterations after its last
-    checkpoint, which a resumed run trains again and must not log twice); returns the process ids
-    of the job's training processes, still running then. Fails clearly if the job ends first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        pids = _task_pids(folder)
-        assert pids, f"the job ended before it logged a step past {step}: nothing left to interrupt"
-        runs = _runs(uri)
-        if runs and any(m.step > step for m in _client(uri).get_metric_history(runs[0].info.run_id, "train/loss")):
-            return pids
-        assert time.monotonic() < deadline, f"no train/loss step past {step} after {timeout} s"
-        time.sleep(0.2)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_local_executor_runs_each_unit_as_a_job(workspace, capsys):
     uri = f"sqlite:///{workspace}/mlflow.db"
+    short = ["--cfg-options", "train_cfg.max_iters=16", "train_cfg.val_interval=8", "default_hooks.checkpoint.interval=8"]
     code = main(["run", str(TABLE3), "--preset", "quick", "--rows", "(a),(e)", "--executor", "local", "--jobs", "2",
-                 "--tracking-uri", uri, "--submitit-folder", str(workspace / "jobs")])
+                 "--tracking-uri", uri, "--submitit-folder", str(workspace / "jobs"), *short])
     out = capsys.readouterr().out
     assert code == 0, out
     assert out.count("local job") == 2
@@ -78,26 +58,46 @@ def test_local_executor_runs_each_unit_as_a_job(workspace, capsys):
     assert all(r.info.status == "FINISHED" and "val/mIoU" in r.data.metrics for r in runs)
     assert len(list((workspace / "jobs").glob("*_log.out"))) == 2  # submitit's per-job logs
     assert main(["run", str(TABLE3), "--preset", "quick", "--rows", "(a),(e)", "--executor", "local", "--jobs", "2",
-                 "--tracking-uri", uri]) == 0
+                 "--tracking-uri", uri, *short]) == 0
     assert capsys.readouterr().out.count("skip") == 2  # nothing submitted again
+
+
+def _held_options(probe: Path) -> RunOptions:
+    """16 iterations, a checkpoint every 8, and the probe holding the job once after step 10 (two
+    steps logged past the checkpoint, which the resumed run trains again and must not log twice)."""
+    hook = {"type": "ProbeHook", "out_dir": str(probe), "hold_at": 10}
+    return RunOptions(cfg_options={"train_cfg.max_iters": 16, "train_cfg.val_interval": 8,
+                                   "default_hooks.checkpoint.interval": 8, "cac_curve.points": 2,
+                                   "custom_imports": {"imports": ["cac_probes"], "allow_failed_imports": False},
+                                   "custom_hooks": [hook]})
+
+
+def _held_job(probe: Path, folder: Path, timeout: float = 300) -> int:
+    """The process id of the job's training process, once the probe holds it."""
+    deadline = time.monotonic() + timeout
+    while not (probe / "held").exists():
+        assert time.monotonic() < deadline, f"the job was not held after step 10 within {timeout} s"
+        time.sleep(0.2)
+    (pid,) = _task_pids(folder)
+    return pid
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_timed_out_job_checkpoints_requeues_and_resumes(workspace):
+def test_timed_out_job_checkpoints_requeues_and_resumes(workspace, monkeypatch):
     """USR2 near the time limit: submitit requeues a timed-out job only through its ``checkpoint``
     (a job without one ends "timed-out and not checkpointable"), so this exercises UnitJob.checkpoint.
     With a limit under 10 minutes submitit counts any USR2 as a timeout."""
+    monkeypatch.setenv("PYTHONPATH", probe_env(dict(os.environ))["PYTHONPATH"])  # the job imports cac_probes
     uri = f"sqlite:///{workspace}/mlflow.db"
-    spec = load_spec(TABLE3)
-    unit = make_unit(spec, spec.row("(e)"), 0, "quick")
+    probe = workspace / "probe"
+    options = _held_options(probe)
     executor = make_executor(DispatchOptions(executor="local", time_min=8), workspace / "jobs")
-    job = executor.submit(UnitJob(str(TABLE3), "(e)", 0, "quick", RunOptions(), uri, str(workspace / "work_dirs"),
+    job = executor.submit(UnitJob(str(TABLE3), "(e)", 0, "quick", options, uri, str(workspace / "work_dirs"),
                                   {k: os.environ[k] for k in ("CAC_DATA_ROOT", "CAC_WORK_DIR")}))
-    _wait_for(unit.work_dir, "iter_50.pth")
-    (pid,) = _wait_past_checkpoint(uri, 50, workspace / "jobs")  # into the iterations after the checkpoint
-    os.kill(pid, signal.SIGUSR2)  # what Slurm sends before the time limit (and on preemption)
+    os.kill(_held_job(probe, workspace / "jobs"), signal.SIGUSR2)  # what Slurm sends before the time limit
     assert job.result()["state"] == "done"
+    assert start_iters(probe) == [0, 8]
     (run,) = _runs(uri)
     _assert_resumed_once(uri, run)
     log = Path(job.paths.stderr).read_text() + Path(job.paths.stdout).read_text()
@@ -119,32 +119,33 @@ def _task_pids(folder: Path) -> list[int]:
     return pids
 
 
-def _kill_task_when(uri: str, under: Path, folder: Path, done: threading.Event) -> None:
-    """SIGKILL the training process of a submitit job once it has written iter_50.pth and logged
-    steps after it."""
-    _wait_for(under, "iter_50.pth")
-    for pid in _wait_past_checkpoint(uri, 50, folder):
-        os.kill(pid, signal.SIGKILL)
-        done.set()
+def _kill_task_when_held(probe: Path, folder: Path, done: threading.Event) -> None:
+    """SIGKILL the training process of a submitit job once the probe holds it after step 10."""
+    os.kill(_held_job(probe, folder), signal.SIGKILL)
+    done.set()
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_killed_job_is_resubmitted_and_resumes(workspace):
+def test_killed_job_is_resubmitted_and_resumes(workspace, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", probe_env(dict(os.environ))["PYTHONPATH"])  # the job imports cac_probes
     uri = f"sqlite:///{workspace}/mlflow.db"
     spec = load_spec(TABLE3)
-    unit = make_unit(spec, spec.row("(a)"), 0, "quick")
+    probe = workspace / "probe"
+    options = _held_options(probe)
+    unit = make_unit(spec, spec.row("(a)"), 0, "quick", options=options)
     folder = workspace / "jobs"
     killed = threading.Event()
-    killer = threading.Thread(target=_kill_task_when, args=(uri, unit.work_dir, folder, killed), daemon=True)
+    killer = threading.Thread(target=_kill_task_when_held, args=(probe, folder, killed), daemon=True)
     killer.start()
     lines: list[str] = []
-    failures = dispatch_units(str(TABLE3), "quick", [unit], RunOptions(), uri,
+    failures = dispatch_units(str(TABLE3), "quick", [unit], options, uri,
                               DispatchOptions(executor="local", folder=str(folder), poll_s=0.5), echo=lines.append)
     killer.join(timeout=5)
     assert killed.is_set()
     assert failures == 0, lines
     assert any(line.startswith("retry") for line in lines) and sum("local job" in line for line in lines) == 2
+    assert start_iters(probe) == [0, 8]
     (run,) = _runs(uri)
     _assert_resumed_once(uri, run)
 
