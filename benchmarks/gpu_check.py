@@ -249,9 +249,9 @@ def _paper_unit(work: Path, dry: bool, label: str, iters: int, batch_per_gpu: in
 
 
 def section_paper(device: str, dry: bool, work: Path) -> dict:
-    from mmengine.config import Config
     from mmengine.runner import Runner
 
+    from cac.mmseg.config import runner_config
     steps, warmup_steps = (2, 1) if dry else (50, 10)
     out: dict = {}
     for per_gpu in (None, 2 if dry else 4):
@@ -261,7 +261,7 @@ def section_paper(device: str, dry: bool, work: Path) -> dict:
             if dry and per_gpu:  # one accumulation window, timed: the dry run checks the path, not the speed
                 iters, warmup = 1, 0
             # the resume section writes and reads checkpoints; this one times training alone
-            cfg = Config(_paper_unit(work, dry, label, iters, per_gpu, checkpoint=False).cfg)
+            cfg = runner_config(_paper_unit(work, dry, label, iters, per_gpu, checkpoint=False).cfg)
             cfg.log_level = "WARNING"
             runner = Runner.from_cfg(cfg)
             clock = _Clock(warmup, device)
@@ -303,22 +303,21 @@ def section_table6_fp32(device: str, dry: bool) -> dict:
 
 def section_resume(device: str, dry: bool, work: Path) -> dict:
     """10 iterations and a checkpoint, then the first resumed iteration under each loop."""
-    from mmengine.config import Config
     from mmengine.runner import Runner
-
     from resume import counted_loads, first_iteration_clock
 
+    from cac.mmseg.config import runner_config
     from cac.mmseg.loops import LOOP_TYPE
 
     at = 2 if dry else 10  # batch 16 (--dry: 2): what mmengine's loop replays is 160 images
     unit = _paper_unit(work, dry, "upernet-swin-t+cac", at)
-    cfg = Config(unit.cfg)
+    cfg = runner_config(unit.cfg)
     cfg.log_level = "WARNING"
     Runner.from_cfg(cfg).train()
     ckpt = unit.work_dir / f"iter_{at}.pth"
     out: dict = {"at": at, "batch": cfg.train_dataloader.batch_size}
     for loop in (LOOP_TYPE, "IterBasedTrainLoop"):
-        cfg = Config(unit.cfg)
+        cfg = runner_config(unit.cfg)
         cfg.train_cfg.update(type=loop, max_iters=at + 2)  # stopped after one iteration: no val, no checkpoint
         cfg.default_hooks.checkpoint = None
         cfg.update(resume=True, load_from=str(ckpt), work_dir=str(work / f"resume-{loop}"), log_level="WARNING")

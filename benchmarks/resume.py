@@ -92,14 +92,15 @@ def base_config(work: Path, workers: int) -> dict:
 
 def make_checkpoint(cfg: dict, work: Path) -> Path:
     """One trained iteration, saved by mmengine's CheckpointHook."""
-    from mmengine.config import Config
     from mmengine.runner import Runner
+
+    from cac.mmseg.config import runner_config
 
     cfg = copy.deepcopy(cfg)
     cfg["train_cfg"].update(max_iters=1, val_interval=10**9)
     cfg["default_hooks"]["checkpoint"] = dict(type="CheckpointHook", by_epoch=False, interval=1)
     cfg["work_dir"] = str(work / "first")
-    Runner.from_cfg(Config(cfg)).train()
+    Runner.from_cfg(runner_config(cfg)).train()
     return work / "first" / "iter_1.pth"
 
 
@@ -116,15 +117,16 @@ def checkpoint_at(source: Path, k: int, out: Path) -> Path:
 def time_resume(cfg: dict, ckpt: Path, k: int, loop: str, work: Path) -> tuple[float, float, int]:
     """Seconds from before_train and from train() to the end of the first resumed iteration, and the
     images loaded when that iteration began."""
-    from mmengine.config import Config
     from mmengine.runner import Runner
+
+    from cac.mmseg.config import runner_config
 
     cfg = copy.deepcopy(cfg)
     cfg["train_cfg"].update(type=loop, max_iters=k + 2, val_interval=10**9)  # stopped after one iteration
     cfg.update(resume=True, load_from=str(ckpt), work_dir=str(work))
     work.mkdir(parents=True, exist_ok=True)
     with counted_loads(work / "loads.txt") as loads:
-        runner = Runner.from_cfg(Config(cfg))
+        runner = Runner.from_cfg(runner_config(cfg))
         clock = first_iteration_clock(loads)
         runner.register_hook(clock)
         t_train = time.perf_counter()

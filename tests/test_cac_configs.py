@@ -315,19 +315,33 @@ def test_the_plan_and_the_run_say_the_configs_own_cac_was_replaced(tmp_path, cap
     assert plain.tags["config_cac"] == '{"tau": 10.0}' and plain.row.cac is None
 
 
-def test_a_configs_text_is_formatted_once_and_as_yapf_formats_it(monkeypatch):
-    """mmengine formats a config with yapf each time it saves or logs it: cac memoizes yapf's answer,
-    so the second pretty_text formats nothing, and the text is yapf's own."""
+def test_the_runners_config_is_the_same_config_unformatted_and_the_artifact_formatted():
+    """mmengine prints the Runner's config into its log, checkpoints and work dir: that text skips
+    yapf (seconds per copy for a large config), and reads back as the same config as the formatted
+    config.py artifact; a Runner's deep copy keeps it unformatted; the dict given is not touched."""
+    import copy
+
     import mmengine.config.config as mmengine_config
     from mmengine.config import Config
 
-    import cac  # noqa: F401  (wraps mmengine's FormatCode)
+    from cac.mmseg.config import dump_config, resolve_config, runner_config
 
-    cfg = Config(dict(model=dict(type="EncoderDecoder", decode_head=dict(type="CACHead", tau=15.0)),
-                      train_cfg=dict(max_iters=20, val_interval=10), note=f"formatting {id(object())}"))
-    wrapped = mmengine_config.FormatCode
-    first = cfg.pretty_text
-    hits = wrapped.cache_info().hits
-    assert cfg.pretty_text == first and wrapped.cache_info().hits == hits + 1
-    monkeypatch.setattr(mmengine_config, "FormatCode", wrapped.__wrapped_uncached__)
-    assert cfg.pretty_text == first
+    cfg = resolve_config("fcn-slim-r18", "quick", cac=True)
+    ours = runner_config(cfg)
+    formatted = dump_config(cfg)
+    yapf = mmengine_config.FormatCode
+
+    def no_yapf(*args, **kwargs):
+        raise AssertionError("yapf ran")
+
+    mmengine_config.FormatCode = no_yapf
+    try:
+        text, copied = ours.pretty_text, copy.deepcopy(ours).pretty_text
+        with pytest.raises(SyntaxError):  # mmengine's wrapping of what yapf raised
+            dump_config(cfg)
+    finally:
+        mmengine_config.FormatCode = yapf
+    assert text != formatted and copied == text
+    assert Config.fromstring(text, ".py").to_dict() == Config.fromstring(formatted, ".py").to_dict()
+    ours.train_cfg.max_iters = -1
+    assert cfg["train_cfg"]["max_iters"] == 100

@@ -9,7 +9,6 @@ them where a table has no training run (Table 1 from released weights).
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
 import time
@@ -80,10 +79,11 @@ def _mismatch_line(err: str) -> str:
 
 
 def _build_runner(unit: RunUnit, work_dir: Path):
-    from mmengine.config import Config
     from mmengine.runner import Runner
 
-    cfg = Config(copy.deepcopy(unit.cfg))
+    from cac.mmseg.config import runner_config
+
+    cfg = runner_config(unit.cfg)
     cfg.load_from, cfg.resume = None, False
     cfg.work_dir = str(work_dir)
     cfg.log_level = os.environ.get("CAC_LOG_LEVEL", "ERROR")

@@ -7,7 +7,6 @@ training right now (its work dir is locked) is left alone.
 from __future__ import annotations
 
 import contextlib
-import copy
 import fcntl
 import json
 import os
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
-from cac.mmseg.config import config_hash, dump_config, resolve_config
+from cac.mmseg.config import config_hash, dump_config, resolve_config, runner_config
 from cac.errors import CacError
 from cac.mmseg.presets import get_preset
 from cac.exp.options import RunOptions, apply_run_options
@@ -291,13 +290,12 @@ def curve_interval(max_iters: int, val_interval: int = 0, points: int = CURVE_PO
 def train_unit(unit: RunUnit, tracker: Optional[RunTracker], *, launcher: str = "none",
                progress: bool = True, on_eval: Optional[Callable] = None) -> dict:
     """Train (or resume) one unit with mmengine's Runner; returns its final metrics."""
-    from mmengine.config import Config
     from mmengine.runner import Runner
 
     from cac.mmseg.evaluation import iou_from_confusion
     from cac.mmseg.hooks import EVALUATION_PRIORITY, EvaluationHook, TrackingHook
 
-    cfg = Config(copy.deepcopy(unit.cfg))  # tuples stay tuples: mmseg transforms check for them
+    cfg = runner_config(unit.cfg)  # tuples stay tuples: mmseg transforms check for them
     cfg.launcher = launcher
     _import_custom_modules(cfg)
     ckpt = resume_checkpoint(unit.work_dir)
@@ -362,10 +360,9 @@ def pretrained_sources(node) -> list[str]:
 def evaluate_multiscale(unit: RunUnit, checkpoint: Path, work_dir: Optional[Path] = None) -> float:
     """Multi-scale (0.5-1.75) + flip mIoU of a trained unit through mmseg's SegTTAModel, as
     mmseg's ``tools/test.py --tta`` does it (Table 1's "m.s.")."""
-    from mmengine.config import Config
     from mmengine.runner import Runner
 
-    cfg = Config(copy.deepcopy(unit.cfg))
+    cfg = runner_config(unit.cfg)
     cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
     cfg.test_dataloader.batch_size = 1  # TTA batches hold every augmented view of one image
     cfg.tta_model = dict(type="SegTTAModel", module=cfg.model)

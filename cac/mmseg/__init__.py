@@ -7,7 +7,6 @@ without replaying data); ``import cac`` does it.
 """
 from cac.mmseg import checkpoint  # noqa: F401  (local checkpoint loading under torch >= 2.6)
 from cac.mmseg import datasets  # noqa: F401  (ContextScenesDataset)
-from cac.mmseg import formatting  # noqa: F401  (a config's text is formatted once, not at every save)
 from cac.mmseg import loops  # noqa: F401  (ResumableIterBasedTrainLoop: resume without replaying data)
 from cac.mmseg.head import CACHead
 from cac.mmseg.hooks import TrackingHook
