@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import json
 import os
 import time
@@ -129,6 +130,19 @@ def plan_runs(spec: Spec, preset: str, rows: Optional[str] = None, seeds: Option
     get_preset(preset)
     return [make_unit(spec, row, seed, preset, options=options) for row in select_rows(spec, rows)
             for seed in spec.seeds_for(preset, seeds)]
+
+
+@contextlib.contextmanager
+def heap_frozen() -> Iterator[None]:
+    """The objects that exist before a run (imported modules, registries: millions in a long-lived
+    process) are set aside from the garbage collector while it trains: mmengine calls ``gc.collect()``
+    for every dataset it builds, and each call then scans what the run allocated, not the whole heap
+    (0.3-0.4 s a call otherwise). Nothing is lost: they are collectable again afterwards."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @contextlib.contextmanager
@@ -568,7 +582,8 @@ def execute_unit(unit: RunUnit, state: str, run_id: Optional[str], uri: str, *, 
                                 **unit.options.params()})
         t0 = time.time()
         try:
-            metrics = train_unit(unit, tracker, launcher=launcher, on_eval=on_eval)
+            with heap_frozen():
+                metrics = train_unit(unit, tracker, launcher=launcher, on_eval=on_eval)
         except NonFiniteLossError as err:
             if tracker:
                 tracker.finish("FAILED")
