@@ -252,6 +252,7 @@ def section_paper(device: str, dry: bool, work: Path) -> dict:
     from mmengine.runner import Runner
 
     from cac.mmseg.config import runner_config
+
     steps, warmup_steps = (2, 1) if dry else (50, 10)
     out: dict = {}
     for per_gpu in (None, 2 if dry else 4):
