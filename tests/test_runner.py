@@ -397,3 +397,11 @@ def test_heap_frozen_sets_the_heap_aside_while_a_run_trains_and_gives_it_back():
     with pytest.raises(RuntimeError), heap_frozen():
         raise RuntimeError("the run failed")
     assert gc.get_freeze_count() == 0
+    gc.freeze()  # the application froze its heap itself: a run leaves it frozen
+    try:
+        frozen = gc.get_freeze_count()
+        with heap_frozen():
+            pass
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()

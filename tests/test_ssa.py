@@ -1,8 +1,10 @@
 """SSA-Seg's additions (cac.core.ssa) as switches of CACOptions: all off is CAC, each on adds only its
 own part, and every part equals a reference written out here with loops (float64)."""
 import dataclasses
+import importlib.util
+import subprocess
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +21,8 @@ SSA_KEYS = [f.name for f in dataclasses.fields(CACOptions) if f.name.startswith(
 
 def _scene(b=2, h=20, w=28, seed=0, dtype=torch.float64):
     """Features, classifier and labels at 4x the features' size: rectangles of a few classes (most of
-    the N absent), an ignored band, confident-looking logits scales."""
+    the N absent; class 3 only in even images, as a class present in one image of a batch and absent
+    from the next), an ignored band, confident-looking logits scales."""
     g = torch.Generator().manual_seed(seed)
     feats = (torch.randn(b, D, h, w, generator=g) * 2).to(dtype).requires_grad_(True)
     weight = (torch.randn(N, D, generator=g) * 3).to(dtype).requires_grad_(True)
@@ -27,7 +30,8 @@ def _scene(b=2, h=20, w=28, seed=0, dtype=torch.float64):
     labels = torch.full((b, 4 * h, 4 * w), 1, dtype=torch.long)
     for i in range(b):
         for k, (y0, x0, y1, x1) in zip((0, 2, 3), ((8, 10, 50, 60), (30, 40, 78, 100), (0, 70, 30, 112))):
-            labels[i, y0 + 4 * i:y1, x0:x1 - 6 * i] = k
+            if k != 3 or i % 2 == 0:
+                labels[i, y0 + 4 * i:y1, x0:x1 - 6 * i] = k
         labels[i, :, :9] = 255
     return feats, weight, bias, labels
 
@@ -68,6 +72,26 @@ def test_every_switch_off_is_cac_to_the_bit(profile):
     g0 = torch.autograd.grad(sum(l0.values()), list(m0.parameters()))
     g1 = torch.autograd.grad(sum(l1.values()), list(m1.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+
+
+BEFORE_SSA = "1bfe319e8234c21367961d174ab8ca2c9ed3946e"  # the last commit without SSA-Seg's switches
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(subprocess.run(["git", "cat-file", "-e", f"{BEFORE_SSA}^{{commit}}"], cwd=ROOT,
+                                   capture_output=True).returncode != 0,
+                    reason="a checkout without the commit before SSA-Seg (no git history)")
+def test_default_options_give_the_outputs_of_the_code_before_ssa_to_the_bit(capsys):
+    """The test above compares this tree with itself; this one compares it with the commit before
+    SSA-Seg was added (benchmarks/same_outputs.py: predict, Eq. 4, Eq. 6, one training step's losses
+    and gradients under profiles paper and official, float32 and float64)."""
+    spec = importlib.util.spec_from_file_location("same_outputs", ROOT / "benchmarks" / "same_outputs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--against", BEFORE_SSA]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  ")]
+    assert len(lines) >= 60 and any(" loss_kl " in ln for ln in lines) and any(" grad " in ln for ln in lines)
+    assert all(ln.endswith("bitwise equal") for ln in lines), [ln for ln in lines if not ln.endswith("bitwise equal")]
 
 
 @pytest.mark.parametrize("switch,added,changed", [

@@ -137,7 +137,11 @@ def heap_frozen() -> Iterator[None]:
     """The objects that exist before a run (imported modules, registries: millions in a long-lived
     process) are set aside from the garbage collector while it trains: mmengine calls ``gc.collect()``
     for every dataset it builds, and each call then scans what the run allocated, not the whole heap
-    (0.3-0.4 s a call otherwise). Nothing is lost: they are collectable again afterwards."""
+    (0.1 s a call otherwise in a ``cac-exp`` process, more in a long-lived one; ``benchmarks/cpu_overheads.py``).
+    Nothing is lost: they are collectable again afterwards. A heap some other code froze is left as it is."""
+    if gc.get_freeze_count():  # frozen by the code that runs cac: its choice, which unfreeze() would undo
+        yield
+        return
     gc.freeze()
     try:
         yield

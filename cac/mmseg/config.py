@@ -378,9 +378,9 @@ def config_hash(cfg: Mapping) -> str:
 
 def runner_config(cfg: Mapping) -> "Config":  # noqa: F821
     """A deep copy of ``cfg`` as the mmengine Config a Runner is built from. Its text is not run through
-    yapf: mmengine prints it into the log, each checkpoint's meta and the work dir, and yapf takes up to
-    2 s a time for a large config (SegFormer's) on a CPU. The run's ``config.py`` artifact
-    (:func:`dump_config`) is formatted."""
+    yapf: mmengine prints it into the log, the work dir, the message hub and each checkpoint's meta, and
+    yapf takes 60-90 ms a copy for a large config (SegFormer's) on a CPU, against 2 ms unformatted
+    (``benchmarks/cpu_overheads.py``). The run's ``config.py`` artifact (:func:`dump_config`) is formatted."""
     from mmengine.config import Config
 
     return Config(copy.deepcopy(dict(cfg)), format_python_code=False)
