@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a file: import from the repo root, not t
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))
 
+from cac.exp.credentials import public_url  # noqa: E402
 from cac.exp.spec import find_spec, spec_files  # noqa: E402
 
 from analysis.tables import (DATASET_NAMES, ablation_csv, ablation_latex, ablation_markdown,  # noqa: E402
@@ -347,7 +348,7 @@ def _main(args: argparse.Namespace) -> int:
                                                                            " (skipped)"))
     chosen = specs if explicit else [s for s in specs if s.name in with_runs]
     if not chosen:
-        print(f"nothing to report from {uri}")
+        print(f"nothing to report from {public_url(uri)}")
         return 1
     t0 = time.time()
     table1 = [s for s in chosen if table_number(s.name) == "table1"]
@@ -372,7 +373,7 @@ def _main(args: argparse.Namespace) -> int:
                 missing.append(spec.name)
     for path in written:
         print(path)
-    print(f"{len(written)} files in {time.time() - t0:.0f}s (tracking {uri})")
+    print(f"{len(written)} files in {time.time() - t0:.0f}s (tracking {public_url(uri)})")
     missing += sorted(tsne_names - with_runs)
     if missing:
         print(f"error: no t-SNE of {', '.join(missing)} (asked for by --tsne; see above)", file=sys.stderr)

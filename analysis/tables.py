@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
+from cac.exp.credentials import public_url
 from cac.exp.spec import Row, Spec
 
 from cac.exp.stats import (NO_RUNS, Ordering, PairedCI, Summary, fmt_summary, kendall_ordering, ordering_verdict,
@@ -224,7 +225,7 @@ def ablation_markdown(table: AblationTable, tracking_uri: str = "") -> str:
     base = table.baseline
     lines = [f"# {table.title}", "",
              f"Ours: `{table.metric}` (%) at preset `{table.preset}`, mean ± sample std over seeds (n)."
-             + (f" Tracking: `{tracking_uri}`." if tracking_uri else "")]
+             + (f" Tracking: `{public_url(tracking_uri)}`." if tracking_uri else "")]
     if base:
         lines.append(f"Δ: row − baseline {base}, the mean of per-seed differences over the seeds both rows "
                      f"have, with a {pct}% t-interval (n/a with fewer than 2 pairs).")
@@ -251,7 +252,7 @@ def table1_markdown(table: Table1, tracking_uri: str = "") -> str:
     lines = ["# Table 1: Performance comparison (s.s. / m.s. mIoU, %)", "",
              f"Ours at preset `{table.preset}` (mean ± sample std over seeds, n); s.s. is `val/mIoU`, m.s. "
              "`val/mIoU_ms` where it was evaluated (— where not). fps is the paper's (RTX 2080Ti, 512×512); "
-             "#params in millions." + (f" Tracking: `{tracking_uri}`." if tracking_uri else "")]
+             "#params in millions." + (f" Tracking: `{public_url(tracking_uri)}`." if tracking_uri else "")]
     note = _comparability(table.preset, " and the gains of + Ours")
     if note:
         lines.append(note.replace("UperNet + Swin-T on ADE20K", "the listed models on ADE20K / COCO-Stuff"))
@@ -491,7 +492,7 @@ def table6_markdown(table: Table6, tracking_uri: str = "") -> str:
              f"Ours: `{table.model or 'several models'}` at preset `{table.preset}`, the newest FINISHED benchmark "
              "run of each row at each size. fps: images/s from the median time of the interleaved repetitions; "
              "Mem: MB; Δ: relative change against the baseline row, as the benchmark logged it."
-             + (f" Tracking: `{tracking_uri}`." if tracking_uri else "")]
+             + (f" Tracking: `{public_url(tracking_uri)}`." if tracking_uri else "")]
     if table.with_paper:
         lines.append("Paper: UperNet + Swin-T on one RTX 2080Ti (GPU memory). Ours come from another machine "
                      "and, on a CPU, another memory measure, so compare the Δ row (the cost of CAC), not the levels.")

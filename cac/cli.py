@@ -119,6 +119,17 @@ def _cmd_demo(args) -> int:
     return code
 
 
+def _cmd_sync(args) -> int:
+    from pathlib import Path
+
+    from cac.exp.journal import sync
+    from cac.exp.runner import WORK_ROOT
+    from cac.exp.tracking import resolve_tracking_uri, store_client
+
+    return sync([Path(args.work_dir) if args.work_dir else WORK_ROOT], resolve_tracking_uri(args.tracking_uri),
+                store_client)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``cac-exp`` parser; its commands and their help are :data:`cac_cli.commands.COMMANDS`."""
     from cac.exp.data_cli import add_data_arguments
@@ -174,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports")
     p.set_defaults(func=_cmd_demo)
 
+    p = command["sync"]
+    p.add_argument("--tracking-uri", help="the store to deliver to (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--work-dir", help="where the units' work dirs are (default: $CAC_WORK_DIR or work_dirs)")
+    p.set_defaults(func=_cmd_sync)
+
+    from cac.exp.ui import add_ui_arguments
+
+    add_ui_arguments(command["ui"])
     add_data_arguments(command["data"])
     add_sweep_arguments(command["sweep"])
     add_eval_arguments(command["eval"])
@@ -217,7 +236,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         _validate(args)
         return int(args.func(args) or 0)
     except CacError as err:
-        print(f"cac-exp: error: {err}", file=sys.stderr)
+        from cac.exp.credentials import scrub
+
+        print(f"cac-exp: error: {scrub(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cac-exp: interrupted; finished runs are kept, unfinished ones resume next time", file=sys.stderr)

@@ -16,6 +16,8 @@ COMMANDS: dict[str, str] = {
     "sweep": "Optuna sweep of CAC options, every trial a tracked run",
     "eval": "evaluate a checkpoint as a spec row's model (an MLflow eval run)",
     "import-official": "convert an official CAC (mmseg 0.x) checkpoint",
+    "sync": "deliver what run journals hold for a tracking store that was away",
+    "ui": "open MLflow's UI on the runs (or --sweep: optuna-dashboard on a sweep's storage)",
 }
 
 

@@ -380,58 +380,122 @@ def _visible_text(page: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page)))
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_mlflow_ui_shows_each_runs_dataset_and_source(tracked, tmp_path):
-    """``mlflow server`` on the tracked store, the experiment's runs page opened in headless Chromium:
-    the runs table names each run's dataset (the data version, as a training input) and its source
-    (cac-exp), as MLflow's own columns. The link picks MLflow's "Model training" view: MLflow 3.17's UI
-    opens every experiment on its GenAI overview until the browser has chosen that view once."""
-    import shutil
+def _ui(args: list, cwd: Path, env: dict):
+    """``cac-exp ui ARGS`` started on a free port; returns (process, the lines it printed up to its
+    "Ctrl-C stops it")."""
     import time
-    import urllib.request
-
-    import mlflow
 
     from ports import on_free_ports
+
+    def start(ports: list[int]):
+        proc = subprocess.Popen([sys.executable, "-m", "cac.cli", "ui", *args, "--port", str(ports[0])], cwd=cwd,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: list[str] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError("cac-exp ui ended: " + "".join(lines)[-2000:])
+            lines.append(line.rstrip("\n"))
+            if "stops it" in line:
+                return proc, lines
+        proc.kill()
+        raise RuntimeError("cac-exp ui printed no address within 120 s")
+
+    return on_free_ports(start)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    import signal
+
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _dump(browser: str, page: str, profile: Path) -> str:
+    """The DOM headless Chromium renders for ``page``, as a reader sees its text."""
+    dump = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           "--disable-background-networking", "--no-first-run", f"--user-data-dir={profile}",
+                           "--window-size=1920,1200", "--virtual-time-budget=30000", "--dump-dom", page],
+                          capture_output=True, text=True, timeout=180)
+    return _visible_text(dump.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_cac_exp_ui_opens_on_the_training_runs(tracked, tmp_path):
+    """``cac-exp ui`` starts MLflow's UI on the tracked store (loopback) and prints, per experiment, the
+    address of its training runs; opened in headless Chromium that page is MLflow's runs table with
+    each run's dataset (the data version, a training input) and source (cac-exp) in MLflow's own
+    columns, not its GenAI overview. A run's page shows the ``git_dirty`` tag among its tags (MLflow's
+    UI hides its own ``mlflow.source.git.dirty``)."""
+    import shutil
+
+    import mlflow
 
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("headless Chromium is not installed: apt-get install chromium (.ci/run does)")
     client = mlflow.MlflowClient(tracked.uri)
     experiment = client.get_experiment_by_name("table3")
-    (run, *_) = client.search_runs([experiment.experiment_id])
-    version = run.data.tags["data_version"]
+    runs = client.search_runs([experiment.experiment_id])
+    version = runs[0].data.tags["data_version"]
 
-    def serve(ports: list[int]) -> tuple[subprocess.Popen, str]:
-        url = f"http://127.0.0.1:{ports[0]}"
-        proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
-                                 tracked.uri, "--host", "127.0.0.1", "--port", str(ports[0]), "--workers", "1"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                return proc, url
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError("mlflow server exited (port taken?)")
-                time.sleep(0.5)
-        proc.kill()
-        raise RuntimeError("mlflow server did not answer within 60 s")
-
-    server, url = on_free_ports(serve)
+    server, lines = _ui(["--tracking-uri", tracked.uri], tmp_path, _env(tracked))
     try:
-        page = f"{url}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning"
-        dump = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                               f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1920,1200",
-                               "--virtual-time-budget=30000", "--dump-dom", page],
-                              capture_output=True, text=True, timeout=180)
+        (link,) = [line.split(": ", 1)[1] for line in lines if line.strip().startswith("table3 (")]
+        assert link.startswith("http://127.0.0.1:") and link.endswith(
+            f"/#/experiments/{experiment.experiment_id}?workflowType=machine_learning"), lines
+        text = _dump(browser, link, tmp_path / "profile")
+        run = runs[0]
+        run_page = link.replace("?workflowType=machine_learning", f"/runs/{run.info.run_id}")
+        run_text = _dump(browser, run_page, tmp_path / "profile")
     finally:
-        server.terminate()
-        server.wait(timeout=30)
-    text = _visible_text(dump.stdout)
+        _stop(server)
     assert "Runs - Experiment" in text, text[:2000]
     assert " Dataset " in text and " Source " in text, text[:2000]  # MLflow's own columns
-    runs = client.search_runs([experiment.experiment_id])
     assert text.count(f"{version} (") == len(runs) and text.count(" training ") >= len(runs), text[:3000]
     assert text.count(" cac-exp ") == len(runs), text[:3000]
+    tags = run_text.split(" Tags ", 1)[-1]
+    assert f" git_dirty : {run.data.tags['git_dirty']} " in tags, run_text[:4000]
+
+
+@pytest.mark.slow
+def test_cac_exp_ui_sweep_serves_optuna_dashboard_on_the_sweeps_storage(tmp_path):
+    """``cac-exp ui --sweep SPEC`` serves optuna-dashboard on the sweep's storage, its study's address
+    printed; the dashboard's API lists the study with its trial."""
+    import json
+    import time
+    import urllib.request
+
+    import optuna
+
+    spec = ROOT / "experiments" / "sweep_tau_lambda.yaml"
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="sweep_tau_lambda", storage=storage, direction="maximize")
+    study.add_trial(optuna.trial.create_trial(params={"tau": 15.0}, distributions={
+        "tau": optuna.distributions.FloatDistribution(1.0, 30.0, log=True)}, value=42.0))
+    server, lines = _ui(["--sweep", str(spec), "--storage", storage], tmp_path, dict(os.environ))
+    try:
+        (line,) = [line for line in lines if line.startswith("optuna-dashboard on ")]
+        address = line.split()[2]
+        assert address.startswith("http://127.0.0.1:") and address.endswith(f"/dashboard/studies/{study._study_id}")
+        base = address.split("/dashboard")[0]
+
+        def get(path: str) -> dict:
+            for _ in range(100):  # the address is printed as the server starts listening
+                try:
+                    return json.loads(urllib.request.urlopen(f"{base}{path}", timeout=30).read())
+                except OSError:  # urllib's URLError: not listening yet
+                    time.sleep(0.2)
+            raise AssertionError(f"no answer from {base}{path}")
+
+        studies = get("/api/studies")["study_summaries"]
+        detail = get(f"/api/studies/{study._study_id}")
+    finally:
+        _stop(server)
+    assert [s["study_name"] for s in studies] == ["sweep_tau_lambda"]
+    assert [t["values"] for t in detail["trials"]] == [[42.0]]

@@ -2,11 +2,7 @@
 ``postgresql`` package; ``.ci/run`` installs it), started here in a temporary directory on a free
 loopback port, holding both the Optuna study and the MLflow store; sweep workers as local jobs.
 The driver checks need no server."""
-import glob
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import mlflow
@@ -15,65 +11,18 @@ import pytest
 
 from cac.cli import main
 from cac.errors import CacError
-from ports import on_free_ports
+from pg_cluster import PASSWORD, postgres
 from sync_probes import barrier_overrides
 from test_sweep import SWEEP  # the same sweep over the base spec below
 
 TESTS = Path(__file__).resolve().parent
 
 
-def _pg_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
-    if found:
-        return Path(found[-1]).parent
-    initdb = shutil.which("initdb")
-    return Path(initdb).parent if initdb else None
-
-
 @pytest.fixture(scope="module")
 def pg_server():
-    """``postgresql://postgres@127.0.0.1:PORT``: a throw-away server (trust auth, no fsync), stopped
-    and removed at the end. As root it runs as the ``postgres`` user (the server refuses root)."""
-    bindir = _pg_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed: "
-                    "apt-get install postgresql (.ci/run does)")
-    as_user: list[str] = []
-    tmp = Path(tempfile.mkdtemp(prefix="cac-pg-"))
-    if os.geteuid() == 0:
-        import pwd
-
-        try:
-            pw = pwd.getpwnam("postgres")
-        except KeyError:
-            shutil.rmtree(tmp)
-            pytest.skip("running as root and there is no postgres user to run the server as")
-        os.chown(tmp, pw.pw_uid, pw.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    data = tmp / "data"
-
-    def run(*cmd: str) -> None:
-        out = subprocess.run([*as_user, *cmd], capture_output=True, text=True, timeout=120)
-        log = tmp / "server.log"
-        assert out.returncode == 0, (out.stdout + out.stderr + (log.read_text() if log.exists() else ""))[-3000:]
-
-    def start(ports: list[int]) -> int:
-        options = (f"-p {ports[0]} -k {tmp} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
-                   "-c full_page_writes=off")
-        run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(tmp / "server.log"), "-o", options, "-w", "-t", "60",
-            "start")
-        return ports[0]
-
-    run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
-    port = on_free_ports(start)
-    try:
-        for name in ("optuna", "mlflow"):
-            run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", name)
-        yield f"postgresql://postgres@127.0.0.1:{port}"
-    finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                       capture_output=True, timeout=120)
-        shutil.rmtree(tmp, ignore_errors=True)
+    """A password-protected PostgreSQL server with the databases ``optuna`` and ``mlflow`` (pg_cluster)."""
+    with postgres() as server:
+        yield server
 
 
 BASE = """
@@ -92,20 +41,33 @@ overrides:
 
 @pytest.mark.slow
 def test_shared_sweep_on_postgresql_with_local_jobs(workspace, pg_server, capsys, monkeypatch):
-    """Two worker jobs share one study in PostgreSQL and track into a fresh MLflow database on the
-    same server. Every trial completes (the workers draw different points, and neither races the
-    other on MLflow's schema), each worker trains a trial while the other does (a barrier in
+    """Two worker jobs share one study in a password-protected PostgreSQL and track into a fresh MLflow
+    database on the same server. Every trial completes (the workers draw different points, and neither
+    races the other on MLflow's schema), each worker trains a trial while the other does (a barrier in
     ``before_train``), every trial has its FINISHED run in PostgreSQL, and the submitting process
-    ends with the study's totals, best trial and report path."""
+    ends with the study's totals, best trial and report path. The password, and a secret of the
+    environment, are in no byte the sweep wrote: files (work dirs, journals, job pickles and logs,
+    reports, artifacts), console lines, and both databases as pg_dump writes them."""
     (workspace / "base.yaml").write_text(BASE.format(extra=barrier_overrides(workspace / "barrier")))
     (workspace / "sw.yaml").write_text(SWEEP)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p))
-    storage, uri = f"{pg_server}/optuna", f"{pg_server}/mlflow"
+    env_secret = "env-Secr3t-91bd2e"
+    monkeypatch.setenv("CAC_TEST_API_TOKEN", env_secret)
+    storage, uri = f"{pg_server.url}/optuna", f"{pg_server.url}/mlflow"
     code = main(["sweep", str(workspace / "sw.yaml"), "--trials", "2", "--preset", "quick", "--storage", storage,
                  "--tracking-uri", uri, "--executor", "local", "--jobs", "2", "--out", str(workspace / "reports"),
                  "--submitit-folder", str(workspace / "jobs")])
-    out = capsys.readouterr().out
+    said = capsys.readouterr()
+    out = said.out
     assert code == 0, out
+
+    written = {str(p): p.read_bytes() for p in workspace.rglob("*") if p.is_file()}
+    written["console"] = (said.out + said.err).encode()
+    written.update({f"database {name}": pg_server.dump(name).encode() for name in ("optuna", "mlflow")})
+    assert any(p.endswith(".pkl") for p in written) and any("tracking" in p for p in written)  # jobs, journals
+    for secret in (PASSWORD, env_secret):
+        leaks = [where for where, data in written.items() if secret.encode() in data]
+        assert not leaks, f"{secret} written to {leaks}"
 
     trials = optuna.load_study(study_name="sw", storage=storage).trials
     # each worker stops once the shared total is reached; one may have started a third trial meanwhile
@@ -124,9 +86,10 @@ def test_shared_sweep_on_postgresql_with_local_jobs(workspace, pg_server, capsys
         run = runs[t.number]
         assert run.info.status == "FINISHED" and run.data.metrics["val/mIoU_pp"] == pytest.approx(t.value)
         assert run.data.params["num_threads"] == threads
+        assert run.data.tags["study_storage"] == f"postgresql://127.0.0.1:{pg_server.port}/optuna"  # public
     import psycopg  # the runs are in PostgreSQL's tables, not anywhere else
 
-    with psycopg.connect(f"{pg_server}/mlflow") as conn:
+    with psycopg.connect(uri) as conn:
         rows = conn.execute("SELECT t.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
                             "WHERE t.key = 'trial' AND r.status = 'FINISHED'").fetchall()
     assert sorted(int(v) for (v,) in rows) == [t.number for t in trials]
@@ -157,6 +120,78 @@ def test_missing_database_driver_is_one_line_naming_the_package(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install 'pg8000'" in err
     assert "secret" not in err  # the password is not printed
-    with pytest.raises(CacError, match=r"'postgresql://u:\*\*\*@127.0.0.1:1/optuna': cannot open it") as info:
+    with pytest.raises(CacError, match=r"'postgresql://127.0.0.1:1/optuna': cannot open it") as info:
         resolve_storage("postgresql://u:secret@127.0.0.1:1/optuna")  # the driver is there; no server
     assert "secret" not in str(info.value)
+
+
+OUTAGE_BASE = """
+title: outage base
+model: fcn-slim-r18
+seeds: 1
+overrides:
+  train_cfg.max_iters: 12
+  train_cfg.val_interval: 4
+  default_hooks.checkpoint.interval: 4
+  cac_curve.points: 3
+{extra}rows:
+  - {{label: "(f)", description: full CAC, cac: true}}
+"""
+OUTAGE_SWEEP = SWEEP.replace("spec: base.yaml", "spec: outage-base.yaml\nstudy: outage").replace(
+    "pruner: {type: none}", "pruner: {type: median, n_startup_trials: 0}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_sweep_worker_outlives_its_database_server(workspace, pg_server):
+    """The PostgreSQL server holding both the study and the runs goes away while a trial trains (held
+    after iteration 4, stopped there, released) and comes back only after training ended. The trial
+    trains to its end meanwhile (its pruner reports are skipped, never waited for), the worker waits
+    for the storage and tells the trial's value when it is back, the run's journal is delivered, and
+    the sweep exits 0: the trial COMPLETE with its run's value, the run FINISHED, each step once."""
+    import subprocess
+    import sys
+    import time
+
+    from cac_probes import assert_steps_logged_once, probe_env, probe_overrides
+
+    probe = workspace / "probe"
+    (workspace / "outage-base.yaml").write_text(OUTAGE_BASE.format(extra=probe_overrides(probe, hold_at=4)))
+    (workspace / "sw.yaml").write_text(OUTAGE_SWEEP)
+    storage, uri = f"{pg_server.url}/optuna", f"{pg_server.url}/mlflow"
+    env = probe_env({**os.environ, "CAC_TRACKING_DRAIN": "120", "CAC_SWEEP_HEARTBEAT": "2", "OMP_NUM_THREADS": "2"})
+    proc = subprocess.Popen([sys.executable, "-m", "cac.cli", "sweep", str(workspace / "sw.yaml"), "--trials", "1",
+                             "--storage", storage, "--tracking-uri", uri, "--out", str(workspace / "reports")],
+                            cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_for(path: Path) -> None:
+        deadline = time.monotonic() + 300
+        while not path.exists():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, f"no {path}"
+            time.sleep(0.1)
+
+    wait_for(probe / "held")
+    pg_server.stop()
+    try:
+        (probe / "release").touch()
+        wait_for(probe / "rank0.json")  # the trial trained to its end with the server away
+        time.sleep(3)
+    finally:
+        pg_server.restart()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, (out + err)[-3000:]
+    shown = f"postgresql://127.0.0.1:{pg_server.port}/optuna"
+    assert out.count(f"optuna: the storage {shown} is unreachable") == 1, out[-3000:]
+    assert out.count(f"optuna: the storage {shown} answers again") == 1, out[-3000:]
+    assert PASSWORD not in out + err
+
+    (trial,) = optuna.load_study(study_name="outage", storage=storage).trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("outage-base").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.metrics["val/mIoU_pp"] == pytest.approx(trial.value)
+    assert_steps_logged_once(client, run.info.run_id)
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/mIoU_pp")) == [4, 8, 12]
+    # the pruner heard the val pass before the outage; the ones during it were skipped, not waited for
+    assert 4 in trial.intermediate_values

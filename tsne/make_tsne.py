@@ -37,6 +37,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cac.exp.credentials import public_url  # noqa: E402
 from cac.exp.spec import slug  # noqa: E402
 from tsne.embed import (VIEWS, ClassCosine, Points, choose_images, cosine_stats, head_view,  # noqa: E402
                         joint_points, mean_cosines, pair_measures, row_similarity, tsne_2d, view_summary)
@@ -332,7 +333,7 @@ def _main(args: argparse.Namespace) -> int:
         try:
             run = mlflow.MlflowClient(tracking_uri=uri).get_run(args.run_id)
         except mlflow.exceptions.MlflowException as err:
-            raise CacError(f"run {args.run_id!r} not found in {uri} ({str(err).splitlines()[0][:200]})") from None
+            raise CacError(f"run {args.run_id!r} not found in {public_url(uri)} ({str(err).splitlines()[0][:200]})") from None
     else:
         from cac.exp.spec import find_spec, load_spec
         from cac.mmseg.presets import get_preset
@@ -341,7 +342,7 @@ def _main(args: argparse.Namespace) -> int:
         spec = load_spec(find_spec(args.spec))
         run = pick_run(uri, spec, args.preset)
         if run is None:
-            print(f"no FINISHED +CAC run of {spec.name} at preset {args.preset} in {uri}", file=sys.stderr)
+            print(f"no FINISHED +CAC run of {spec.name} at preset {args.preset} in {public_url(uri)}", file=sys.stderr)
             return 1
     if run.info.status != "FINISHED":
         print(f"run {run.info.run_id} is {run.info.status}, not FINISHED", file=sys.stderr)

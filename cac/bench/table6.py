@@ -41,6 +41,8 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
+from cac.exp.credentials import public_url
+
 from cac.bench.memory import probe_memory
 from cac.bench.models import (MODEL_ENV, BenchSettings, baseline_label, bench_model_cfg, bench_model_name,
                               bench_settings, build_eval_model, classifier_cost, inference_fn)
@@ -231,7 +233,7 @@ def _print_plan(spec: Spec, preset: str, rows: list[Row], settings: BenchSetting
                 echo: Callable[[str], None]) -> None:
     echo(f"spec {spec.path} ({spec.title})")
     echo(f"preset {preset}; device {settings.device}; sizes {list(settings.sizes)}; warmup {settings.warmup}; "
-         f"repeats {settings.repeats} (interleaved); batch {settings.batch_size}; tracking {uri}")
+         f"repeats {settings.repeats} (interleaved); batch {settings.batch_size}; tracking {public_url(uri)}")
     base = baseline_label(spec, rows)
     for row in rows:
         cac = "off" if row.cac is None else ("on " + json.dumps(row.cac) if row.cac else "on")
@@ -342,12 +344,12 @@ def print_tracked_benchmark(spec: Spec, preset: str, uri: str, echo: Callable[[s
     """Table 6 from the tracked runs (``cac-exp results`` on a benchmark spec)."""
     results, models = tracked_results(spec, preset, uri)
     if not results:
-        echo(f"{spec.title} — preset {preset}: no tracked benchmark runs in {uri}")
+        echo(f"{spec.title} — preset {preset}: no tracked benchmark runs in {public_url(uri)}")
         return 0
     order = [r.label for r in spec.rows if r.label in models]
     names = sorted(set(models.values()))
     echo(format_table(results, order, baseline_label(spec, [r for r in spec.rows if r.label in models]),
                       names[0] if len(names) == 1 else "",
-                      title=f"{spec.title} — {', '.join(names)}, preset {preset}, tracked in {uri} "
+                      title=f"{spec.title} — {', '.join(names)}, preset {preset}, tracked in {public_url(uri)} "
                             f"(fps: images/s; Mem: MB)"))
     return 0

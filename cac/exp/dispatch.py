@@ -27,7 +27,11 @@ __all__ = ["DispatchOptions", "UnitJob", "dispatch_units", "run_jobs", "make_exe
            "add_dispatch_options", "dispatch_options", "EXECUTORS"]
 
 EXECUTORS = ("inline", "local", "slurm")
-_ENV_KEYS = ("CAC_DATA_ROOT", "CAC_WORK_DIR", "MLFLOW_TRACKING_URI", "CAC_LOG_LEVEL")
+_ENV_KEYS = ("CAC_DATA_ROOT", "CAC_WORK_DIR", "CAC_LOG_LEVEL")
+# The full store URLs (passwords included) reach a job through the environment it inherits from the
+# submitting process (submitit's local jobs, and sbatch's default --export=ALL), never through a file:
+# a job's pickle and its Slurm files hold the public URLs only.
+TRACKING_ENV, STORAGE_ENV = "MLFLOW_TRACKING_URI", "CAC_SWEEP_STORAGE"
 
 
 @dataclass(frozen=True)
@@ -55,8 +59,29 @@ DEFAULT_MEM_GB = 4  # what a CPU job asks Slurm for unless --mem-gb says (an emb
 
 
 def job_env() -> dict:
-    """The environment a job needs from the submitting process (data, work and tracking locations)."""
+    """The environment a job needs from the submitting process (data and work locations), written into
+    its pickle; secrets are not among them (see :func:`hand_over`)."""
     return {k: os.environ[k] for k in _ENV_KEYS if k in os.environ}
+
+
+def hand_over(uri: str, storage: Optional[str] = None) -> tuple[str, Optional[str]]:
+    """Put the full tracking URI (and sweep storage) where the jobs inherit them, the environment;
+    returns their public forms, which are all a job's pickle carries (:func:`take_over` in the job)."""
+    from cac.exp.credentials import public_url
+
+    os.environ[TRACKING_ENV] = uri
+    if storage:
+        os.environ[STORAGE_ENV] = storage
+    return public_url(uri), (public_url(storage) if storage else None)
+
+
+def take_over(public: Optional[str], env: str = TRACKING_ENV) -> Optional[str]:
+    """In a job: the full URL whose public form is ``public``, from the inherited environment."""
+    from cac.exp.credentials import remember, with_credentials
+
+    full = with_credentials(public, [os.environ.get(env)])
+    remember(full)
+    return full
 
 
 def _distributed_launcher() -> str:
@@ -94,8 +119,11 @@ class UnitJob:
     def __call__(self) -> dict:
         os.environ.update(self.env)
         limit_threads(self.threads)
-        from cac.exp.runner import broadcast, init_distributed, is_main_process, execute_unit, make_unit, unit_state
+        from cac.exp.journal import drain_all
+        from cac.exp.runner import (broadcast, deliver_waiting, init_distributed, is_main_process, execute_unit,
+                                    local_state, make_unit, unit_state)
         from cac.exp.spec import load_spec
+        from cac.exp.journal import unreachable
 
         launcher = _distributed_launcher()
         options = self.options
@@ -107,10 +135,23 @@ class UnitJob:
         spec = load_spec(self.spec_path)
         unit = make_unit(spec, spec.row(self.row), self.seed, self.preset, options=options,
                          work_root=Path(self.work_root))
-        state, run_id = broadcast(unit_state(unit, self.uri) if is_main_process() else None)
+        uri = take_over(self.uri)
+        offline = False
+        if is_main_process():
+            try:  # a requeued job may start while its store is away: it resumes its own run offline
+                deliver_waiting(unit, uri)
+                found = unit_state(unit, uri)
+            except Exception as err:  # noqa: BLE001 - only an unreachable store is worked around
+                if not unreachable(err):
+                    raise
+                print(f"note  {unit.name}: {err}; resuming from its work dir", flush=True)
+                found, offline = local_state(unit, uri), True
+        state, run_id = broadcast(found if is_main_process() else None)
         if state in ("finished", "shared"):
             return {"state": state, "run_id": run_id}
-        metrics = execute_unit(unit, state, run_id, self.uri, launcher=launcher)
+        metrics = execute_unit(unit, state, run_id, uri, launcher=launcher, offline=offline)
+        if is_main_process():
+            drain_all()
         if metrics is None:
             return {"state": "busy"}
         if metrics is False:
@@ -363,9 +404,10 @@ def dispatch_units(spec_path: str, preset: str, units: list, options: RunOptions
     folder = Path(d.folder) if d.folder else WORK_ROOT / "submitit"
     env, threads, root = job_env(), cpu_threads(d), str(WORK_ROOT.resolve())
     prepare_store(uri, sorted({u.spec.name for u in units}))  # before any job: jobs never race to create them
+    public, _ = hand_over(uri)
 
     def make_job(unit) -> UnitJob:
-        return UnitJob(spec_path, unit.row.label, unit.seed, preset, options, uri, root, env, threads)
+        return UnitJob(spec_path, unit.row.label, unit.seed, preset, options, public, root, env, threads)
 
     failures = 0
     for unit, result in run_jobs(make_job, units, lambda u: u.name, d, folder, echo):

@@ -91,8 +91,10 @@ def _read_source_tree() -> dict[str, str]:
     status = _git("status", "--porcelain", "--untracked-files=no")
     out["mlflow.source.git.dirty"] = "unknown" if status is None else str(bool(status)).lower()
     remote = _git("remote", "get-url", "origin")
-    if remote:
-        out["mlflow.source.git.repoURL"] = remote
+    if remote:  # a clone made with a token keeps it in its remote (https://user:TOKEN@host/...)
+        from cac.exp.credentials import public_url
+
+        out["mlflow.source.git.repoURL"] = public_url(remote)
     return out
 
 

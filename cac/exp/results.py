@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from cac.exp.credentials import public_url
 from cac.exp.spec import Spec, load_spec
 from cac.exp.stats import fmt_summary, summarize
 from cac.exp.tracking import find_runs, resolve_tracking_uri
@@ -120,7 +121,7 @@ def print_tracked(spec_path: str, preset: str = "quick", tracking_uri: Optional[
                                          "base_model": base_model_name(spec, preset),
                                          "provenance": run_versions(runs)},
                                         indent=1, sort_keys=True) + "\n")
-    print(f"{spec.title} — preset {preset} (val mIoU, %; tracking {uri})")
+    print(f"{spec.title} — preset {preset} (val mIoU, %; tracking {public_url(uri)})")
     print(f"{'row':>10}  {'description':<44} {'ours':>22}  {'paper':>6}")
     for row in spec.rows:
         paper = row.paper.get("ss") if isinstance(row.paper, dict) else row.paper

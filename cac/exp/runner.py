@@ -7,7 +7,6 @@ training right now (its work dir is locked) is left alone.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gc
 import json
 import os
@@ -21,7 +20,9 @@ from cac.errors import CacError
 from cac.mmseg.presets import get_preset
 from cac.exp.options import RunOptions, apply_run_options
 from cac.exp.spec import Row, Spec, load_spec, select_rows, slug
-from cac.exp.tracking import RunTracker, find_runs, find_runs_anywhere, flatten, git_commit, resolve_tracking_uri
+from cac.exp.workdirs import claim_work_dir, read_owner, work_dir_lock
+from cac.exp.tracking import (RunTracker, find_runs, find_runs_anywhere, flatten, git_commit, git_dirty,
+                              resolve_tracking_uri)
 
 __all__ = ["RunUnit", "plan_runs", "run_spec", "train_unit", "ensure_data", "evaluate_multiscale", "WORK_ROOT"]
 
@@ -147,28 +148,6 @@ def heap_frozen() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
-
-
-@contextlib.contextmanager
-def work_dir_lock(work_dir: Path, enabled: bool = True) -> Iterator[bool]:
-    """Yields True if this process holds the work dir's lock (nobody else is training it).
-    ``enabled=False`` (non-zero DDP ranks) yields True without locking: rank 0 decides for all."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    if not enabled:
-        yield True
-        return
-    fh = open(work_dir / ".lock", "w")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        fh.close()
 
 
 def shared_run(unit: RunUnit, uri: str):
@@ -464,6 +443,9 @@ def run_spec(spec_path: str, preset: str = "quick", rows: Optional[str] = None, 
     units = plan_runs(spec, preset, rows, seeds, options)
     uri = resolve_tracking_uri(tracking_uri)
     main = is_main_process()
+    if main and not dry_run:  # what a killed process's journals hold reaches the store before it is read
+        for unit in units:
+            deliver_waiting(unit, uri, echo)
     states = broadcast([unit_state(u, uri) for u in units] if main else None)
     if dry_run:
         if main:
@@ -494,6 +476,10 @@ def run_spec(spec_path: str, preset: str = "quick", rows: Optional[str] = None, 
             state, run_id = unit_state(unit, uri)
             if state in ("finished", "shared"):
                 _add_multiscale(unit, uri, run_id, echo)
+    if main:
+        from cac.exp.journal import drain_all
+
+        drain_all(echo=echo)  # the journals' last records; a store still away leaves them for `cac-exp sync`
     if main and failures:
         echo(f"{failures} of {len(units)} runs failed (see above); finished runs are kept")
     return 1 if failures else 0
@@ -515,39 +501,18 @@ def _scale_params(unit: RunUnit) -> dict:
             "total_batch": per_process * world * accumulation, "num_threads": torch.get_num_threads()}
 
 
-OWNER_FILE = "owner.json"
-
-
-def claim_work_dir(work_dir: Path, uri: str, run_id: str, echo: Callable[[str], None] = print) -> None:
-    """Record that ``run_id`` in store ``uri`` owns ``work_dir``; checkpoints another run (or another
-    store) left there are moved aside first, so a unit resumes only from its own open run's checkpoints."""
-    import json
-
-    owner_path = work_dir / OWNER_FILE
-    owner = {"tracking_uri": uri, "run_id": run_id}
-    previous = None
-    if owner_path.is_file():
-        with contextlib.suppress(ValueError):
-            previous = json.loads(owner_path.read_text())
-    stale = [p for p in work_dir.glob("iter_*.pth")] + [p for p in (work_dir / "last_checkpoint",) if p.exists()]
-    if previous != owner and stale:
-        aside = work_dir / f"stale-{time.strftime('%Y%m%d-%H%M%S')}"
-        aside.mkdir(parents=True, exist_ok=True)
-        for path in stale:
-            path.rename(aside / path.name)
-        whose = (f"run {previous.get('run_id')} of {previous.get('tracking_uri')}" if previous
-                 else "no recorded run")
-        echo(f"note  {work_dir}: {len(stale)} checkpoint file(s) of {whose} moved to {aside.name}/, "
-             f"not resumed by run {run_id}")
-    owner_path.write_text(json.dumps(owner) + "\n")
-
-
 def execute_unit(unit: RunUnit, state: str, run_id: Optional[str], uri: str, *, launcher: str = "none",
                  echo: Callable[[str], None] = print, on_eval: Optional[Callable] = None,
-                 tags: Optional[dict] = None):
-    """Train one unit in a new or reopened MLflow run. Returns its final metrics, None when another
-    process holds it, or False when it failed (non-finite loss). Other exceptions (interrupts, an
-    Optuna prune) mark the run KILLED — resumable — and propagate."""
+                 tags: Optional[dict] = None, offline: bool = False):
+    """Train one unit in a new or reopened MLflow run. Returns its final metrics (with ``tracked``: the
+    run's metrics as its store shows them once delivered), None when another process holds it, or
+    False when it failed (non-finite loss). Other exceptions (interrupts, an Optuna prune) mark the
+    run KILLED — resumable — and propagate; an exception's ``run_tags`` are set on the run first.
+
+    Everything the run logs goes through its journal (``<work dir>/tracking``): training never waits
+    for the store. ``offline``: the store did not answer when the job started (a requeued job during
+    an outage); a resumed run then trains on, and its journal is delivered when the store is back."""
+    from cac.exp.journal import JOURNAL_DIR
     from cac.exp.provenance import dataset_input, run_tags
     from cac.mmseg.hooks import NonFiniteLossError
 
@@ -567,15 +532,17 @@ def execute_unit(unit: RunUnit, state: str, run_id: Optional[str], uri: str, *, 
             return None
         tracker = None
         if main:
+            journal = unit.work_dir / JOURNAL_DIR
             if state == "resume":
-                tracker = RunTracker(uri, run_id)
+                tracker = RunTracker(uri, run_id, journal, offline=offline)
                 tracker.reopen()
-                echo(f"resume {unit.name} (run {run_id})")
+                echo(f"resume {unit.name} (run {run_id})" + (" while its tracking store is away" if offline else ""))
             else:
-                tracker = RunTracker.open(uri, unit.spec.name, unit.tags, unit.name)
-            _close_stale(unit, uri, keep=tracker.run_id)
+                tracker = RunTracker.open(uri, unit.spec.name, unit.tags, unit.name, journal)
+            if not offline:
+                _close_stale(unit, uri, keep=tracker.run_id)
             claim_work_dir(unit.work_dir, uri, tracker.run_id, echo)
-            tracker.set_tags({"git_commit": git_commit(),
+            tracker.set_tags({"git_commit": git_commit(), "git_dirty": git_dirty(),
                               "model": unit.model, "base_model": unit.model, "description": unit.row.description,
                               "work_dir": str(unit.work_dir.resolve()), **run_tags(), **(tags or {})})
             if state != "resume":  # the data the run trains on, as MLflow's dataset input
@@ -591,11 +558,15 @@ def execute_unit(unit: RunUnit, state: str, run_id: Optional[str], uri: str, *, 
         except NonFiniteLossError as err:
             if tracker:
                 tracker.finish("FAILED")
+                tracker.settle()
             echo(f"error {unit.name}: {err}")
             return False
-        except BaseException:
+        except BaseException as err:
             if tracker:  # interrupted or crashed: left resumable (KILLED), never RUNNING
+                if getattr(err, "run_tags", None):
+                    tracker.set_tags(err.run_tags)
                 tracker.finish("KILLED")
+                tracker.settle()
             raise
         seconds = time.time() - t0
         if main:
@@ -604,15 +575,59 @@ def execute_unit(unit: RunUnit, state: str, run_id: Optional[str], uri: str, *, 
             classes = list(context_scenes.CLASSES) if unit.cfg.get("dataset_type") == "ContextScenesDataset" else []
             _log_final(unit, tracker, metrics, classes, seconds)
             tracker.finish("FINISHED")
+            tracker.settle()  # FINISHED in the store when this returns, unless the store is away
+            metrics["tracked"] = tracker.latest_metrics()
             echo(f"done  {unit.name}: val mIoU {metrics.get('mIoU', float('nan')):.2f} in {seconds:.0f}s "
                  f"(run {tracker.run_id})")
         return metrics
 
 
+def deliver_waiting(unit: RunUnit, uri: str, echo: Callable[[str], None] = print) -> None:
+    """Deliver what a unit's journals still hold for store ``uri`` (a process killed while its store
+    was away), before the unit's state is read from the store: a run that finished in its journal is
+    then FINISHED there, and skipped. A unit another process is training is left to that process."""
+    from cac.exp.credentials import public_url
+    from cac.exp.journal import JOURNAL_DIR, deliver_journal, waiting_journals
+
+    folder = unit.work_dir / JOURNAL_DIR
+    if not folder.is_dir():
+        return
+    journals = waiting_journals([unit.work_dir], uri)
+    if not journals:
+        return
+    with work_dir_lock(unit.work_dir) as locked:
+        if not locked:
+            return
+        client = RunTracker(uri, journals[0].run_id).client
+        for journal in waiting_journals([unit.work_dir], uri):  # read again under the lock
+            count = journal.pending()
+            while journal.pending():
+                deliver_journal(journal, client, lambda line: echo(f"note  {line}"))
+            echo(f"sync  {unit.name}: {count} records its journal kept delivered to {public_url(uri)} "
+                 f"(run {journal.run_id})")
+
+
+def local_state(unit: RunUnit, uri: str) -> tuple[str, Optional[str]]:
+    """A unit's state from its work dir alone, for a job that starts while its store is unreachable:
+    ('finished', run) when the owner run's journal ends FINISHED, ('resume', run) for its owner run
+    of this store; a unit with no run of its own here cannot start without the store (CacError)."""
+    from cac.exp.credentials import public_url
+    from cac.exp.journal import JOURNAL_DIR, Journal
+
+    owner = read_owner(unit.work_dir)
+    if not owner or owner["tracking_uri"] != public_url(uri) or not owner.get("run_id"):
+        raise CacError(f"{unit.name}: the tracking store {public_url(uri)} is unreachable and the unit has no "
+                       f"run of its own in {unit.work_dir} to resume; start it again when the store answers")
+    journal = Journal(unit.work_dir / JOURNAL_DIR, owner["run_id"], uri)
+    return ("finished" if journal.status == "FINISHED" else "resume"), owner["run_id"]
+
+
 def _print_plan(spec: Spec, preset: str, units: list[RunUnit], states: list, uri: str,
                 echo: Callable[[str], None]) -> None:
+    from cac.exp.credentials import public_url
+
     echo(f"spec {spec.path} ({spec.title})")
-    echo(f"preset {preset}; tracking {uri}; {len(units)} runs")
+    echo(f"preset {preset}; tracking {public_url(uri)}; {len(units)} runs")
     shared = {}
     for unit, (state, run_id) in zip(units, states):
         if state == "shared":

@@ -141,20 +141,23 @@ def resolve_storage(url: Optional[str]):
     import optuna
     from optuna.storages import RDBStorage, RetryFailedTrialCallback
 
+    from cac.exp.credentials import public_url, remember
+
     url = url or f"sqlite:///{Path.cwd() / 'optuna.db'}"
+    remember(url)
     if url.startswith("journal://"):
         from optuna.storages.journal import JournalFileBackend
 
         path = url[len("journal://"):]
         if not path:
-            raise CacError(f"--storage {url!r}: no journal file; {_STORAGE_HINT}")
+            raise CacError(f"--storage {public_url(url)!r}: no journal file; {_STORAGE_HINT}")
         try:
             return optuna.storages.JournalStorage(JournalFileBackend(path)), url
         except OSError as err:
-            raise CacError(f"--storage {url!r}: cannot use the journal file ({err.strerror or err}); "
+            raise CacError(f"--storage {public_url(url)!r}: cannot use the journal file ({err.strerror or err}); "
                            f"{_STORAGE_HINT}") from None
     if "://" not in url:
-        raise CacError(f"--storage {url!r} is not a URL; {_STORAGE_HINT}")
+        raise CacError(f"--storage {public_url(url)!r} is not a URL; {_STORAGE_HINT}")
     from cac.exp.tracking import check_db_driver, redacted_url
 
     check_db_driver(url, "--storage")  # a missing driver names the package to install
@@ -237,16 +240,20 @@ def run_sweep(path: str, trials: int, preset: str = "quick", storage: Optional[s
     a worker leaves the report to the process that dispatched it."""
     import optuna
 
-    from cac.exp.runner import execute_unit, make_unit, unit_state
-    from cac.exp.tracking import RunTracker, find_runs, resolve_tracking_uri
+    from cac.exp.credentials import public_url
+    from cac.exp.journal import drain_all
+    from cac.exp.patience import PatientStorage
+    from cac.exp.runner import deliver_waiting, execute_unit, make_unit, unit_state
+    from cac.exp.tracking import RunTracker, resolve_tracking_uri
 
     if trials < 1:
         raise CacError(f"--trials must be >= 1, got {trials}")
     sweep = load_sweep(path, getattr(options, "model", None))
     uri = resolve_tracking_uri(tracking_uri)
     store, url = resolve_storage(storage)
+    patient = PatientStorage(optuna.storages.get_storage(store), url, echo)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=sweep.study, storage=store, load_if_exists=True,
+    study = optuna.create_study(study_name=sweep.study, storage=patient, load_if_exists=True,
                                 direction=sweep.direction, pruner=_pruner(sweep.pruner))
     study.sampler = study_sampler(sweep.sampler, len(study.get_trials(deepcopy=False)), worker)
     row = sweep.base.row(sweep.row)
@@ -260,6 +267,7 @@ def run_sweep(path: str, trials: int, preset: str = "quick", storage: Optional[s
             raise CacError(f"{sweep.path}: row {sweep.row} has no CAC; cannot sweep {sorted(cac_extra)}")
         unit = make_unit(sweep.base, row, sweep.seed, preset, cac_extra=cac_extra, overrides_extra=cfg_extra,
                          extra_tags={"study": sweep.study}, options=options)
+        deliver_waiting(unit, uri, echo)  # a killed worker's journal first: its run may have finished
         state, run_id = unit_state(unit, uri)
         if state in ("finished", "shared"):  # the same configuration was trained before: reuse its result
             run = RunTracker(uri, run_id).client.get_run(run_id)
@@ -268,26 +276,19 @@ def run_sweep(path: str, trials: int, preset: str = "quick", storage: Optional[s
 
         def report(step: int, metrics: dict) -> None:
             if sweep.metric in metrics and math.isfinite(metrics[sweep.metric]):
-                trial.report(metrics[sweep.metric], step)
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned at step {step}")
+                if patient.should_prune(trial, metrics[sweep.metric], step):  # never waits for the storage
+                    stop = optuna.TrialPruned(f"pruned at step {step}")
+                    stop.run_tags = {"optuna_state": "PRUNED"}  # execute_unit tags the KILLED run with it
+                    raise stop
 
         echo(f"trial {trial.number}: {', '.join(f'{k}={_fmt(v)}' for k, v in params.items())}")
-        try:
-            metrics = execute_unit(unit, state, run_id, uri, echo=echo, on_eval=report,
-                                   tags={"trial": trial.number, "study_storage": url})
-        except optuna.TrialPruned:
-            # execute_unit left the run KILLED (resumable, like any interrupted run): say why
-            for r in find_runs(uri, unit.spec.name, unit.tags, statuses=["KILLED"]):
-                if r.data.tags.get("trial") == str(trial.number):
-                    RunTracker(uri, r.info.run_id).set_tags({"optuna_state": "PRUNED"})
-            raise
+        metrics = execute_unit(unit, state, run_id, uri, echo=echo, on_eval=report,
+                               tags={"trial": trial.number, "study_storage": public_url(url)})
         if metrics is None:  # the same point is being trained by another worker right now
             raise optuna.TrialPruned("another process is training this configuration")
         if metrics is False:
             raise CacError(f"trial {trial.number} failed (non-finite loss)")
-        run = find_runs(uri, unit.spec.name, unit.tags, statuses=["FINISHED"])[0]
-        return _objective_value(run.data.metrics, sweep.metric)
+        return _objective_value(metrics["tracked"], sweep.metric)
 
     done = _counted(study)
     if done >= trials:
@@ -295,10 +296,25 @@ def run_sweep(path: str, trials: int, preset: str = "quick", storage: Optional[s
     else:
         stop = optuna.study.MaxTrialsCallback(trials, states=(optuna.trial.TrialState.COMPLETE,
                                                               optuna.trial.TrialState.PRUNED))
-        study.optimize(objective, n_trials=trials - done, callbacks=[stop], catch=())
+        _optimize(study, objective, trials, stop, echo)
+    drain_all(echo=echo)
     if report:
         _report(study, sweep, Path(report_dir), echo)
     return 0
+
+
+def _optimize(study, objective, trials: int, stop, echo: Callable[[str], None]) -> None:
+    """``study.optimize`` until the study holds ``trials``. A trial that another worker failed as stale
+    while the storage was away (its heartbeats could not be recorded) cannot be told its value: its
+    retry, with the same parameters, finds this trial's FINISHED run and reuses it."""
+    while _counted(study) < trials:
+        try:
+            study.optimize(objective, n_trials=trials - _counted(study), callbacks=[stop], catch=())
+            return
+        except ValueError as err:
+            if not str(err).startswith("Cannot tell a"):
+                raise
+            echo(f"note  {err}: another worker failed it while the storage was away; its retry reuses this run")
 
 
 def _objective_value(metrics: dict, metric: str) -> float:
@@ -441,12 +457,13 @@ class SweepJob:
         self.worker = worker
 
     def __call__(self) -> int:
-        from cac.exp.dispatch import limit_threads
+        from cac.exp.dispatch import STORAGE_ENV, limit_threads, take_over
 
         os.environ.update(self.env)
         limit_threads(self.threads)
-        return run_sweep(*self.args, report_dir=self.report_dir, options=self.options, worker=self.worker,
-                         report=False)
+        path, trials, preset, storage, uri = self.args
+        return run_sweep(path, trials, preset, take_over(storage, STORAGE_ENV), take_over(uri),
+                         report_dir=self.report_dir, options=self.options, worker=self.worker, report=False)
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         import submitit
@@ -459,7 +476,7 @@ def dispatch_sweep(path: str, trials: int, preset: str, storage: Optional[str], 
     """``d.jobs`` sweep workers as submitit jobs on one shared Optuna storage; returns how many failed."""
     import optuna
 
-    from cac.exp.dispatch import cpu_threads, job_env, run_jobs
+    from cac.exp.dispatch import cpu_threads, hand_over, job_env, run_jobs
     from cac.exp.runner import WORK_ROOT
     from cac.exp.tracking import prepare_store, resolve_tracking_uri
 
@@ -477,7 +494,9 @@ def dispatch_sweep(path: str, trials: int, preset: str, storage: Optional[str], 
     prepare_store(uri, [sweep.base.name])
     folder = Path(d.folder) if d.folder else WORK_ROOT / "submitit"
     env, threads = job_env(), cpu_threads(d)
-    results = run_jobs(lambda i: SweepJob(path, trials, preset, storage, uri, report_dir, options, env, threads, i),
+    public_uri, public_storage = hand_over(uri, storage)  # jobs inherit the full URLs; their pickles hold these
+    results = run_jobs(lambda i: SweepJob(path, trials, preset, public_storage, public_uri, report_dir, options, env,
+                                          threads, i),
                        list(range(max(1, d.jobs))), lambda i: f"sweep worker {i}", d, folder, echo)
     study = optuna.load_study(study_name=sweep.study, storage=store)
     _report(study, sweep, Path(report_dir), echo)  # what every worker added, as an inline sweep reports it

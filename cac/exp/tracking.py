@@ -11,8 +11,12 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
+from cac.errors import CacError
+from cac.exp.journal import retry_on_duplicate, unreachable
+
 __all__ = ["resolve_tracking_uri", "check_tracking_uri", "check_db_driver", "prepare_store", "redacted_url",
-           "RunTracker", "find_runs", "flatten", "git_commit"]
+           "StoreUnreachable", "unreachable", "store_client", "store_scheme", "retry_on_duplicate",
+           "RunTracker", "find_runs", "flatten", "git_commit", "git_dirty"]
 
 DEFAULT_DB = "mlflow.db"
 TIMEOUT_ENV = "CAC_TRACKING_TIMEOUT"  # seconds a tracking server gets to answer the reachability check
@@ -21,10 +25,14 @@ _SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "
 
 
 def resolve_tracking_uri(uri: Optional[str] = None) -> str:
-    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else a SQLite file in the working directory."""
+    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else a SQLite file in the working directory.
+    Its secrets are remembered, so no line cac writes quotes them."""
+    from cac.exp.credentials import remember
+
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         uri = f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+    remember(uri)
     return uri
 
 
@@ -37,13 +45,14 @@ _DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary",
 
 
 def redacted_url(url: str) -> str:
-    """``url`` with its password hidden (error messages end up in logs)."""
-    try:
-        from sqlalchemy.engine import make_url
+    """``url`` as cac shows it: without credentials (:func:`cac.exp.credentials.public_url`)."""
+    from cac.exp.credentials import public_url
 
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL: nothing to hide the usual way
-        return url
+    return public_url(url)
+
+
+class StoreUnreachable(CacError):
+    """The tracking store did not answer (a server down, a network away), as opposed to refusing."""
 
 
 def check_db_driver(url: str, what: str) -> None:
@@ -51,8 +60,6 @@ def check_db_driver(url: str, what: str) -> None:
     for ``url`` is missing (``postgresql://`` is psycopg 3 in SQLAlchemy 2.1, psycopg2 before;
     ``postgresql+psycopg2://`` names one). Nothing is connected to. ``what``: the option, for the
     message (``--storage``, ``tracking URI``)."""
-    from cac.errors import CacError
-
     try:
         from sqlalchemy.engine import make_url
 
@@ -73,7 +80,7 @@ def _fix_hint() -> str:
             f"sqlite:///<cwd>/{DEFAULT_DB})")
 
 
-def _scheme(uri: str) -> str:
+def store_scheme(uri: str) -> str:
     """``http`` of ``http://host``, ``postgresql`` of ``postgresql+psycopg2://...``; ``file`` of a path."""
     from urllib.parse import urlparse
 
@@ -100,8 +107,6 @@ def _probe_http(uri: str, timeout: float) -> None:
     import urllib.error
     import urllib.request
 
-    from cac.errors import CacError
-
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
             pass
@@ -113,8 +118,8 @@ def _probe_http(uri: str, timeout: float) -> None:
             return  # (MLFLOW_TRACKING_INSECURE_TLS, MLFLOW_TRACKING_SERVER_CERT_PATH)
         if isinstance(reason, (socket.timeout, TimeoutError)):
             reason = f"no answer within {timeout:g} s"
-        raise CacError(f"tracking server {uri} is not reachable ({reason}): start it (e.g. `mlflow server "
-                       f"--port 5000`) or {_fix_hint()}") from None
+        raise StoreUnreachable(f"tracking server {redacted_url(uri)} is not reachable ({reason}): start it (e.g. "
+                               f"`mlflow server --port 5000`) or {_fix_hint()}") from None
 
 
 def check_tracking_uri(uri: str, timeout: Optional[float] = None, create: bool = True) -> None:
@@ -124,13 +129,11 @@ def check_tracking_uri(uri: str, timeout: Optional[float] = None, create: bool =
     an unknown scheme, or (``create``) a SQLite file that cannot be created or opened. With
     ``create=False`` nothing is written: a SQLite store is left to its first use. A usable store is
     remembered for the process."""
-    from cac.errors import CacError
-
     if uri in _READY:
         return
-    scheme = _scheme(uri)
+    scheme = store_scheme(uri)
     if scheme not in _known_schemes():
-        raise CacError(f"tracking URI {uri!r}: unknown scheme {scheme!r} (known: {', '.join(_SCHEMES)}); "
+        raise CacError(f"tracking URI {redacted_url(uri)!r}: unknown scheme {scheme!r} (known: {', '.join(_SCHEMES)}); "
                        + _fix_hint())
     if scheme in ("http", "https"):
         try:
@@ -146,7 +149,8 @@ def check_tracking_uri(uri: str, timeout: Optional[float] = None, create: bool =
     _READY.add(uri)
 
 
-def _client(uri: str):
+def store_client(uri: str):
+    """An MLflow client of the store ``uri``, checked first (one CacError line if it cannot work)."""
     import mlflow
 
     check_tracking_uri(uri)
@@ -166,8 +170,6 @@ def _init_sql_store(uri: str) -> None:
 
     import mlflow
 
-    from cac.errors import CacError
-
     for name in ("mlflow", "alembic"):  # schema-creation chatter is not the user's business
         logging.getLogger(name).setLevel(logging.WARNING)
     shown = redacted_url(uri)
@@ -185,8 +187,11 @@ def _init_sql_store(uri: str) -> None:
     except OSError as err:
         raise CacError(f"tracking store {shown}: cannot create it ({err.strerror or err}): {_fix_hint()}") from None
     except Exception as err:  # noqa: BLE001 - MLflow / SQLAlchemy errors: say what failed, in one line
+        from cac.exp.credentials import scrub
+
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CacError(f"tracking store {shown}: cannot open it ({first[:300]}): {_fix_hint()}") from None
+        kind = StoreUnreachable if unreachable(err) else CacError
+        raise kind(f"tracking store {shown}: cannot open it ({scrub(first[:300])}): {_fix_hint()}") from None
 
 
 def cache_dir() -> Path:
@@ -271,23 +276,12 @@ def git_commit() -> str:
     return source_tree().get("mlflow.source.git.commit") or "unknown"
 
 
-_DUPLICATE = ("UniqueViolation", "UNIQUE constraint failed", "Duplicate entry", "IntegrityError")
+def git_dirty() -> str:
+    """Whether the checkout cac runs from differs from its commit (``true``/``false``/``unknown``): MLflow's
+    UI hides its own ``mlflow.source.git.dirty``, so runs carry it as the visible tag ``git_dirty`` too."""
+    from cac.exp.provenance import source_tree
 
-
-def retry_on_duplicate(call, tries: int = 3):
-    """``call()``, again (up to ``tries`` times) when the store refused a row another process inserted
-    first (a unique-key violation on PostgreSQL, SQLite or MySQL); any other error is raised at once."""
-    import time
-
-    from mlflow.exceptions import MlflowException
-
-    for attempt in range(tries):
-        try:
-            return call()
-        except MlflowException as err:
-            if attempt == tries - 1 or not any(word in str(err) for word in _DUPLICATE):
-                raise
-            time.sleep(0.05 * (attempt + 1))
+    return source_tree().get("mlflow.source.git.dirty") or "unknown"
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
@@ -310,7 +304,7 @@ def experiment_id(uri: str, name: str) -> str:
     unless the browser chose "Model training" (``?workflowType=machine_learning``)."""
     from cac.exp.provenance import EXPERIMENT_TAGS
 
-    client = _client(uri)
+    client = store_client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
@@ -327,7 +321,7 @@ def experiment_id(uri: str, name: str) -> str:
 
 def find_runs(uri: str, experiment: str, tags: Mapping[str, Any], statuses: Optional[list[str]] = None) -> list:
     """Runs of ``experiment`` whose tags equal ``tags`` (optionally with one of ``statuses``)."""
-    client = _client(uri)
+    client = store_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
@@ -340,7 +334,7 @@ def find_runs_anywhere(uri: str, tags: Mapping[str, Any], statuses: Optional[lis
                        exclude_tags: Optional[Mapping[str, Any]] = None) -> list:
     """Runs of any active experiment whose tags equal ``tags``, minus those with any of ``exclude_tags``:
     how one spec finds a run of identical identity that another spec trained."""
-    client = _client(uri)
+    client = store_client(uri)
     ids = [e.experiment_id for e in client.search_experiments()]
     if not ids:
         return []
@@ -352,52 +346,140 @@ def find_runs_anywhere(uri: str, tags: Mapping[str, Any], statuses: Optional[lis
 
 
 class RunTracker:
-    """A thin handle on one MLflow run (the client API, so nested processes cannot collide)."""
+    """A handle on one MLflow run (the client API, so nested processes cannot collide).
 
-    def __init__(self, uri: str, run_id: str) -> None:
-        self.uri, self.run_id = uri, run_id
-        self.client = _client(uri)
+    With ``journal_dir`` (every training run: ``<work dir>/tracking``) each call is appended to the
+    run's journal and delivered by a background courier (:mod:`cac.exp.journal`): training never waits
+    for the store, and nothing is lost while it is away. Without one (evaluations, benchmarks, a
+    metric added to a FINISHED run) calls go to the store directly. ``offline``: the store did not
+    answer when the run was reopened; nothing here may wait for it (the courier delivers later)."""
+
+    def __init__(self, uri: str, run_id: str, journal_dir: Optional[Path] = None, offline: bool = False) -> None:
+        self.uri, self.run_id, self.offline = uri, run_id, offline
+        self._client = None
+        self.journal = self.courier = None
+        if journal_dir is not None:
+            from cac.exp.journal import Journal, courier_for
+
+            self.journal = Journal(journal_dir, run_id, uri)
+            self.courier = courier_for(uri)
+            self.courier.add(self.journal)
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = store_client(self.uri)
+        return self._client
 
     @classmethod
-    def open(cls, uri: str, experiment: str, tags: Mapping[str, Any], name: str) -> "RunTracker":
-        client = _client(uri)
-        run = client.create_run(experiment_id(uri, experiment), tags={k: str(v) for k, v in tags.items()},
+    def open(cls, uri: str, experiment: str, tags: Mapping[str, Any], name: str,
+             journal_dir: Optional[Path] = None) -> "RunTracker":
+        from cac.exp.credentials import scrub
+
+        client = store_client(uri)
+        run = client.create_run(experiment_id(uri, experiment), tags={k: scrub(str(v)) for k, v in tags.items()},
                                 run_name=name)
-        return cls(uri, run.info.run_id)
+        return cls(uri, run.info.run_id, journal_dir)
+
+    def _append(self, record: Optional[dict]) -> None:
+        if record is not None:
+            self.journal.append(record)
+            self.courier.poke()
 
     def reopen(self) -> None:
-        self.client.update_run(self.run_id, status="RUNNING")
+        """Mark the run RUNNING again; a journaled run also records the steps its store history holds
+        from before it had a journal, so a resumed run never logs one of them again."""
+        if self.journal is None:
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
+        if self.journal.loaded == 0 and not self.offline:
+            self._append({"op": "seen", "steps": _store_steps(self.client, self.run_id)})
+        self._append({"op": "status", "status": "RUNNING", "t": _now_ms()})
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        """Params are immutable in MLflow: a key the run has already keeps its first value."""
+        from cac.exp.credentials import scrub
+
+        values = {k[:250]: scrub(str(v))[:6000] for k, v in params.items()}
+        if self.journal is not None:
+            self._append({"op": "params", "values": values})
+            return
         from mlflow.entities import Param
 
         existing = self.client.get_run(self.run_id).data.params
-        items = [Param(k[:250], str(v)[:6000]) for k, v in params.items() if k[:250] not in existing]
+        items = [Param(k, v) for k, v in values.items() if k not in existing]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        import time
+        """NaN values are skipped (MLflow cannot plot them)."""
+        from cac.exp.journal import metric_record
 
+        record = metric_record(metrics, step)
+        if self.journal is not None or record is None:
+            return self._append(record) if self.journal is not None else None
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v == v]  # NaN skipped
-        if items:
-            self.client.log_batch(self.run_id, metrics=items)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, record["t"], record["step"])
+                                                    for k, v in record["values"].items()])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        from cac.exp.credentials import scrub
+
+        values = {k: scrub(str(v)) for k, v in tags.items()}
+        if self.journal is not None:
+            return self._append({"op": "tags", "values": values})
+        for k, v in values.items():
+            self.client.set_tag(self.run_id, k, v)
 
     def log_inputs(self, datasets: list) -> None:
         """MLflow dataset inputs (the runs table's Dataset column). Runs starting together on a shared
         store (sweep workers, jobs) may both insert the same dataset: the later insert breaks its
         unique key, the dataset then exists, and the retry only links it to this run."""
+        if self.journal is not None:
+            from cac.exp.credentials import public_url
+
+            return self._append({"op": "inputs", "datasets": [
+                {"name": d.dataset.name, "digest": d.dataset.digest, "source_type": d.dataset.source_type,
+                 "source": public_url(d.dataset.source), "tags": {t.key: t.value for t in d.tags}} for d in datasets]})
         retry_on_duplicate(lambda: self.client.log_inputs(self.run_id, datasets=datasets))
 
     def log_artifact(self, path: Path, subdir: Optional[str] = None) -> None:
+        """A journaled artifact is read when it is delivered: the file must stay where it is."""
+        if self.journal is not None:
+            return self._append({"op": "artifact", "path": str(Path(path).resolve()), "dir": subdir})
         self.client.log_artifact(self.run_id, str(path), subdir)
 
     def finish(self, status: str = "FINISHED") -> None:
+        """The run's end: journaled last, so the store shows it only once everything before it arrived."""
+        if self.journal is not None:
+            return self._append({"op": "status", "status": status, "t": _now_ms()})
         self.client.set_terminated(self.run_id, status=status)
+
+    def settle(self) -> int:
+        """Let the courier deliver this run's journal, unless the store is away; returns what waits."""
+        return self.courier.settle(self.journal) if self.journal is not None else 0
+
+    def logged_steps(self) -> dict[str, int]:
+        """The last step logged of each metric (a resumed run does not log a step again)."""
+        if self.journal is not None:
+            return self.journal.logged_steps()
+        return _store_steps(self.client, self.run_id)
+
+    def latest_metrics(self) -> dict[str, float]:
+        """Each metric's latest value as the store shows it once the journal is delivered."""
+        if self.journal is not None:
+            return self.journal.latest_metrics()
+        return dict(self.client.get_run(self.run_id).data.metrics)
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+def _store_steps(client, run_id: str) -> dict[str, int]:
+    """The last step the store holds of each metric of ``run_id``."""
+    keys = client.get_run(run_id).data.metrics
+    return {k: max((m.step for m in client.get_metric_history(run_id, k)), default=-1) for k in keys}

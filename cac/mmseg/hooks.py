@@ -51,13 +51,6 @@ def metric_name(loss_key: str, final_prefix: str = "decode.") -> str:
     return loss_key[len(final_prefix):] if loss_key.startswith(final_prefix) else loss_key
 
 
-def _logged_steps(tracker) -> dict[str, int]:
-    """The last step logged for each metric of the tracker's run."""
-    client = tracker.client
-    keys = client.get_run(tracker.run_id).data.metrics
-    return {k: max((m.step for m in client.get_metric_history(tracker.run_id, k)), default=-1) for k in keys}
-
-
 def _all_reduce(conf: torch.Tensor) -> torch.Tensor:
     from mmengine.dist import all_reduce, get_world_size
 
@@ -102,7 +95,7 @@ class TrackingHook(Hook):
         # A resumed run repeats the iterations between its checkpoint and the kill (all of them when it
         # was killed before its first checkpoint), whose metrics the killed process may have logged
         # already: those steps are not logged a second time.
-        self._logged = _logged_steps(self.tracker) if self.tracker is not None else {}
+        self._logged = self.tracker.logged_steps() if self.tracker is not None else {}
         if self.tracker is not None and runner.iter > 0:  # where each resume started: the run's history
             self.tracker.log_metrics({"resume/start_iter": float(runner.iter)}, runner.iter)
 
