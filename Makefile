@@ -10,22 +10,28 @@ PYTEST_ARGS ?=
 setup: $(STAMP)
 
 # Order matters: the local CPU torch first (so nothing pulls a CUDA build), then mmcv built with
-# its compiled ops (needs setuptools<70 for pkg_resources, and no build isolation so it sees torch).
+# its compiled ops (its setup.py needs setuptools<70, and no build isolation so it sees torch). torch
+# itself asks for setuptools>=77: the old one comes in for the build only, with --no-deps (mmcv's own
+# dependencies came with mmengine) so pip reports no conflict it knows is temporary, and
+# requirements.txt then pins the setuptools the stack runs with.
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q "setuptools<70" wheel ninja numpy==2.4.6 mmengine==0.10.7 opencv-python==5.0.0.93
-	$(PY) -c "import mmcv.ops" 2>/dev/null || MMCV_WITH_OPS=1 MAX_JOBS=2 $(PIP) install --no-build-isolation mmcv==2.1.0
+	$(PIP) install -q wheel ninja numpy==2.4.6 mmengine==0.10.7 opencv-python==5.0.0.93
+	$(PY) -c "import mmcv.ops" 2>/dev/null || ($(PIP) install -q --no-deps "setuptools<70" && \
+	    MMCV_WITH_OPS=1 MAX_JOBS=2 $(PIP) install --no-deps --no-build-isolation mmcv==2.1.0)
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	$(PY) -c "import cac, mmcv.ops, mmseg, mlflow, optuna" && touch $(STAMP)
 
+# Two processes, each test file on one of them (its module fixtures, a Slurm cluster or a PostgreSQL
+# server, are made once): many tests wait on servers, jobs and schedulers as often as they compute.
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 # The development loop: everything but the tests marked slow (those that train or run a model end to end).
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 data: setup
 	$(VENV)/bin/cac-exp data context-scenes --preset quick --out data/context-scenes/quick

@@ -5,10 +5,13 @@ step's loss terms (Eq. 8) and gradients (f, C, the projectors) under ``profile: 
 ``official`` (D = 64, N = 19, labels with ignored pixels and absent classes).
 
     .venv/bin/python benchmarks/same_outputs.py --against 7531630
+    .venv/bin/python benchmarks/same_outputs.py --record tests/golden/before_ssa.json --of 1bfe319
 
 The other commit's ``cac`` package is exported with ``git archive`` into a temporary folder and run in
-a subprocess of this interpreter (same torch); each side saves its outputs and this script compares
-them: bitwise equal, or the largest absolute difference.
+a subprocess of this interpreter (same torch, one thread); each side saves its outputs and this script
+compares them: bitwise equal, or the largest absolute difference. ``--record`` writes a revision's
+outputs as digests (shape, dtype, sha256 of the bytes: equal digests are bitwise equal tensors) with
+the platform they were computed on, so a checkout without that revision can still compare with it.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Runs inside either tree (its own ``cac`` first on sys.path): writes {name: tensor} to argv[1].
 PROBE = """
 import sys, torch
+torch.set_num_threads(1)  # one reduction order: the digests depend on nothing but the code and the CPU kind
 from cac.core.classifier import ContextAwareClassifier
 from cac.core.functional import cosine_logits, soft_pool
 out = {}
@@ -74,18 +78,59 @@ def outputs(tree: Path, file: Path) -> dict:
     return torch.load(file, weights_only=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--against", required=True, help="a commit (or any git revision) of this repository")
-    args = ap.parse_args(argv)
-    here = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+def platform() -> dict:
+    """What bitwise outputs depend on besides the code: torch's version and the CPU kernels it picks."""
+    import platform as plat
+
+    import torch
+
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "machine": plat.machine()}
+
+
+def digests(tensors: dict) -> dict:
+    """``{name: {"shape", "dtype", "sha256"}}``: equal digests are bitwise equal tensors."""
+    import hashlib
+
+    return {name: {"shape": list(t.shape), "dtype": str(t.dtype),
+                   "sha256": hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()}
+            for name, t in tensors.items()}
+
+
+def outputs_of(revision: str | None) -> dict:
+    """The probe's outputs of this tree (``None``) or of a git revision of it."""
     with tempfile.TemporaryDirectory() as tmp:
+        if revision is None:
+            return outputs(ROOT, Path(tmp) / "ours.pt")
         other = Path(tmp) / "other"
         other.mkdir()
-        archive = subprocess.run(["git", "archive", args.against, "cac"], cwd=ROOT, capture_output=True, check=True).stdout
+        archive = subprocess.run(["git", "archive", revision, "cac"], cwd=ROOT, capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(other)], input=archive, check=True)
-        theirs = outputs(other, Path(tmp) / "theirs.pt")
-        ours = outputs(ROOT, Path(tmp) / "ours.pt")
+        return outputs(other, Path(tmp) / "theirs.pt")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--against", help="a commit (or any git revision) of this repository")
+    ap.add_argument("--record", metavar="FILE", help="write the digests of --of's outputs to FILE (JSON)")
+    ap.add_argument("--of", help="the revision --record records (default: this tree)")
+    args = ap.parse_args(argv)
+    if args.record:
+        import json
+
+        commit = None
+        if args.of:
+            commit = subprocess.run(["git", "rev-parse", args.of], cwd=ROOT, capture_output=True, text=True,
+                                    check=True).stdout.strip()
+        record = {"commit": commit, "platform": platform(), "outputs": digests(outputs_of(args.of))}
+        Path(args.record).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.record).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        print(f"{len(record['outputs'])} digests of {args.of or 'this tree'} written to {args.record}")
+        return 0
+    if not args.against:
+        ap.error("--against or --record is required")
+    here = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    theirs, ours = outputs_of(args.against), outputs_of(None)
     print(f"CAC outputs of this tree ({here}) vs {args.against}:")
     for name in ours:
         if name not in theirs:

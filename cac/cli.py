@@ -6,14 +6,14 @@ import json
 import os
 import signal
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 from cac.errors import CacError
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser", "command_handler", "cmd_run", "cmd_config", "cmd_params", "cmd_results", "cmd_demo", "cmd_sync"]
 
 
-def _cmd_run(args) -> int:
+def cmd_run(args) -> int:
     from cac.exp.dispatch import dispatch_options, dispatch_units, slurm_script
     from cac.exp.options import run_options
     from cac.exp.runner import WORK_ROOT, run_spec
@@ -52,7 +52,7 @@ def _refuse_model_on_benchmark(spec, args) -> None:
                        "models); give the model in the spec's rows instead")
 
 
-def _cmd_config(args) -> int:
+def cmd_config(args) -> int:
     from cac.mmseg.config import dump_config
     from cac.exp.runner import make_unit
     from cac.exp.options import run_options
@@ -64,7 +64,7 @@ def _cmd_config(args) -> int:
     return 0
 
 
-def _cmd_params(args) -> int:
+def cmd_params(args) -> int:
     from cac.exp.param_counts import count_spec_params
 
     from cac.exp.options import model_option
@@ -80,7 +80,7 @@ def _cmd_params(args) -> int:
     return 0
 
 
-def _cmd_results(args) -> int:
+def cmd_results(args) -> int:
     from cac.exp.results import print_tracked
     from cac.exp.spec import load_spec
     from cac.exp.tracking import resolve_tracking_uri
@@ -97,7 +97,7 @@ def _cmd_results(args) -> int:
                          model=model_option(args))
 
 
-def _cmd_demo(args) -> int:
+def cmd_demo(args) -> int:
     """Table 3 at the quick preset, then its report (Markdown/CSV/LaTeX table and figures)."""
     from pathlib import Path
 
@@ -119,7 +119,7 @@ def _cmd_demo(args) -> int:
     return code
 
 
-def _cmd_sync(args) -> int:
+def cmd_sync(args) -> int:
     from pathlib import Path
 
     from cac.exp.journal import sync
@@ -131,73 +131,18 @@ def _cmd_sync(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The whole ``cac-exp`` parser; its commands and their help are :data:`cac_cli.commands.COMMANDS`."""
-    from cac.exp.data_cli import add_data_arguments
-    from cac.exp.dispatch import add_dispatch_options
-    from cac.exp.evaluate import add_eval_arguments, add_import_arguments
-    from cac.exp.options import add_model_option, add_run_options
-    from cac.exp.sweep import add_sweep_arguments
-    from cac_cli.commands import COMMANDS, top_parser
+    """The whole ``cac-exp`` parser (:func:`cac_cli.commands.build_parser`: no heavy import)."""
+    from cac_cli.commands import build_parser as light
 
-    parser, sub = top_parser()
-    command = {name: sub.add_parser(name, help=text) for name, text in COMMANDS.items()}
+    return light()
 
-    p = command["run"]
-    p.add_argument("spec")
-    p.add_argument("--preset", default="quick")
-    p.add_argument("--rows", help='comma-separated row labels, e.g. "(a),(f)"')
-    p.add_argument("--seeds", type=int, help="run seeds 0..N-1 instead of the spec's")
-    p.add_argument("--tracking-uri")
-    p.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
-    p.add_argument("--launcher", default="none", choices=["none", "pytorch"])
-    p.add_argument("--ms", action="store_true",
-                   help="also evaluate multi-scale (0.5-1.75) + flip, logged as val/mIoU_ms")
-    add_run_options(p)
-    add_dispatch_options(p)
-    p.set_defaults(func=_cmd_run)
 
-    p = command["config"]
-    p.add_argument("spec")
-    p.add_argument("--row", required=True)
-    p.add_argument("--preset", default="quick")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="also write it to this file")
-    add_run_options(p)
-    p.set_defaults(func=_cmd_config)
+def command_handler(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]:
+    """The function a parsed command names (``"module:function"``), imported now."""
+    import importlib
 
-    p = command["params"]
-    p.add_argument("spec")
-    p.add_argument("--preset", default="paper")
-    p.add_argument("--json", action="store_true")
-    add_model_option(p)
-    p.set_defaults(func=_cmd_params)
-
-    p = command["results"]
-    p.add_argument("spec")
-    p.add_argument("--preset", default="quick")
-    p.add_argument("--tracking-uri")
-    p.add_argument("--out", help="also write the per-row, per-seed values as JSON")
-    add_model_option(p)
-    p.set_defaults(func=_cmd_results)
-
-    p = command["demo"]
-    p.add_argument("--tracking-uri")
-    p.add_argument("--out", default="reports")
-    p.set_defaults(func=_cmd_demo)
-
-    p = command["sync"]
-    p.add_argument("--tracking-uri", help="the store to deliver to (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    p.add_argument("--work-dir", help="where the units' work dirs are (default: $CAC_WORK_DIR or work_dirs)")
-    p.set_defaults(func=_cmd_sync)
-
-    from cac.exp.ui import add_ui_arguments
-
-    add_ui_arguments(command["ui"])
-    add_data_arguments(command["data"])
-    add_sweep_arguments(command["sweep"])
-    add_eval_arguments(command["eval"])
-    add_import_arguments(command["import-official"])
-    return parser
+    module, name = args.handler.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -234,7 +179,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         _validate(args)
-        return int(args.func(args) or 0)
+        return int(command_handler(args)(args) or 0)
     except CacError as err:
         from cac.exp.credentials import scrub
 

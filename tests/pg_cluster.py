@@ -12,8 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
-import pytest
-
+from components import require
 from ports import on_free_ports
 
 PASSWORD = "pg-Secr3t-7f3a9c"  # found nowhere a test searches if it leaked
@@ -40,7 +39,7 @@ class PgServer:
     def url(self) -> str:
         return f"postgresql://postgres:{PASSWORD}@127.0.0.1:{self.port}"
 
-    def _run(self, *cmd: str) -> None:
+    def run(self, *cmd: str) -> None:
         env = {**os.environ, "PGPASSWORD": PASSWORD}
         out = subprocess.run([*self.as_user, *cmd], capture_output=True, text=True, timeout=120, env=env)
         log = self.tmp / "server.log"
@@ -54,7 +53,7 @@ class PgServer:
 
             pw = pwd.getpwnam("postgres")
             os.chown(pwfile, pw.pw_uid, pw.pw_gid)
-        self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "--pwfile", str(pwfile),
+        self.run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "--pwfile", str(pwfile),
                   "--auth-local", "trust", "--auth-host", "scram-sha-256", "-E", "UTF8", "--no-sync")
         pwfile.unlink()
 
@@ -62,7 +61,7 @@ class PgServer:
         def start_on(ports: list[int]) -> int:
             options = (f"-p {ports[0]} -k {self.tmp} -c listen_addresses=127.0.0.1 -c fsync=off "
                        "-c synchronous_commit=off -c full_page_writes=off")
-            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.tmp / "server.log"),
+            self.run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.tmp / "server.log"),
                       "-o", options, "-w", "-t", "60", "start")
             return ports[0]
 
@@ -70,7 +69,7 @@ class PgServer:
         return self.port
 
     def stop(self, mode: str = "fast") -> None:
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+        self.run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
 
     def restart(self) -> None:
         """Back on the same port, with the same data: the end of an outage."""
@@ -90,9 +89,8 @@ def postgres() -> Iterator[PgServer]:
     """A throw-away server (no fsync) holding the databases ``optuna`` and ``mlflow``, stopped and
     removed at the end. As root it runs as the ``postgres`` user (the server refuses root)."""
     bindir = pg_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed: "
-                    "apt-get install postgresql (.ci/run does)")
+    require("PostgreSQL", "" if bindir else "its server binaries (initdb, pg_ctl, pg_dump) are not installed",
+            "apt-get install postgresql (.ci/run does)")
     as_user: list[str] = []
     tmp = Path(tempfile.mkdtemp(prefix="cac-pg-"))
     if os.geteuid() == 0:
@@ -102,7 +100,8 @@ def postgres() -> Iterator[PgServer]:
             pw = pwd.getpwnam("postgres")
         except KeyError:
             shutil.rmtree(tmp)
-            pytest.skip("running as root and there is no postgres user to run the server as")
+            require("PostgreSQL", "running as root and there is no postgres user to run the server as",
+                    "apt-get install postgresql creates it (.ci/run does)")
         os.chown(tmp, pw.pw_uid, pw.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
     server = PgServer(bindir, tmp, as_user)
@@ -110,7 +109,7 @@ def postgres() -> Iterator[PgServer]:
         server.init()
         server.start()
         for name in DATABASES:
-            server._run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(server.port), "-U", "postgres", name)
+            server.run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(server.port), "-U", "postgres", name)
         yield server
     finally:
         subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(server.data), "-m", "immediate", "-w", "stop"],

@@ -436,9 +436,10 @@ def test_cac_exp_ui_opens_on_the_training_runs(tracked, tmp_path):
 
     import mlflow
 
+    from components import require
+
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        pytest.skip("headless Chromium is not installed: apt-get install chromium (.ci/run does)")
+    require("Chromium", "" if browser else "headless Chromium is not installed", "apt-get install chromium (.ci/run does)")
     client = mlflow.MlflowClient(tracked.uri)
     experiment = client.get_experiment_by_name("table3")
     runs = client.search_runs([experiment.experiment_id])

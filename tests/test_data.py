@@ -312,24 +312,24 @@ def test_verify_unknown_name(tmp_path):
 # ---------------------------------------------------------------- CLI
 
 def test_cli_register(tmp_path, capsys):
-    from cac.cli import build_parser
+    from cac.cli import build_parser, command_handler
 
     parser = build_parser()
     args = parser.parse_args(["data", "context-scenes", "--out", str(tmp_path / "cs"), "--seed", "2"])
-    assert args.func(args) == 0
+    assert command_handler(args)(args) == 0
     assert "64 train / 32 val" in capsys.readouterr().out
     assert json.loads((tmp_path / "cs" / "meta.json").read_text())["seed"] == 2
 
     archive = _ade_zip(tmp_path / "ade.zip")
     args = parser.parse_args(["data", "ade20k", "--archive", str(archive), "--out", str(tmp_path),
                               "--expected-train", "3", "--expected-val", "2"])
-    assert args.func(args) == 0 and "3 train / 2 val" in capsys.readouterr().out
+    assert command_handler(args)(args) == 0 and "3 train / 2 val" in capsys.readouterr().out
     args = parser.parse_args(["data", "verify", "ade20k", "--root",
                               str(tmp_path / "ade" / "ADEChallengeData2016")])
     with pytest.raises(CacError, match="found 3 of 20,210"):
-        args.func(args)
+        command_handler(args)(args)
     args = parser.parse_args(["data", "context-scenes", "--preset", "huge"])
     with pytest.raises(CacError, match="unknown preset 'huge'"):
-        args.func(args)
+        command_handler(args)(args)
     args = parser.parse_args(["data", "context-scenes", "--preset", "paper", "--out", str(tmp_path / "p")])
-    assert args.func(args) == 0 and "no context-scenes data to generate" in capsys.readouterr().out
+    assert command_handler(args)(args) == 0 and "no context-scenes data to generate" in capsys.readouterr().out

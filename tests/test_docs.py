@@ -31,6 +31,27 @@ def page_commands(page: str) -> list[list[str]]:
     return out
 
 
+_TOOLS = ("cac-exp", "python", "make", "bash")
+
+
+def inline_commands(page: str) -> list[list[str]]:
+    """The commands a page shows inline (`` `cac-exp run ...` ``, `` `python benchmarks/x.py ...` ``),
+    outside its fenced blocks; ``a|b`` in an argument is two commands."""
+    text = re.sub(r"```.*?```", "", (ROOT / page).read_text(), flags=re.S)
+    out = []
+    for span in re.findall(r"`([^`]+)`", text):
+        span = " ".join(span.split())
+        if not span.startswith(tuple(t + " " for t in _TOOLS)):
+            continue
+        argv = shlex.split(span)
+        variants = [argv]
+        for i, arg in enumerate(argv):
+            if "|" in arg and not arg.startswith("-"):
+                variants = [argv[:i] + [choice] + argv[i + 1:] for choice in arg.split("|")]
+        out += variants
+    return out
+
+
 def _guides() -> list[str]:
     """The guide pages the site's nav lists (its home and the generated reports aside)."""
     import yaml
@@ -41,20 +62,27 @@ def _guides() -> list[str]:
 
 
 def test_readme_is_short_and_links_every_guide():
+    """Every guide linked, and every anchor the README links (mkdocs does not build the README) is a
+    heading of its page, as mkdocs names headings."""
+    from markdown.extensions.toc import slugify
+
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 150
     linked = set(re.findall(r"\]\(docs/([\w-]+\.md)[#)]", readme))
     assert set(_guides()) <= linked, set(_guides()) - linked
     for page in linked:
         assert (ROOT / "docs" / page).is_file(), page
+    for page, anchor in re.findall(r"\]\(docs/([\w-]+\.md)#([\w-]+)\)", readme):
+        headings = re.findall(r"^#+ (.+)$", (ROOT / "docs" / page).read_text(), re.M)
+        assert anchor in {slugify(h.strip(), "-") for h in headings}, f"README links docs/{page}#{anchor}: no such heading"
 
 
 def test_site_builds_with_no_warning(tmp_path):
-    """`mkdocs build --strict`: a broken link or anchor, a page missing from the nav, a snippet that
-    cannot be found all fail the build."""
-    out = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+    """`make docs` (`mkdocs build --strict`): a broken link or anchor, a page missing from the nav, a
+    snippet that cannot be found all fail the build. Not `-q`: it silences the warnings `--strict` counts."""
+    out = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0 and "WARNING" not in out.stdout + out.stderr, (out.stdout + out.stderr)[-3000:]
     page = (tmp_path / "site" / "your-model.html").read_text()
     assert WALKTHROUGH_MODEL in page and "--8&lt;--" not in page  # the README's walkthrough, included
 
@@ -76,6 +104,18 @@ def check_command(argv: list[str], page: str) -> None:
     _check_paths(argv, page)
     if argv[0] == "make":
         assert set(argv[1:]) <= _make_targets(), f"{page}: `{shown}` names no Makefile target"
+        return
+    if argv[0] == "cac-exp" and len(argv) == 2:  # the command named in prose: it must exist
+        from cac_cli.commands import COMMANDS
+
+        assert argv[1] in COMMANDS, f"{page}: `{shown}`: cac-exp has no command {argv[1]!r}"
+        return
+    if argv[0] in ("python", "bash") and re.match(r"^benchmarks/[\w./-]+\.(py|sh)$", argv[1]):
+        # a benchmark script: it exists (checked above) and has every flag the page passes it
+        source = (ROOT / argv[1]).read_text()
+        for flag in (a.split("=")[0] for a in argv[2:] if a.startswith("--")):
+            assert f'"{flag}"' in source or f"'{flag}'" in source or f"{flag})" in source, \
+                f"{page}: `{shown}`: {argv[1]} has no option {flag}"
         return
     if argv[0] == "cac-exp":
         from cac.cli import build_parser
@@ -113,7 +153,8 @@ def _dry_runnable(argv: list[str]) -> bool:
 
 @pytest.mark.parametrize("page", PAGES)
 def test_every_command_of_the_page_parses(page, capsys):
-    commands = page_commands(page)
+    """Fenced and inline commands alike."""
+    commands = page_commands(page) + inline_commands(page)
     for argv in commands:
         check_command(argv, page)
 
@@ -135,7 +176,7 @@ def test_every_run_command_of_the_page_plans(page, workspace, capsys):
 
 def test_a_renamed_flag_fails_the_page_that_shows_it(monkeypatch):
     """The check can fail: with `--smoke` renamed in the parser, the pages that show it fail."""
-    import cac.exp.options as options
+    import cac_cli.commands as options
 
     real = options.add_run_options
 

@@ -231,3 +231,16 @@ def test_a_new_sqlite_store_is_mlflows_own_schema_copied_with_its_own_default_ex
     broken = tmp_path / "b" / "new.db"
     tracking._init_sql_store(f"sqlite:///{broken}")
     assert content(broken)[:2] == content(theirs)[:2]
+
+
+def test_a_dry_run_writes_nothing(tmp_path, monkeypatch, capsys):
+    """`cac-exp run --dry-run` ("print the plan only") in an empty folder, with the default store:
+    the plan is printed and the folder stays empty (no mlflow.db, no work dir)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("CAC_WORK_DIR", str(tmp_path / "work_dirs"))
+    from cac.cli import main
+
+    assert main(["run", TABLE3, "--preset", "quick", "--dry-run"]) == 0
+    assert "plan: 7 to train" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []

@@ -83,6 +83,32 @@ def test_head_type_form_merges_like_base_config_inheritance():
     assert type(seg.decode_head.head).__name__ == "FCNHead"
 
 
+def test_head_type_form_gives_the_heads_init_cfg_to_the_head():
+    """mmseg's heads initialise their classifier by name (``override=dict(name='conv_seg')``), which only
+    the head has: in the flat form that init_cfg is the head's, and init_weights applies it there."""
+    model = _cpu_model_cfg("fcn-mv2", cac=False)
+    head_kwargs = {k: v for k, v in model["decode_head"].items() if k not in ("type", "init_cfg")}
+    init = dict(type="Normal", std=0.01, override=dict(name="conv_seg"))
+    model["decode_head"] = dict(type="CACHead", head_type="FCNHead", init_cfg=init, **head_kwargs)
+    seg = build_model(model)
+    seg.init_weights()
+    assert seg.decode_head.head.init_cfg == init and seg.decode_head.init_cfg is None
+    weight = seg.decode_head.head.conv_seg.weight
+    assert 0.005 < float(weight.std()) < 0.015 and float(seg.decode_head.head.conv_seg.bias.abs().max()) == 0.0
+
+
+def test_a_binary_sigmoid_head_is_refused_with_the_reason_and_the_fix():
+    """mmseg's binary heads (out_channels=1, sigmoid, threshold) have one classifier row; CAC pools one
+    prototype per row. The refusal says so and names the two-class form, which CAC wraps."""
+    model = _cpu_model_cfg("fcn-mv2", cac=False)
+    head = dict(model["decode_head"], num_classes=2, out_channels=1, threshold=0.3,
+                loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=1.0))
+    with pytest.raises(ValueError, match="out_channels=1.*has one row.*out_channels=2 with softmax"):
+        CACHead(head=head)
+    two = dict(head, out_channels=2, threshold=None, loss_decode=dict(type="CrossEntropyLoss", loss_weight=1.0))
+    assert CACHead(head=two).classifier is not None
+
+
 def test_plain_head_unchanged_and_cac_adds_only_projectors():
     """The wrapped model holds the plain model's state (same keys and shapes, the head's under
     ``decode_head.head.``) plus the two projectors under ``decode_head.classifier.`` and nothing else."""

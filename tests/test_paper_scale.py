@@ -218,8 +218,10 @@ def test_smoke_shrinks_every_size_of_a_paper_config_consistently():
     from cac.exp.runner import make_unit
     from cac.exp.spec import load_spec
 
+    slides = 0
     for name, row in (("table1_ade20k", "upernet-swin-t+cac"), ("table1_cityscapes", "fcn-mv2+cac"),
-                      ("table1_pascal_context", "fcn-mv2"), ("table1_cocostuff", "ocrnet-hr18+cac")):
+                      ("table1_pascal_context", "fcn-mv2"), ("table1_cocostuff", "ocrnet-hr18+cac"),
+                      ("table1_pascal_context", "deeplabv3plus-r101+cac")):  # slide inference, 480 crops
         spec = load_spec(str(ROOT / "experiments" / f"{name}.yaml"))
         full = make_unit(spec, spec.row(row), 0, "paper").cfg
         small = make_unit(spec, spec.row(row), 0, "paper", options=RunOptions(smoke=True)).cfg
@@ -235,10 +237,12 @@ def test_smoke_shrinks_every_size_of_a_paper_config_consistently():
         assert small["default_hooks"]["checkpoint"]["interval"] == 2
         assert small["train_dataloader"]["batch_size"] == 2 and small["train_dataloader"]["num_workers"] == 0
         if full["model"].get("test_cfg", {}).get("mode") == "slide":
-            assert tuple(small["model"]["test_cfg"]["crop_size"]) == tuple(
-                c // 8 for c in full["model"]["test_cfg"]["crop_size"])
+            slides += 1
+            for key in ("crop_size", "stride"):  # the windows shrink with the images they slide over
+                assert tuple(small["model"]["test_cfg"][key]) == tuple(c // 8 for c in full["model"]["test_cfg"][key])
         assert small["model"]["decode_head"] == full["model"]["decode_head"]  # the method is untouched
         assert small["optim_wrapper"] == full["optim_wrapper"]
+    assert slides == 1  # the slide branch above was exercised
 
 
 @pytest.mark.slow

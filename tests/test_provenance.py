@@ -104,3 +104,48 @@ def test_a_process_names_the_commit_of_the_code_it_imported_for_every_run(tmp_pa
     assert out.returncode == 0, out.stderr[-2000:]
     first, again, commit, head = out.stdout.split()
     assert first == again == commit != head  # the later commit is the checkout's, not the process's
+
+
+def test_the_source_tags_are_the_checkouts_commit_and_state(tmp_path, monkeypatch):
+    """Against a checkout of two commits: the commit is HEAD's (not an older one), the branch is named,
+    and the tree is clean until a tracked file changes, or an untracked source file appears (a module
+    the code may import), while an ignored file (data, a store) leaves it clean."""
+    import subprocess
+
+    import cac.exp.provenance as provenance
+
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q", "-b", "main")
+    (repo / ".gitignore").write_text("/data/\n*.db\n")
+    (repo / "a.py").write_text("x = 1\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "one")
+    (repo / "a.py").write_text("x = 2\n")
+    git("commit", "-q", "-am", "two")
+    monkeypatch.setattr(provenance, "_ROOT", repo)
+
+    def read() -> dict:
+        provenance._source_tree.cache_clear()
+        return provenance.source_tree()
+
+    try:
+        tags = read()
+        assert tags["mlflow.source.git.commit"] == git("rev-parse", "HEAD") != git("rev-parse", "HEAD~1")
+        assert tags["mlflow.source.git.branch"] == "main" and tags["mlflow.source.git.dirty"] == "false"
+        (repo / "data").mkdir()
+        (repo / "data" / "x.png").write_bytes(b"x")
+        (repo / "mlflow.db").write_bytes(b"x")
+        assert read()["mlflow.source.git.dirty"] == "false"  # ignored: data and stores
+        (repo / "b.py").write_text("import a\n")
+        assert read()["mlflow.source.git.dirty"] == "true"  # an untracked module
+        (repo / "b.py").unlink()
+        (repo / "a.py").write_text("x = 3\n")
+        assert read()["mlflow.source.git.dirty"] == "true"  # a changed tracked file
+    finally:
+        provenance._source_tree.cache_clear()

@@ -17,8 +17,17 @@ import pytest
 from cac_probes import probe_env, probe_overrides, start_iters
 from slurm_cluster import missing_binaries, start_cluster
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(missing_binaries()), reason=(
-    f"Slurm's packages are not installed (missing: {', '.join(missing_binaries())}); .ci/run installs them"))]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _slurm_installed():
+    """Slurm, munge and MariaDB: their 13 binaries, or (under CI) a failure naming the missing ones."""
+    from components import require
+
+    missing = missing_binaries()
+    require("Slurm", f"missing {', '.join(missing)}" if missing else "",
+            "apt-get install slurm-wlm slurmdbd munge mariadb-server (.ci/run does)")
 
 SPEC = """
 title: slurm test

@@ -25,6 +25,8 @@ def walkthrough() -> tuple[str, str, list[list[str]]]:
 def test_walkthrough_parses():
     name, text, commands = walkthrough()
     assert name.endswith(".py") and "_base_" in text
+    readme = re.sub(r"<!--.*?-->", "", (ROOT / "README.md").read_text(), flags=re.S)
+    assert f"save it as `{name}`" in readme  # the file name a reader sees, not only the marker's
     assert [c[0] for c in commands] == ["cac-exp"] * 5 + ["python"]
     assert all("--model" in c for c in commands if c[1] in ("run", "results", "analysis/make_tables.py"))
 

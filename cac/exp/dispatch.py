@@ -20,13 +20,12 @@ from typing import Any, Callable, Optional
 
 from cac.errors import CacError
 from cac.exp.options import RunOptions
+from cac_cli.commands import DEFAULT_MEM_GB, EXECUTORS  # the command line's own lists
 
 __all__ = ["DispatchOptions", "UnitJob", "dispatch_units", "run_jobs", "make_executor", "job_env", "cpu_threads",
            "limit_threads", "end_reason", "describe_ended", "slurm_parameters", "slurm_script", "job_memory_gb",
-           "describe_ask", "DEFAULT_MEM_GB",
-           "add_dispatch_options", "dispatch_options", "EXECUTORS"]
+           "describe_ask", "DEFAULT_MEM_GB", "dispatch_options", "EXECUTORS"]
 
-EXECUTORS = ("inline", "local", "slurm")
 _ENV_KEYS = ("CAC_DATA_ROOT", "CAC_WORK_DIR", "CAC_LOG_LEVEL")
 # The full store URLs (passwords included) reach a job through the environment it inherits from the
 # submitting process (submitit's local jobs, and sbatch's default --export=ALL), never through a file:
@@ -55,7 +54,6 @@ class DispatchOptions:
         return max(1, self.gpus_per_run)
 
 
-DEFAULT_MEM_GB = 4  # what a CPU job asks Slurm for unless --mem-gb says (an embedded run needs 1-2 GB)
 
 
 def job_env() -> dict:
@@ -420,25 +418,6 @@ def dispatch_units(spec_path: str, preset: str, units: list, options: RunOptions
         else:
             echo(f"skip  {unit.name}: {result['state']} (run {result.get('run_id')})")
     return failures
-
-
-def add_dispatch_options(parser) -> None:
-    from mmengine.config import DictAction
-
-    parser.add_argument("--executor", choices=EXECUTORS, default="inline",
-                        help="inline: this process (default); local: submitit jobs on this machine; slurm: a Slurm cluster")
-    parser.add_argument("--jobs", type=int, default=1, help="jobs running at once (local), Slurm array throttle")
-    parser.add_argument("--gpus-per-run", type=int, default=0, help="GPUs (and DDP processes) per job")
-    parser.add_argument("--partition", help="Slurm partition")
-    parser.add_argument("--time-min", type=int, default=24 * 60, help="a job's time limit; it is requeued after")
-    parser.add_argument("--cpus-per-task", type=int,
-                        help="CPUs a job asks for and trains with (default: CPU jobs split this machine's cores over --jobs)")
-    parser.add_argument("--mem-gb", type=int,
-                        help=f"memory a Slurm job asks for (default: {DEFAULT_MEM_GB} for CPU jobs, the cluster's for GPU jobs)")
-    parser.add_argument("--retries", type=int, default=2, help="resubmissions of a job whose process died")
-    parser.add_argument("--submitit-folder", help="submitit's logs (default: <work dir root>/submitit)")
-    parser.add_argument("--slurm", nargs="+", action=DictAction, default={}, metavar="KEY=VALUE",
-                        help="more sbatch options, e.g. account=abc qos=high constraint=a100")
 
 
 def dispatch_options(args) -> DispatchOptions:

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from cac.errors import CacError
-from cac.exp.options import add_run_options, run_options
+from cac.exp.options import run_options
 from cac.exp.runner import RunUnit, ensure_data, evaluate_multiscale, make_unit
 from cac.exp.spec import load_spec
 from cac.exp.tracking import RunTracker, flatten, git_commit, resolve_tracking_uri
 
 __all__ = ["EVAL_SUFFIX", "eval_experiment", "file_sha256", "read_checkpoint", "evaluate_checkpoint", "import_official",
-           "add_eval_arguments", "add_import_arguments"]
+           "cmd_eval", "cmd_import"]
 
 EVAL_SUFFIX = "/eval"
 
@@ -170,41 +170,13 @@ def evaluate_checkpoint(spec_path: str, row: str, preset: str, checkpoint: str, 
     return metrics
 
 
-def _cmd_eval(args) -> int:
+def cmd_eval(args) -> int:
     from cac.mmseg.checkpoint import trust_all
 
     with trust_all(args.trust_checkpoint):
         evaluate_checkpoint(args.spec, args.row, args.preset, args.checkpoint, multiscale=args.ms,
                             tracking_uri=args.tracking_uri, profile=args.profile, options=run_options(args))
     return 0
-
-
-def add_eval_arguments(p) -> None:
-    """``cac-exp eval``'s arguments."""
-    p.add_argument("spec")
-    p.add_argument("--row", required=True)
-    p.add_argument("--preset", default="quick")
-    p.add_argument("--checkpoint", required=True, help="a local .pth or an http(s) URL")
-    p.add_argument("--ms", action="store_true", help="also multi-scale (0.5-1.75) + flip: val/mIoU_ms")
-    p.add_argument("--tracking-uri")
-    p.add_argument("--profile", choices=["paper", "official"],
-                   help="CAC profile of the model to load into (imported official checkpoints record theirs)")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow full unpickling of this file (runs code from it: only for files you trust)")
-    add_run_options(p, training=False)
-    p.set_defaults(func=_cmd_eval)
-
-
-def add_import_arguments(p) -> None:
-    """``cac-exp import-official``'s arguments."""
-    p.add_argument("checkpoint", help="the official .pth (local path or http(s) URL)")
-    p.add_argument("--spec", default="experiments/table1_ade20k.yaml", help="the spec whose row it is")
-    p.add_argument("--row", required=True, help='e.g. "fcn-mv2+cac", "upernet-swin-t+cac"')
-    p.add_argument("--preset", default="paper")
-    p.add_argument("--out", required=True, help="where to write the converted checkpoint")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow full unpickling of this file (runs code from it: only for files you trust)")
-    p.set_defaults(func=_cmd_import)
 
 
 def import_official(checkpoint: str, spec_path: str, row: str, out: str, preset: str = "paper",
@@ -243,7 +215,7 @@ def import_official(checkpoint: str, spec_path: str, row: str, out: str, preset:
     return target_path
 
 
-def _cmd_import(args) -> int:
+def cmd_import(args) -> int:
     from cac.mmseg.checkpoint import trust_all
 
     with trust_all(args.trust_checkpoint):

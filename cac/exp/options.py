@@ -16,8 +16,8 @@ from typing import Any, Mapping, Optional
 from cac.errors import CacError
 from cac.mmseg.cfgtree import strip_pretrained, to_plain
 
-__all__ = ["RunOptions", "apply_run_options", "shipped_total_batch", "per_process_batch", "add_run_options",
-           "run_options", "add_model_option", "model_option", "accumulation_steps"]
+__all__ = ["RunOptions", "apply_run_options", "shipped_total_batch", "per_process_batch", 
+           "run_options", "model_option", "accumulation_steps"]
 
 
 @dataclass(frozen=True)
@@ -141,34 +141,6 @@ def apply_run_options(cfg: dict, options: RunOptions, *, embedded: bool, config_
     if options.cfg_options:
         cfg = _merge_cfg_options(cfg, options.cfg_options)
     return cfg
-
-
-def add_run_options(parser, *, training: bool = True) -> None:
-    """The flags users know from mmseg's ``tools/train.py`` (and a dataset subset)."""
-    from mmengine.config import DictAction
-
-    parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={}, metavar="KEY=VALUE",
-                        help="override the resolved config, as mmseg's tools do (part of the run's identity)")
-    add_model_option(parser)
-    parser.add_argument("--expected-train", type=int, help="train on a dataset subset of this many images")
-    parser.add_argument("--expected-val", type=int, help="validate on a dataset subset of this many images")
-    if training:
-        parser.add_argument("--amp", action="store_true", help="mixed precision (mmengine's AmpOptimWrapper)")
-        parser.add_argument("--no-pretrained", action="store_true",
-                            help="random init instead of the config's pretrained backbone (recorded)")
-        parser.add_argument("--smoke", action="store_true",
-                            help="check that a config trains, evaluates and checkpoints on a CPU: every image size "
-                                 "divided by 8, 2 iterations, batch 2, no worker processes (a run of its own)")
-        parser.add_argument("--batch-per-gpu", type=int, metavar="N",
-                            help="per-GPU batch N; gradient accumulation keeps the total batch (16 at preset "
-                                 "paper); iterations (the schedule, intervals, logged steps, --cfg-options) stay "
-                                 "optimizer steps (part of the run's identity)")
-
-
-def add_model_option(parser) -> None:
-    parser.add_argument("--model", metavar="NAME|PATH",
-                        help="replace every row's base model: a registered name, an mmseg config file, "
-                             "or mmseg::<config>")
 
 
 def model_option(args) -> Optional[str]:

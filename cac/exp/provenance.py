@@ -67,8 +67,9 @@ def _git(*args: str) -> Optional[str]:
 
 
 def source_tree() -> dict[str, str]:
-    """The checkout cac runs from: commit, branch and whether tracked files differ from it (MLflow's
-    ``mlflow.source.git.*`` tags); nothing when cac is not installed from a git checkout.
+    """The checkout cac runs from: commit, branch and whether its files differ from it (changed tracked
+    files, or files it does not track and does not ignore; MLflow's ``mlflow.source.git.*`` tags);
+    nothing when cac is not installed from a git checkout.
 
     Read once per process (the first run it tracks): a process keeps the code it imported, so a run
     it starts after a commit or an edit of the checkout still ran the code of the first reading."""
@@ -88,7 +89,9 @@ def _read_source_tree() -> dict[str, str]:
     branch = _git("rev-parse", "--abbrev-ref", "HEAD")
     if branch and branch != "HEAD":
         out["mlflow.source.git.branch"] = branch
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # untracked files count: a new module the code imports (or a config beside it) is not in the commit;
+    # what .gitignore names (data, work dirs, stores, reports) does not
+    status = _git("status", "--porcelain", "--untracked-files=normal")
     out["mlflow.source.git.dirty"] = "unknown" if status is None else str(bool(status)).lower()
     remote = _git("remote", "get-url", "origin")
     if remote:  # a clone made with a token keeps it in its remote (https://user:TOKEN@host/...)

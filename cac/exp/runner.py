@@ -105,8 +105,12 @@ def make_unit(spec: Spec, row: Row, seed: int, preset: str, *, cac_extra: Option
     # A user's config that already has CAC: the rows' settings replace its own; the run says so.
     own = existing_cac(model) if entry.own_data else None
     replaced = {} if own is None else {"config_cac": json.dumps(own, sort_keys=True)}
-    # A user's config at preset paper trains on its own data (whatever the spec's dataset says).
-    dataset = dataset_of_config(cfg) if entry.own_data and not get_preset(preset).embedded else spec.dataset
+    # The data a unit trains on: an embedded preset's generated scenes whatever the spec's dataset (the
+    # paper's); at preset paper, a user's config trains on its own data, a spec's models on the spec's.
+    if get_preset(preset).embedded:
+        from cac.data.context_scenes import NAME as dataset
+    else:
+        dataset = dataset_of_config(cfg) if entry.own_data else spec.dataset
     # The data version is part of a unit's identity (its tags and its work dir): after the generator
     # changes, an unchanged config is neither skipped as done nor resumed from the old data's checkpoint.
     version = data_version(preset, dataset, dict(options.expected))

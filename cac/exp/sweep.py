@@ -31,10 +31,10 @@ from typing import Any, Callable, Optional
 
 from cac.core.classifier import CACOptions
 from cac.errors import CacError
-from cac.exp.options import add_run_options, run_options
+from cac.exp.options import run_options
 from cac.exp.spec import Spec, SpecError, load_spec, read_yaml, slug
 
-__all__ = ["SweepSpec", "load_sweep", "run_sweep", "add_sweep_arguments", "study_sampler"]
+__all__ = ["SweepSpec", "load_sweep", "run_sweep", "cmd_sweep", "study_sampler"]
 
 _TOP = {"title", "description", "spec", "row", "seed", "study", "objective", "search_space", "sampler", "pruner"}
 _PARAM = {"type", "low", "high", "log", "choices", "step"}
@@ -418,22 +418,7 @@ def _plot_sweep(study, sweep: SweepSpec, figures: Path, complete: list) -> None:
     plt.close(fig)
 
 
-def add_sweep_arguments(p) -> None:
-    """``cac-exp sweep``'s arguments."""
-    p.add_argument("spec")
-    p.add_argument("--trials", type=int, required=True, help="total trials the study should reach")
-    p.add_argument("--preset", default="quick")
-    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///optuna.db; journal:///file)")
-    p.add_argument("--tracking-uri")
-    p.add_argument("--out", default="reports", help="where the best parameters and figures go")
-    add_run_options(p)
-    from cac.exp.dispatch import add_dispatch_options
-
-    add_dispatch_options(p)
-    p.set_defaults(func=_cmd_sweep)
-
-
-def _cmd_sweep(args) -> int:
+def cmd_sweep(args) -> int:
     from cac.exp.dispatch import dispatch_options
 
     d = dispatch_options(args)

@@ -15,7 +15,7 @@ from cac.errors import CacError
 from cac.exp.journal import retry_on_duplicate, unreachable
 
 __all__ = ["resolve_tracking_uri", "check_tracking_uri", "check_db_driver", "prepare_store", "redacted_url",
-           "StoreUnreachable", "unreachable", "store_client", "store_scheme", "retry_on_duplicate",
+           "StoreUnreachable", "unreachable", "store_client", "store_exists", "store_scheme", "retry_on_duplicate",
            "RunTracker", "find_runs", "flatten", "git_commit", "git_dirty"]
 
 DEFAULT_DB = "mlflow.db"
@@ -319,8 +319,20 @@ def experiment_id(uri: str, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def store_exists(uri: str) -> bool:
+    """False for a SQLite store whose file is not there yet but could be made (it holds no run, and
+    reading it must not create it: a dry run writes nothing); True for every other store (a path under
+    a file then fails as a store that cannot be made)."""
+    if not uri.startswith("sqlite:///") or ":memory:" in uri:
+        return True
+    path = Path(uri[len("sqlite:///"):])
+    return path.exists() or any(parent.is_file() for parent in path.parents)
+
+
 def find_runs(uri: str, experiment: str, tags: Mapping[str, Any], statuses: Optional[list[str]] = None) -> list:
     """Runs of ``experiment`` whose tags equal ``tags`` (optionally with one of ``statuses``)."""
+    if not store_exists(uri):
+        return []
     client = store_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -334,6 +346,8 @@ def find_runs_anywhere(uri: str, tags: Mapping[str, Any], statuses: Optional[lis
                        exclude_tags: Optional[Mapping[str, Any]] = None) -> list:
     """Runs of any active experiment whose tags equal ``tags``, minus those with any of ``exclude_tags``:
     how one spec finds a run of identical identity that another spec trained."""
+    if not store_exists(uri):
+        return []
     client = store_client(uri)
     ids = [e.experiment_id for e in client.search_experiments()]
     if not ids:

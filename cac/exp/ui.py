@@ -19,7 +19,7 @@ from typing import Callable, Optional
 from cac.errors import CacError
 from cac.exp.credentials import public_url, scrub
 
-__all__ = ["add_ui_arguments", "training_links", "serve_mlflow", "serve_dashboard"]
+__all__ = ["cmd_ui", "training_links", "serve_mlflow", "serve_dashboard"]
 
 TRAINING_VIEW = "?workflowType=machine_learning"
 
@@ -134,17 +134,7 @@ def serve_dashboard(spec: str, storage: Optional[str], host: str, port: int, ech
     return 0
 
 
-def add_ui_arguments(p) -> None:
-    p.add_argument("--tracking-uri", help="the run store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--sweep", metavar="SPEC", help="open optuna-dashboard on this sweep's storage instead")
-    p.add_argument("--storage", help="the sweep's Optuna storage (default: sqlite:///optuna.db)")
-    p.add_argument("--model", help="the sweep's --model, if it was run with one (its study is the model's own)")
-    p.set_defaults(func=_cmd_ui)
-
-
-def _cmd_ui(args) -> int:
+def cmd_ui(args) -> int:
     from cac.exp.tracking import resolve_tracking_uri
 
     if args.sweep:

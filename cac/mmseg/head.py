@@ -61,20 +61,25 @@ class CACHead(BaseModule):
 
     def __init__(self, head: Optional[dict] = None, cac: Optional[dict] = None,
                  head_type: Optional[str] = None, init_cfg: Optional[dict] = None, **head_kwargs: Any) -> None:
-        super().__init__(init_cfg=init_cfg)
         if head is None:
             if head_type is None:
                 raise ValueError("CACHead needs `head=<decode head config>` or `head_type=<registered head>`")
-            head = dict(type=head_type, **head_kwargs)
+            # The flat form is the head's own config with a new type: its init_cfg too is the head's
+            # (mmseg's heads initialise `conv_seg` by name, which only the head has).
+            head = dict(type=head_type, **head_kwargs, **({} if init_cfg is None else {"init_cfg": init_cfg}))
+            init_cfg = None
         elif head_type is not None or head_kwargs:
             raise ValueError("CACHead takes either `head=` or `head_type=` with the head's arguments, not both")
+        super().__init__(init_cfg=init_cfg)
         # A head CAC cannot wrap is refused by name, with the reason, before it is built.
         support = head_support(head.get("type"))
         self.head: BaseDecodeHead = MODELS.build(head)
         if not isinstance(self.head, BaseDecodeHead):
             raise TypeError(f"CACHead wraps BaseDecodeHead subclasses, got {type(self.head).__name__}")
         if self.head.out_channels != self.head.num_classes or self.head.num_classes < 2:
-            raise ValueError("CACHead needs a multi-class head (out_channels == num_classes >= 2)")
+            raise ValueError("CACHead needs a multi-class head (out_channels == num_classes >= 2): CAC pools one "
+                             "prototype per classifier row (Eq. 4), and a binary head with out_channels=1 (sigmoid) "
+                             "has one row; give it out_channels=2 with softmax cross-entropy, the same two classes")
         # An instance attribute shadows the class method: the head's forward now returns features.
         self.head.cls_seg = _features_unchanged
         # Which of the forward's outputs CAC classifies, and the other branches' losses (DAHead, EncHead, ...).
