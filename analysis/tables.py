@@ -115,7 +115,7 @@ def build_ablation(spec: Spec, results: Mapping[str, Mapping[int, float]], prese
     compare_values = dict(results.get(compare, {})) if compare else {}
     base_paper = paper_value(spec.row(base)) if base else None
     rows = []
-    for row in spec.rows:
+    for row in spec.rows_for(preset):
         values = dict(results.get(row.label, {}))
         is_base = row.label == base
         delta = compare_delta = None

@@ -3,12 +3,13 @@ backward, SGD step) with and without CAC, on the real mmseg models at a small cr
 
     flock /tmp/cac-cpu.lock .venv/bin/python benchmarks/train_step.py \
         [--models fcn-mv2 upernet-swin-t] [--crop 256] [--batch 2] [--warmup 2] [--repeats 7] \
-        [--variants baseline +CAC "+CAC official" official +SSA] [--no-mem] [--profile]
+        [--variants baseline +CAC "+CAC official" official +SSA +GMMSeg +ProtoSeg] [--no-mem] [--profile]
 
 Variants (``VARIANTS``): ``baseline`` (no CAC), ``+CAC`` (ours, the paper profile), ``+CAC official``
 (ours with ``profile: official``: the official code's choices), ``official`` (the official heads'
 training computation, re-derived in ``benchmarks/official_cac.py``, on the same model and weights) and,
-on request, ``+SSA`` (``profile: ssa``: SSA-Seg, CAC's successor).
+on request, ``+SSA`` (``profile: ssa``: SSA-Seg, CAC's successor), ``+GMMSeg`` and ``+ProtoSeg`` (the
+other pixel classifiers of ``ablations/classifiers.yaml``).
 ``ours ÷ official`` compares the two computations of the same loss (``+CAC official`` ÷ ``official``).
 
 Models come from their shipped configs (150 ADE20K classes, auxiliary heads included, as trained),
@@ -41,9 +42,12 @@ from cac.bench.timing import ForeignLoad, set_flush_denormal, time_interleaved  
 from cac.synthetic import seg_batch  # noqa: E402
 
 PER_IMAGE = 15
-# variant -> CAC options for resolve_config (None: the plain model)
+# variant -> CAC options for resolve_config (None: the plain model), or another classifier (a dict
+# with a ``type``; GMMSeg's memory at 2000 slots: its official 32000 hold 1.2 GB at 150 classes x 5,
+# which a train step never reads but the EM, every fifth, does)
 VARIANTS: dict[str, Any] = {"baseline": None, "+CAC": True, "+CAC official": {"profile": "official"},
-                            "official": {"profile": "official"}, "+SSA": {"profile": "ssa"}}
+                            "official": {"profile": "official"}, "+SSA": {"profile": "ssa"},
+                            "+GMMSeg": {"type": "gmmseg", "mem_size": 2000}, "+ProtoSeg": {"type": "protoseg"}}
 # what runs without --variants: CAC's rows (SSA-Seg, CAC's successor, on request)
 DEFAULT_VARIANTS = ["baseline", "+CAC", "+CAC official", "official"]
 
@@ -63,7 +67,9 @@ def train_model_cfg(model: str, cac: bool | str, crop: int) -> dict:
     from cac.mmseg.cfgtree import replace_norm, strip_pretrained
 
     name = variant_name(cac)
-    cfg = resolve_config(model, "paper", cac=VARIANTS[name])
+    chosen = VARIANTS[name]
+    other = isinstance(chosen, dict) and "type" in chosen
+    cfg = resolve_config(model, "paper", cac=False if other else chosen, classifier=chosen if other else None)
     m = strip_pretrained(replace_norm(cfg["model"], "SyncBN", "BN"))
     m["data_preprocessor"]["size"] = (crop, crop)
     if name == "official":

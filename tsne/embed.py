@@ -97,7 +97,7 @@ def head_view(model, batch: dict) -> HeadView:
             data = model.data_preprocessor(group, False)
             inputs, samples = data["inputs"], data["data_samples"]
             head, args = _final_head(model, model.extract_feat(inputs))
-            if not isinstance(head, CACHead) or not head.options.has_context:
+            if not isinstance(head, CACHead) or not head.is_cac or not head.options.has_context:
                 raise ValueError("the t-SNE needs a +CAC model with a context-aware classifier (context != 'none')")
             f = head.features(*args)
             if weight is None:

@@ -67,7 +67,7 @@ def bench_model_cfg(spec: Spec, row: Row, preset: str) -> dict:
     from cac.mmseg.cfgtree import replace_norm, strip_pretrained
 
     cfg = resolve_config(_bench_model_ref(spec, row, preset), "paper",
-                         cac=row.cac if row.cac is not None else False,
+                         cac=row.cac if row.cac is not None else False, classifier=spec.classifier_for(row, "paper"),
                          overrides=spec.overrides_for(row, preset), dataset=spec.dataset)
     model = strip_pretrained(replace_norm(cfg["model"], "SyncBN", "BN"))
     model["test_cfg"] = {**(model.get("test_cfg") or {}), "mode": "whole"}
@@ -78,7 +78,7 @@ def baseline_label(spec: Spec, rows: list[Row]) -> Optional[str]:
     """The row Δ is measured against: the spec's ``baseline``, else the first row without CAC."""
     if spec.baseline in [r.label for r in rows]:
         return spec.baseline
-    return next((r.label for r in rows if r.cac is None), None)
+    return next((r.label for r in rows if r.kind == "linear"), None)
 
 
 def build_eval_model(model_cfg: dict, device: str, seed: int = 0):

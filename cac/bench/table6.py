@@ -198,6 +198,12 @@ def _row_params(spec: Spec, row: Row, model: str, cfg: dict, settings: BenchSett
               "cpu": platform.processor() or platform.machine()}
     if row.cac is not None:
         params.update({f"cac.{k}": v for k, v in CACOptions.from_dict(row.cac).to_dict().items()})
+    params["classifier"] = row.kind
+    if row.classifier is not None:
+        from cac.core.classifiers import split_classifier
+
+        kind, options = split_classifier(spec.classifier_for(row, "paper"))
+        params.update({f"{kind.name}.{k}": v for k, v in options.to_dict().items()})
     if settings.device == "cuda":
         params["gpu"] = torch.cuda.get_device_name()
     params.update(flatten(cfg, "cfg.model."))
@@ -237,6 +243,8 @@ def _print_plan(spec: Spec, preset: str, rows: list[Row], settings: BenchSetting
     base = baseline_label(spec, rows)
     for row in rows:
         cac = "off" if row.cac is None else ("on " + json.dumps(row.cac) if row.cac else "on")
+        if row.classifier is not None:
+            cac = f"off, classifier {json.dumps(row.classifier)}"
         role = " (baseline)" if row.label == base else ""
         source = f" (from {MODEL_ENV})" if os.environ.get(MODEL_ENV) else ""
         echo(f"  {row.label:>10}{role}: {bench_model_name(spec, row, preset)}{source} cac {cac}")
@@ -281,7 +289,7 @@ def run_benchmark(spec: Spec, preset: str = "quick", *, rows: Optional[str] = No
     if spec.task != "benchmark":
         raise CacError(f"{spec.path}: task is {spec.task!r}, not benchmark")
     settings = bench_settings(spec, preset)
-    selected = select_rows(spec, rows)
+    selected = select_rows(spec, rows, preset)
     uri = resolve_tracking_uri(tracking_uri)
     if dry_run:
         _print_plan(spec, preset, selected, settings, uri, echo)

@@ -21,7 +21,7 @@ from cac.core.ssa import (SSAExtras, SSAModules, boundary_mask, dice_loss, posit
                           relation_distill_loss)
 
 __all__ = ["PROFILES", "CACOptions", "CACOutputs", "ContextAwareClassifier", "cac_losses", "plain_cross_entropy",
-           "resize_labels", "ssa_losses"]
+           "resize_labels", "ssa_losses", "lifted"]
 
 _CHOICES = {
     "profile": ("paper", "official", "ssa"),
@@ -192,8 +192,20 @@ def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(labels.unsqueeze(1).float(), size=size, mode="nearest").squeeze(1).to(labels.dtype)
 
 
+def _lift(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def lifted(out: CACOutputs) -> CACOutputs:
+    """``out`` with half-precision tensors in float32 (the losses' dtype)."""
+    ssa = None if out.ssa is None else type(out.ssa)(*map(_lift, out.ssa))
+    return CACOutputs(*map(_lift, out.logits()), ssa)
+
+
 class ContextAwareClassifier(nn.Module):
     """Projectors theta_y / theta_p and the three classifiers p, p_p, p_y of Fig. 5."""
+
+    uses_head_classifier = True  # C is the head's own conv_seg
 
     def __init__(self, dim: int, num_classes: int, options: CACOptions | Mapping | None = None,
                  ignore_index: int = 255) -> None:
@@ -312,6 +324,23 @@ class ContextAwareClassifier(nn.Module):
         p = self.original_logits(feats, weight, bias)
         a_p = self.form(o.design_p, soft_pool(feats, p, o.eps), weight, self.proj_p)
         return self.context_logits(feats, a_p, out=p)
+
+
+    # -- as a pixel classifier of a head's wrapper (cac.core.classifiers) --------------------------
+    def losses(self, out: CACOutputs, labels: Tensor, ce: Callable[[Tensor, bool], Mapping[str, Tensor]],
+               ignore_index: int = 255) -> dict[str, Tensor]:
+        """Eq. (8)'s terms (:func:`cac_losses`), half-precision logits lifted to float32 first."""
+        return cac_losses(lifted(out), labels, self.options, ce=ce, ignore_index=ignore_index)
+
+    @staticmethod
+    def evaluation_logits(out: CACOutputs) -> dict[str, Tensor]:
+        """The three classifiers' logits, those computed: ``p``, ``p_p``, ``p_y``."""
+        return {k: v for k, v in zip(("p", "p_p", "p_y"), out.logits()) if v is not None}
+
+    @property
+    def test_logits(self) -> str:
+        """Which of :meth:`evaluation_logits` the head predicts with: ``p_p`` (the paper) or ``p``."""
+        return "p_p" if self.options.has_context and self.options.test_output == "context" else "p"
 
 
 def plain_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 255) -> Tensor:

@@ -15,11 +15,12 @@ def count_spec_params(spec_path: str, preset: str = "paper", rows: Optional[list
     """``model`` (``--model``) replaces every row's base model."""
     spec = load_spec(spec_path).with_model(model)
     out = []
-    for row in spec.rows:
+    for row in spec.rows_for(preset):
         if rows and row.label not in rows:
             continue
         cfg = resolve_config(spec.model_for(row, preset), preset, cac=row.cac if row.cac is not None else False,
-                             overrides=spec.overrides_for(row, preset), dataset=spec.dataset)
+                             classifier=spec.classifier_for(row, preset), overrides=spec.overrides_for(row, preset),
+                             dataset=spec.dataset)
         paper = row.paper.get("params") if isinstance(row.paper, dict) else None
         out.append({"row": row.label, "params": count_params(cfg["model"]), "paper": paper})
     return out

@@ -18,7 +18,7 @@ def matched_runs(spec: Spec, preset: str, uri: str) -> dict[str, dict[int, objec
     mixes with its old results; runs of another base model (``Spec.with_model``) never mix either."""
     from cac.exp.runner import make_unit
 
-    rows = {r.label: r for r in spec.rows}
+    rows = {r.label: r for r in spec.rows_for(preset)}
     out: dict[str, dict[int, object]] = {label: {} for label in rows}
     expected: dict[tuple[str, int], tuple[str, str]] = {}
     for run in find_runs(uri, spec.name, {"preset": preset}, statuses=["FINISHED"]):
@@ -40,7 +40,7 @@ def _add_shared(spec: Spec, preset: str, uri: str, out: dict[str, dict[int, obje
     (Table 3 (a) is Table 2 (d)): the shared run counts in both tables."""
     from cac.exp.runner import make_unit, shared_run
 
-    for row in spec.rows:
+    for row in spec.rows_for(preset):
         for seed in spec.seeds_for(preset):
             if seed not in out[row.label]:
                 run = shared_run(make_unit(spec, row, seed, preset), uri)
@@ -78,7 +78,7 @@ def base_model_name(spec: Spec, preset: str) -> str:
     from cac.mmseg.zoo import resolve_model
 
     names = []
-    for row in spec.rows:
+    for row in spec.rows_for(preset):
         name = resolve_model(spec.model_for(row, preset)).name
         if name not in names:
             names.append(name)
@@ -92,7 +92,7 @@ def collect_evaluations(spec: Spec, preset: str, uri: str, metric: str = "val/mI
     from cac.exp.evaluate import eval_experiment
     from cac.exp.runner import make_unit
 
-    wanted = {r.label: make_unit(spec, r, 0, preset) for r in spec.rows}
+    wanted = {r.label: make_unit(spec, r, 0, preset) for r in spec.rows_for(preset)}
     newest: dict[str, object] = {}
     for run in find_runs(uri, eval_experiment(spec.name), {"preset": preset, "kind": "eval"}, statuses=["FINISHED"]):
         label = run.data.tags.get("row")
@@ -123,7 +123,7 @@ def print_tracked(spec_path: str, preset: str = "quick", tracking_uri: Optional[
                                         indent=1, sort_keys=True) + "\n")
     print(f"{spec.title} — preset {preset} (val mIoU, %; tracking {public_url(uri)})")
     print(f"{'row':>10}  {'description':<44} {'ours':>22}  {'paper':>6}")
-    for row in spec.rows:
+    for row in spec.rows_for(preset):
         paper = row.paper.get("ss") if isinstance(row.paper, dict) else row.paper
         values = [results[row.label][s] for s in sorted(results[row.label])]
         print(f"{row.label:>10}  {row.description[:44]:<44} {fmt_summary(summarize(values)):>22}  "

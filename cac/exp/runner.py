@@ -76,26 +76,38 @@ class RunUnit:
     def settings(self) -> dict:
         """The key settings, flattened: what a reader of the plan or the MLflow params wants."""
         out = {"model": self.model, "cac": "off" if self.row.cac is None else "on", "seed": self.seed,
-               "preset": self.preset, "dataset": self.dataset or self.spec.dataset}
+               "preset": self.preset, "dataset": self.dataset or self.spec.dataset, "classifier": self.row.kind}
         if self.row.cac is not None:
             from cac.core.classifier import CACOptions
 
             out.update({f"cac.{k}": v for k, v in CACOptions.from_dict(self.row.cac).to_dict().items()})
+        if self.row.classifier is not None:
+            from cac.core.classifiers import split_classifier
+
+            kind, opts = split_classifier(self.row.classifier)
+            out.update({f"{kind.name}.{k}": v for k, v in opts.to_dict().items()})
         return out
 
 
 def make_unit(spec: Spec, row: Row, seed: int, preset: str, *, cac_extra: Optional[dict] = None,
               overrides_extra: Optional[dict] = None, extra_tags: Optional[dict] = None,
               work_root: Optional[Path] = None, options: Optional[RunOptions] = None) -> RunUnit:
+    """``cac_extra``: options merged over the row's classifier's (CAC's, or its other classifier's: a
+    sweep's point)."""
+    import dataclasses
+
     from cac.mmseg.config import dataset_of_config, existing_cac
     from cac.mmseg.zoo import resolve_model
 
     options = options or RunOptions()
     model = options.model or spec.model_for(row, preset)  # --model: Spec.with_model for a single row
     entry = resolve_model(model)
-    cac = row.cac if row.cac is None or not cac_extra else {**row.cac, **cac_extra}
-    row = row if cac is row.cac else Row(row.label, row.description, cac, row.model, row.overrides, row.paper)
-    cfg = resolve_config(model, preset, cac=cac if cac is not None else False,
+    if cac_extra and row.classifier is not None:
+        row = dataclasses.replace(row, classifier={**row.classifier, **cac_extra})
+    elif cac_extra and row.cac is not None:
+        row = dataclasses.replace(row, cac={**row.cac, **cac_extra})
+    cac = row.cac
+    cfg = resolve_config(model, preset, cac=cac if cac is not None else False, classifier=spec.classifier_for(row, preset),
                          overrides={**spec.overrides_for(row, preset), **(overrides_extra or {})},
                          seed=seed, dataset=spec.dataset)
     cfg = apply_run_options(cfg, options, embedded=get_preset(preset).embedded, config_name=entry.config,
@@ -133,7 +145,7 @@ def replaced_cac_note(unit: RunUnit) -> Optional[str]:
 def plan_runs(spec: Spec, preset: str, rows: Optional[str] = None, seeds: Optional[int] = None,
               options: Optional[RunOptions] = None) -> list[RunUnit]:
     get_preset(preset)
-    return [make_unit(spec, row, seed, preset, options=options) for row in select_rows(spec, rows)
+    return [make_unit(spec, row, seed, preset, options=options) for row in select_rows(spec, rows, preset)
             for seed in spec.seeds_for(preset, seeds)]
 
 
@@ -646,6 +658,9 @@ def _print_plan(spec: Spec, preset: str, units: list[RunUnit], states: list, uri
         # SSA-Seg's switches only where on: a CAC row's line stays as it was
         keys += tuple(k for k, v in settings.items() if k.startswith("cac.ssa_") and v)
         brief = " ".join(f"{k.replace('cac.', '')}={settings[k]}" for k in keys if k in settings)
+        if unit.row.classifier is not None:  # another classifier: its type and the options the row sets
+            brief += f" classifier={unit.row.kind}" + "".join(
+                f" {k}={v}" for k, v in unit.row.classifier.items() if k != "type")
         echo(f"  {unit.row.label:>8} seed={unit.seed} [{unit.cfg_hash[:8]}] {what}: {brief}")
     for note in dict.fromkeys(filter(None, (replaced_cac_note(u) for u in units))):
         echo(note)

@@ -14,11 +14,15 @@ Schema (unknown keys are refused everywhere)::
     seeds: 3 | [0, 1, 2]                           # default 3 -> [0, 1, 2]
     cac: {tau: 15, lambda_kl: 1, ...}              # CAC options shared by all +CAC rows
     overrides: {"model.decode_head.channels": 64}  # dotted config keys, all rows
-    presets: {quick: {seeds: 1, overrides: {...}}} # per-preset adjustments
+    presets: {quick: {seeds: 1, overrides: {...}, classifier: {gmmseg: {mem_size: 500}}}}
+                                                   # per-preset adjustments (classifier: options of that
+                                                   # kind's rows at the preset; a row's own options win)
     rows:
       - label: "(a)"
         description: "w/o KL"
         cac: false | true | {lambda_kl: 0}         # false: the plain model; a dict merges over `cac`
+        classifier: {type: gmmseg, ...}            # another pixel classifier (cac.core.classifiers), not CAC
+        presets: [paper]                           # optional: the presets the row exists at (default: all)
         model: ...                                 # optional, as above
         overrides: {...}
         paper: 45.74 | {ss: .., ms: .., fps: .., params: ..}
@@ -46,8 +50,8 @@ class SpecError(CacError):
 
 _TOP = {"title", "description", "task", "model", "dataset", "baseline", "compare", "seeds", "cac", "overrides",
         "presets", "benchmark", "rows"}
-_ROW = {"label", "description", "cac", "model", "overrides", "paper"}
-_PRESET = {"seeds", "overrides", "model", "benchmark"}
+_ROW = {"label", "description", "cac", "classifier", "model", "overrides", "paper", "presets"}
+_PRESET = {"seeds", "overrides", "model", "benchmark", "classifier"}
 _TASKS = ("train", "benchmark")
 _BENCH = {"sizes": (list, "a non-empty list of positive image sizes"), "warmup": (int, "an integer >= 0"),
           "repeats": (int, "an integer >= 1"), "batch_size": (int, "an integer >= 1"),
@@ -60,10 +64,19 @@ _DATASETS = ("ade20k", "cocostuff", "cityscapes", "pascal-context")
 class Row:
     label: str
     description: str
-    cac: Optional[dict]  # None: plain model; dict: CACOptions fields (validated)
+    cac: Optional[dict]  # None: plain model (or another classifier); dict: CACOptions fields (validated)
     model: Any
     overrides: dict
     paper: Any
+    classifier: Optional[dict] = None  # another pixel classifier: {type: gmmseg|protoseg, **options}
+    presets: Optional[tuple] = None  # the presets the row exists at (None: all)
+
+    @property
+    def kind(self) -> str:
+        """The row's pixel classifier: ``linear`` (the head's own), ``cac`` or another type."""
+        if self.classifier is not None:
+            return str(self.classifier["type"]).lower()
+        return "linear" if self.cac is None else "cac"
 
     def model_for(self, preset: str) -> str:
         return self.model[preset] if isinstance(self.model, Mapping) else self.model
@@ -87,6 +100,17 @@ class Spec:
 
     def benchmark_for(self, preset: str) -> dict:
         return {**self.benchmark, **self.presets.get(preset, {}).get("benchmark", {})}
+
+    def rows_for(self, preset: str) -> list[Row]:
+        """The rows that exist at ``preset`` (a row may be limited to some, e.g. a paper-scale model)."""
+        return [r for r in self.rows if r.presets is None or preset in r.presets]
+
+    def classifier_for(self, row: Row, preset: str) -> Optional[dict]:
+        """The row's other classifier at ``preset``: the preset's options for its kind, then the row's own."""
+        if row.classifier is None:
+            return None
+        adjust = self.presets.get(preset, {}).get("classifier", {}).get(row.kind, {})
+        return {**adjust, **row.classifier}
 
     def row(self, label: str) -> Row:
         for r in self.rows:
@@ -186,6 +210,28 @@ def _check_cac(path: Path, where: str, value: Any) -> Optional[dict]:
     return dict(value)
 
 
+def _other_classifiers() -> set[str]:
+    from cac.core.classifiers import CLASSIFIERS
+
+    return set(CLASSIFIERS) - {"cac"}
+
+
+def _check_classifier(path: Path, where: str, value: Any) -> dict:
+    """A row's ``classifier``: a mapping with a registered ``type`` and that kind's options."""
+    from cac.core.classifiers import CLASSIFIERS, split_classifier
+
+    if not isinstance(value, Mapping) or "type" not in value:
+        _fail(path, where, f"must be a mapping with a `type` ({', '.join(sorted(CLASSIFIERS))}) and its options, "
+                           f"got {value!r}")
+    if str(value["type"]).lower() == "cac":
+        _fail(path, where, "CAC is the row's `cac:` key; `classifier:` names another classifier")
+    try:
+        split_classifier(value)
+    except ValueError as err:
+        _fail(path, where, str(err))
+    return {**dict(value), "type": str(value["type"]).lower()}
+
+
 def _check_overrides(path: Path, where: str, value: Any) -> dict:
     if value is None:
         return {}
@@ -264,6 +310,10 @@ def parse_spec(data: Any, path: Path) -> Spec:
             presets = {**presets, name: adj}
         _check_overrides(path, f"presets.{name}.overrides", adj.get("overrides"))
         _check_benchmark(path, f"presets.{name}.benchmark", adj.get("benchmark"))
+        adjust = adj.get("classifier") or {}
+        _check_keys(path, f"presets.{name}.classifier", adjust, _other_classifiers())
+        for kind, options in adjust.items():
+            _check_classifier(path, f"presets.{name}.classifier.{kind}", {**dict(options or {}), "type": kind})
     rows_data = data["rows"]
     if not isinstance(rows_data, list) or not rows_data:
         _fail(path, "rows", "must be a non-empty list")
@@ -281,14 +331,25 @@ def parse_spec(data: Any, path: Path) -> Spec:
         model = _check_model(path, f"{where}.model", r["model"]) if "model" in r else top_model
         if model is None:
             _fail(path, where, "no model (set `model` at the top or in the row)")
-        row_cac = r.get("cac", True)
+        classifier = None
+        if "classifier" in r:
+            if r.get("cac", False) not in (False, None):
+                _fail(path, where, "a row has CAC (`cac:`) or another classifier (`classifier:`), not both")
+            classifier = _check_classifier(path, f"{where}.classifier", r["classifier"])
+        row_cac = False if classifier is not None else r.get("cac", True)
         cac = _check_cac(path, f"{where}.cac", row_cac)
         if cac is not None:
             cac = {**base_cac, **cac}
             _check_cac(path, f"{where}.cac", cac)
+        only = r.get("presets")
+        if only is not None:
+            if not isinstance(only, list) or not only or any(name not in PRESETS for name in only):
+                _fail(path, f"{where}.presets", f"must be a non-empty list of presets ({', '.join(sorted(PRESETS))}), "
+                                                f"got {only!r}")
+            only = tuple(only)
         rows.append(Row(r["label"], r["description"], cac, copy.deepcopy(model),
                         _check_overrides(path, f"{where}.overrides", r.get("overrides")),
-                        _check_paper(path, f"{where}.paper", r.get("paper"))))
+                        _check_paper(path, f"{where}.paper", r.get("paper")), classifier, only))
     baseline = data.get("baseline")
     if baseline is not None and not any(r.label == baseline for r in rows):
         _fail(path, "baseline", f"no row labelled {baseline!r}")
@@ -320,16 +381,23 @@ def load_spec(path: str | Path) -> Spec:
     return parse_spec(read_yaml(path), path)
 
 
-def select_rows(spec: Spec, rows: Optional[str]) -> list[Row]:
-    """``--rows "(a),(f)"`` -> those rows in spec order; unknown labels are refused."""
+def select_rows(spec: Spec, rows: Optional[str], preset: Optional[str] = None) -> list[Row]:
+    """``--rows "(a),(f)"`` -> those rows in spec order (of those that exist at ``preset``, when given);
+    unknown labels are refused."""
     if not rows:
-        return list(spec.rows)
+        return list(spec.rows) if preset is None else spec.rows_for(preset)
     wanted = [r.strip() for r in rows.split(",") if r.strip()]
     labels = [r.label for r in spec.rows]
     for w in wanted:
         if w not in labels:
             raise SpecError(f"{spec.path}: --rows: no row {w!r}; rows are {', '.join(labels)}")
-    return [r for r in spec.rows if r.label in wanted]
+    chosen = [r for r in spec.rows if r.label in wanted]
+    if preset is not None:
+        absent = [r.label for r in chosen if r not in spec.rows_for(preset)]
+        if absent:
+            raise SpecError(f"{spec.path}: --rows: {', '.join(absent)} exist only at preset(s) "
+                            f"{', '.join(next(r for r in chosen if r.label == absent[0]).presets)}, not {preset}")
+    return chosen
 
 
 REPO = Path(__file__).resolve().parents[2]

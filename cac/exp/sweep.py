@@ -61,7 +61,7 @@ def _fail(path: Path, where: str, msg: str) -> None:
     raise SpecError(f"{path}: {where}: {msg}")
 
 
-def _check_param(path: Path, name: str, cfg: Any) -> dict:
+def _check_param(path: Path, name: str, cfg: Any, options: type = CACOptions, kind: str = "CAC") -> dict:
     where = f"search_space.{name}"
     if not isinstance(cfg, dict):
         _fail(path, where, "must be a mapping with type and range")
@@ -84,8 +84,8 @@ def _check_param(path: Path, name: str, cfg: Any) -> dict:
             _fail(path, where, "needs a non-empty list `choices`")
     else:
         _fail(path, where, f"type must be float, int or categorical, got {kind!r}")
-    if not name.startswith("cfg.") and name not in CACOptions.__dataclass_fields__:
-        _fail(path, where, f"unknown CAC option {name!r} (or use cfg.<dotted config key>)")
+    if not name.startswith("cfg.") and name not in options.__dataclass_fields__:
+        _fail(path, where, f"unknown {kind} option {name!r} (or use cfg.<dotted config key>)")
     return dict(cfg)
 
 
@@ -103,15 +103,24 @@ def load_sweep(path: str | Path, model: Optional[str] = None) -> SweepSpec:
         if key not in data:
             raise SpecError(f"{path}: missing required key {key!r}")
     base = load_spec((path.parent / data["spec"]).resolve()).with_model(model)
-    base.row(data["row"])
+    row = base.row(data["row"])
+    if row.classifier is not None:  # the row's own classifier's options are what a point sets
+        from cac.core.classifiers import classifier_kind
+
+        options_cls, kind = classifier_kind(row.kind).options, row.kind
+    else:
+        options_cls, kind = CACOptions, "CAC"
     objective = data.get("objective") or {}
-    metric, direction = objective.get("metric", "val/mIoU_pp"), objective.get("direction", "maximize")
+    default_metric = "val/mIoU_pp" if row.cac is not None else "val/mIoU"  # a row without CAC has no p_p
+    metric, direction = objective.get("metric", default_metric), objective.get("direction", "maximize")
     if direction not in ("maximize", "minimize"):
         _fail(path, "objective.direction", f"must be maximize or minimize, got {direction!r}")
     space = data["search_space"]
     if not isinstance(space, dict) or not space:
         _fail(path, "search_space", "must be a non-empty mapping")
-    space = {k: _check_param(path, k, v) for k, v in space.items()}
+    space = {k: _check_param(path, k, v, options_cls, kind) for k, v in space.items()}
+    if row.cac is None and metric.endswith(("_pp", "_py")):
+        _fail(path, "objective.metric", f"row {row.label} has no CAC, so no {metric}; use val/mIoU or val/mIoU_p")
     sampler = dict(data.get("sampler") or {"type": "tpe"})
     if sampler.get("type", "tpe") not in _SAMPLERS:
         _fail(path, "sampler.type", f"must be one of {', '.join(_SAMPLERS)}")
@@ -263,7 +272,7 @@ def run_sweep(path: str, trials: int, preset: str = "quick", storage: Optional[s
         params = suggest(trial, sweep.space)
         cac_extra = {k: v for k, v in params.items() if not k.startswith("cfg.")}
         cfg_extra = {k[4:]: v for k, v in params.items() if k.startswith("cfg.")}
-        if row.cac is None and cac_extra:
+        if row.cac is None and row.classifier is None and cac_extra:
             raise CacError(f"{sweep.path}: row {sweep.row} has no CAC; cannot sweep {sorted(cac_extra)}")
         unit = make_unit(sweep.base, row, sweep.seed, preset, cac_extra=cac_extra, overrides_extra=cfg_extra,
                          extra_tags={"study": sweep.study}, options=options)

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 
 from cac.errors import CacError
 from cac.mmseg.cfgtree import set_by_path, set_num_classes, to_plain
-from cac.mmseg.heads import check_cac_model, head_type_name
+from cac.mmseg.heads import WRAPPER_TYPES, check_cac_model, head_type_name
 from cac.mmseg.presets import Preset, get_preset
 from cac.mmseg.zoo import ModelEntry, dataset_config, load_base_config, mmseg_config_dir, resolve_model
 
@@ -23,7 +23,8 @@ __all__ = ["add_cac", "strip_cac", "existing_cac", "resolve_config", "config_has
 
 
 def _is_cac_head(node: Any) -> bool:
-    return isinstance(node, Mapping) and head_type_name(node.get("type")) == "CACHead"
+    """A classifier wrapper (``CACHead``, or the same class as ``ClassifierHead``), whatever it holds."""
+    return isinstance(node, Mapping) and head_type_name(node.get("type")) in WRAPPER_TYPES
 
 
 def _final_head_path(model: Mapping) -> str:
@@ -73,6 +74,7 @@ def _split_cac_head(node: Mapping, where: str) -> tuple[dict, dict]:
     wrapper = {key: rest.pop(key) for key in _WRAPPER_KEYS if key in rest}
     rest.pop("type", None)
     rest.pop("cac", None)
+    rest.pop("classifier", None)
     head, head_type = rest.pop("head", None), rest.pop("head_type", None)
     if head is not None:
         if head_type is not None or rest:
@@ -123,15 +125,22 @@ def existing_cac(model_cfg: Mapping | str) -> Optional[dict]:
     last = heads[-1] if isinstance(heads, (list, tuple)) and heads else heads
     if not _is_cac_head(last):
         return None
+    if last.get("classifier") is not None:  # another classifier: what the wrapper holds, by its type
+        return copy.deepcopy(dict(last["classifier"]))
     return copy.deepcopy(dict(last.get("cac") or {}))
 
 
-def add_cac(model: dict, options: Optional[Mapping] = None) -> dict:
-    """Wrap the segmentor's final decode head in ``CACHead`` (the last stage of a cascade). A final head
-    that already is a CACHead is re-wrapped: ``options`` replace its CAC options (nothing is merged)."""
+def add_cac(model: dict, options: Optional[Mapping] = None, classifier: Optional[Mapping] = None) -> dict:
+    """Wrap the segmentor's final decode head in ``CACHead`` (the last stage of a cascade) with CAC's
+    ``options``, or in ``ClassifierHead`` (the same wrapper) with ``classifier=dict(type=..., ...)``. A
+    final head that already is wrapped is re-wrapped: nothing of its classifier is kept or merged."""
     model, wrapper = _without_cac(model)
-    wrap = lambda head: dict(type="CACHead", head=head, cac=copy.deepcopy(dict(options or {})),  # noqa: E731
-                             **wrapper)
+    if classifier is not None:
+        wrap = lambda head: dict(type="ClassifierHead", head=head,  # noqa: E731
+                                 classifier=copy.deepcopy(dict(classifier)), **wrapper)
+    else:
+        wrap = lambda head: dict(type="CACHead", head=head, cac=copy.deepcopy(dict(options or {})),  # noqa: E731
+                                 **wrapper)
     if isinstance(model["decode_head"], (list, tuple)):
         model["decode_head"] = [*model["decode_head"][:-1], wrap(model["decode_head"][-1])]
     else:
@@ -244,6 +253,7 @@ def resolve_config(
     preset: str | Preset,
     *,
     cac: Optional[Mapping] | bool = None,
+    classifier: Optional[Mapping] = None,
     overrides: Optional[Mapping[str, Any]] = None,
     seed: int = 0,
     dataset: Optional[str] = None,
@@ -252,6 +262,7 @@ def resolve_config(
     """The resolved config as a plain dict.
 
     ``cac``: ``None``/``False`` = the plain model, ``True`` or a dict of ``CACOptions`` = +CAC.
+    ``classifier``: another pixel classifier, ``dict(type='gmmseg'|'protoseg', **options)`` (``cac`` false).
     ``overrides``: dotted keys into the config (``model.decode_head.channels: 64``), applied last.
     ``dataset``: for the ``paper`` preset, ``ade20k`` (the shipped configs), ``cocostuff``, ``cityscapes``
     or ``pascal-context`` (see :func:`_on_paper_dataset`).
@@ -263,7 +274,9 @@ def resolve_config(
     def in_file(err: CacError) -> CacError:  # a user's config file: say which file names the head
         return CacError(f"model config {entry.config}: {err}") if entry.own_data else err
 
-    wants_cac = cac is not None and cac is not False
+    if classifier is not None and cac not in (None, False):
+        raise CacError("a row takes CAC options or another classifier, not both")
+    wants_cac = (cac is not None and cac is not False) or classifier is not None
     # A config that already has CAC (a CACHead config, or `cac-exp config`'s output given back) is
     # reduced to its plain model first: a plain row trains the wrapped head, a +CAC row re-wraps it with
     # the row's options alone (`existing_cac` tells what the config's own were). Never a CAC baseline.
@@ -280,7 +293,7 @@ def resolve_config(
         cfg = _on_paper_dataset(cfg, entry, dataset)
         _resolve_data_root(cfg, dataset)
     if wants_cac:  # an empty dict is +CAC with the paper's defaults
-        cfg["model"] = add_cac(cfg["model"], {} if cac is True else cac)
+        cfg["model"] = add_cac(cfg["model"], {} if cac in (True, None) else cac, classifier=classifier)
         _final_head(cfg["model"]).update(copy.deepcopy(wrapper))  # the config's CACHead init_cfg, if any
     for key, value in (overrides or {}).items():
         try:

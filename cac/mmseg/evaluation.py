@@ -86,8 +86,7 @@ def classifier_logits(segmentor, inputs: Tensor, labels: Optional[Tensor]) -> di
     else:
         head = heads
     if isinstance(head, CACHead):
-        out = head.all_logits(*args, labels=labels)
-        return {k: v for k, v in zip(("p", "p_p", "p_y"), out.logits()) if v is not None}
+        return head.named_logits(*args, labels=labels)
     return {"p": head.forward(*args)}
 
 

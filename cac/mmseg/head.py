@@ -1,10 +1,11 @@
-"""One MMSegmentation plug-in that adds CAC to any decode head.
+"""One MMSegmentation plug-in that ends any decode head with another pixel classifier: CAC (with its
+profiles, SSA-Seg's included), GMMSeg or ProtoSeg (:mod:`cac.core.classifiers`).
 
 Every ``BaseDecodeHead`` ends its ``forward`` with ``self.cls_seg(features)``. ``CACHead`` builds the
-wrapped head, makes its ``cls_seg`` hand the features back unchanged, and classifies them itself with
-the head's own ``conv_seg`` as the original classifier ``C`` plus the context-aware classifier. So the
-head's feature path, its loss configuration and its ``predict_by_feat`` all stay the head's own, and
-no head is copied. Cascade heads (OCRNet) are wrapped the same way: extra forward arguments such as
+wrapped head, makes its ``cls_seg`` hand the features back unchanged, and classifies them itself: CAC
+with the head's own ``conv_seg`` as the original classifier ``C`` plus the context-aware classifier,
+the others with their own modules and state. So the head's feature path, its loss configuration and
+its ``predict_by_feat`` all stay the head's own, and no head is copied. Cascade heads (OCRNet) are wrapped the same way: extra forward arguments such as
 ``prev_output`` pass straight through. ``cac.mmseg.heads.HEADS`` says, for every decode head mmseg
 registers, which output CAC classifies (an adapter for heads whose forward returns several maps) or why
 the head is refused.
@@ -15,6 +16,8 @@ In a plain mmseg config::
     model = dict(decode_head=dict(type='CACHead', head_type='UPerHead', cac=dict(tau=15)))
 
 (``_base_`` merging supplies the head's own arguments), or ``dict(type='CACHead', head=<head cfg>)``.
+Another classifier: ``dict(type='ClassifierHead', head=<head cfg>, classifier=dict(type='GMMSeg', ...))``
+(``ClassifierHead`` is the same class under a name that does not say CAC).
 """
 from __future__ import annotations
 
@@ -26,25 +29,16 @@ from mmseg.registry import MODELS
 import torch
 from torch import Tensor
 
-from cac.core.classifier import CACOptions, CACOutputs, ContextAwareClassifier, cac_losses
+from cac.core.classifier import ContextAwareClassifier
+from cac.core.classifiers import build_classifier
 from cac.core.functional import autocast_off, resize_bilinear, upsampled_cross_entropy
 from cac.mmseg.heads import head_support
 
-__all__ = ["CACHead", "is_plain_cross_entropy"]
+__all__ = ["CACHead", "ClassifierHead", "is_plain_cross_entropy"]
 
 
 def _features_unchanged(feat: Tensor) -> Tensor:
     return feat
-
-
-def _lift(t: Optional[Tensor]) -> Optional[Tensor]:
-    return t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def _lifted(out: CACOutputs) -> CACOutputs:
-    """``out`` with half-precision tensors in float32 (the losses' dtype)."""
-    ssa = None if out.ssa is None else type(out.ssa)(*map(_lift, out.ssa))
-    return CACOutputs(*map(_lift, out.logits()), ssa)
 
 
 def is_plain_cross_entropy(term: torch.nn.Module) -> bool:
@@ -55,12 +49,15 @@ def is_plain_cross_entropy(term: torch.nn.Module) -> bool:
             and term.class_weight is None and term.reduction == "mean")
 
 
+@MODELS.register_module(name="ClassifierHead")
 @MODELS.register_module()
 class CACHead(BaseModule):
-    """Wrap a decode head: features from the head, classification by CAC (Fig. 5)."""
+    """Wrap a decode head: features from the head, classification by CAC (Fig. 5) or by the pixel
+    classifier ``classifier=dict(type=..., **options)`` names (``cac=`` is CAC's options)."""
 
     def __init__(self, head: Optional[dict] = None, cac: Optional[dict] = None,
-                 head_type: Optional[str] = None, init_cfg: Optional[dict] = None, **head_kwargs: Any) -> None:
+                 head_type: Optional[str] = None, init_cfg: Optional[dict] = None,
+                 classifier: Optional[dict] = None, **head_kwargs: Any) -> None:
         if head is None:
             if head_type is None:
                 raise ValueError("CACHead needs `head=<decode head config>` or `head_type=<registered head>`")
@@ -84,20 +81,45 @@ class CACHead(BaseModule):
         self.head.cls_seg = _features_unchanged
         # Which of the forward's outputs CAC classifies, and the other branches' losses (DAHead, EncHead, ...).
         self.outputs = support.outputs(self.head)
-        self.options = CACOptions.from_dict(cac)
+        if classifier is not None and cac is not None:
+            raise ValueError("CACHead takes `cac=` (CAC's options) or `classifier=dict(type=...)`, not both")
+        spec = dict(classifier) if classifier is not None else {"type": "cac", **dict(cac or {})}
         conv = self.head.conv_seg
-        if self.options.original == "cos" and conv.bias is not None:
+        self.classifier = build_classifier(spec, conv.in_channels, conv.out_channels,
+                                           ignore_index=self.head.ignore_index, norm_layer=self._norm_layer())
+        self.options = self.classifier.options
+        if not self.classifier.uses_head_classifier:
+            conv.requires_grad_(False)  # unused by this classifier: stock DDP must not wait for its gradient
+        elif self.is_cac and self.options.original == "cos" and conv.bias is not None:
             # The cosine original classifier (Table 4) has no bias: mark it untrained, so stock DDP
             # does not wait for its gradient.
             conv.bias.requires_grad_(False)
-        self.classifier = ContextAwareClassifier(conv.in_channels, conv.out_channels, self.options,
-                                                 ignore_index=self.head.ignore_index)
         # What EncoderDecoder / CascadeEncoderDecoder read off their decode head.
         self.num_classes = self.head.num_classes
         self.out_channels = self.head.out_channels
         self.align_corners = self.head.align_corners
         self.ignore_index = self.head.ignore_index
         self.threshold = getattr(self.head, "threshold", None)
+
+    @property
+    def is_cac(self) -> bool:
+        """Whether the classifier is CAC (its three classifiers, its projectors, C the head's conv_seg)."""
+        return isinstance(self.classifier, ContextAwareClassifier)
+
+    @property
+    def test_logits(self) -> str:
+        """Which of the evaluated logits (:meth:`all_logits`) the head predicts with."""
+        return self.classifier.test_logits
+
+    def _norm_layer(self):
+        """The head's own normalisation (its ``norm_cfg``: SyncBN at paper scale) for a classifier's
+        layers, as the official heads build theirs."""
+        norm_cfg = getattr(self.head, "norm_cfg", None)
+        if not norm_cfg:
+            return None
+        from mmcv.cnn import build_norm_layer
+
+        return lambda channels: build_norm_layer(norm_cfg, channels)[1]
 
     # -- the classifier ``C`` is the head's conv_seg -------------------------------------------
     def _classifier_weights(self) -> tuple[Tensor, Optional[Tensor]]:
@@ -108,20 +130,29 @@ class CACHead(BaseModule):
         """The features f the head hands its classifier (before the head's dropout)."""
         return self.outputs.split(self.head(*inputs))[0]
 
-    def classify(self, feats: Tensor, labels: Optional[Tensor] = None) -> CACOutputs:
-        """p, p_p and (given labels) p_y at the features' resolution. The head's dropout (active in
-        training only) applies to p's input alone, p = C(dropout(f)), as ``cls_seg`` would apply it."""
+    def classify(self, feats: Tensor, labels: Optional[Tensor] = None):
+        """The classifier's outputs at the features' resolution (CAC: p, p_p and, given labels, p_y).
+        The head's dropout (active in training only) is the classifier's to apply: CAC applies it to
+        p's input alone, p = C(dropout(f)), as ``cls_seg`` would; GMMSeg and ProtoSeg to all of f, as
+        their official heads do."""
         weight, bias = self._classifier_weights()
         dropout = self.head.dropout if self.training and self.head.dropout is not None else None
         return self.classifier(feats, weight, bias, labels, dropout=dropout)
 
     def context_weights(self, *inputs: Any) -> Tensor:
         """The context-aware classifier A_p of each image, ``[B, N, D]`` (Fig. 7's stars)."""
+        if not self.is_cac:
+            raise ValueError(f"{type(self.classifier).__name__} has no context-aware classifier")
         weight, bias = self._classifier_weights()
         return self.classifier.context_classifier(self.features(*inputs), weight, bias)
 
-    def all_logits(self, *inputs: Any, labels: Optional[Tensor] = None) -> CACOutputs:
+    def all_logits(self, *inputs: Any, labels: Optional[Tensor] = None):
+        """The classifier's outputs (CAC's :class:`~cac.core.classifier.CACOutputs`: p, p_p, p_y)."""
         return self.classify(self.features(*inputs), labels)
+
+    def named_logits(self, *inputs: Any, labels: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """Every logit map the classifier evaluates, by name (``p``, and CAC's ``p_p``, ``p_y``)."""
+        return self.classifier.evaluation_logits(self.all_logits(*inputs, labels=labels))
 
     # -- the BaseDecodeHead interface the segmentors call --------------------------------------
     def forward(self, *inputs: Any) -> Tensor:
@@ -129,7 +160,8 @@ class CACHead(BaseModule):
         return self.classifier.predict(self.features(*inputs), weight, bias)
 
     def loss(self, *args: Any) -> dict:
-        """``loss(inputs[, prev_output], batch_data_samples, train_cfg)``: the terms of Eq. (8)."""
+        """``loss(inputs[, prev_output], batch_data_samples, train_cfg)``: the classifier's terms (CAC:
+        Eq. 8's), the head's own loss on each of its maps, and the head's other branches' terms."""
         *inputs, batch_data_samples, _train_cfg = args
         seg_label = self.head._stack_batch_gt(batch_data_samples)
         labels = seg_label.squeeze(1)
@@ -138,11 +170,10 @@ class CACHead(BaseModule):
         branch_losses = self.outputs.branch_losses(branches, out.p, batch_data_samples)
         # Under AMP the logits may be half precision: the losses, and the KL's softmaxes, entropies and
         # class-wise sums above all, are computed in float32 with autocast off.
-        out = _lifted(out)
         with autocast_off(labels.device.type):
-            return {**cac_losses(out, labels, self.options,
-                                 ce=lambda logits, accuracy: self.segmentation_loss(logits, seg_label, accuracy),
-                                 ignore_index=self.ignore_index), **branch_losses}
+            return {**self.classifier.losses(
+                out, labels, ce=lambda logits, accuracy: self.segmentation_loss(logits, seg_label, accuracy),
+                ignore_index=self.ignore_index), **branch_losses}
 
     def segmentation_loss(self, logits: Tensor, seg_label: Tensor, accuracy: bool = True) -> dict:
         """The wrapped head's own loss terms (its ``loss_decode`` list and pixel sampler), as its
@@ -187,3 +218,4 @@ class CACHead(BaseModule):
 
     def predict_by_feat(self, seg_logits: Tensor, batch_img_metas: list) -> Tensor:
         return self.head.predict_by_feat(seg_logits, batch_img_metas)
+ClassifierHead = CACHead  # the same wrapper under a name that does not say CAC

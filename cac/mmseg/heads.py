@@ -236,6 +236,9 @@ HEADS: dict[str, HeadSupport] = {
 }
 
 
+WRAPPER_TYPES = ("CACHead", "ClassifierHead")  # the wrapper's registered names (one class, cac.mmseg.head)
+
+
 def head_type_name(head_type: Any) -> str:
     """The registry name of a head config's ``type`` (a name, ``scope.Name``, or a class)."""
     name = head_type.__name__ if isinstance(head_type, type) else str(head_type)
@@ -282,14 +285,14 @@ def check_cac_model(model: Mapping, cac: bool) -> None:
     heads = model.get("decode_head")
     heads = list(heads) if isinstance(heads, (list, tuple)) else [heads]
     for i, head in enumerate(heads):
-        if not isinstance(head, Mapping) or head_type_name(head.get("type")) != "CACHead":
+        if not isinstance(head, Mapping) or head_type_name(head.get("type")) not in WRAPPER_TYPES:
             continue
         inner = _head_cfg_type(head)
         if inner is None:
             raise CacError("model.decode_head: CACHead needs `head=<decode head config>` or `head_type=`")
         head_support(inner)
     last = heads[-1]
-    if cac and isinstance(last, Mapping) and head_type_name(last.get("type")) != "CACHead":
+    if cac and isinstance(last, Mapping) and head_type_name(last.get("type")) not in WRAPPER_TYPES:
         raise CacError(f"the row is +CAC but its config sets the decode head's type to "
                        f"{head_type_name(last.get('type'))!r} in place of CACHead; to change the head CAC "
                        f"wraps, set `model.decode_head.head.type`")

@@ -264,8 +264,8 @@ class TrackingHook(Hook):
 
         head = unwrap(runner.model).decode_head
         head = head[-1] if isinstance(head, torch.nn.ModuleList) else head
-        if isinstance(head, CACHead) and "p_p" in confs and head.options.test_output == "context":
-            return confs["p_p"]
+        if isinstance(head, CACHead) and head.test_logits in confs:
+            return confs[head.test_logits]
         return confs["p"]
 
 

@@ -193,6 +193,11 @@ for _name, _head, _bb, _cfg in [
     register_model(ModelEntry(_name, _head, _bb, config=_cfg))
 
 
+# -- the models of GMMSeg's and ProtoSeg's official configs (ablations/classifiers.yaml, preset paper) --
+register_model(ModelEntry("segformer-b5", "SegFormer", "MiT-B5", config="segformer/segformer_mit-b5_8xb2-160k_ade20k-512x512.py"))
+register_model(ModelEntry("fcn-hr48", "FCN", "HRNet-W48", config="hrnet/fcn_hr48_4xb4-160k_ade20k-512x512.py"))
+
+
 # -- the supplementary's datasets: mmseg's own config of a Table 1 model for another dataset -------
 # The ending of mmseg's config names for each dataset, with the 80k schedule: the one the official
 # CAC code's Cityscapes and Pascal-Context configs use, and one mmseg ships for every such model.
