@@ -174,3 +174,59 @@ def test_resume_is_exact_with_diff_rank_seed(tmp_path_factory):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert start_iters(probe) == [0, 4]
     assert _final(uri)[1] == pytest.approx(reference, abs=1e-9)
+
+
+CLASSIFIERS_SPEC = """
+title: resume classifiers
+model: fcn-slim-r18
+seeds: 1
+overrides:
+  train_cfg.max_iters: 8
+  train_cfg.val_interval: 4
+  default_hooks.checkpoint.interval: 4
+  cac_curve.points: 2
+  model.decode_head.head.dropout_ratio: 0.3
+rows:
+  - {{label: GMMSeg, description: GMMSeg, classifier: {{type: gmmseg, mem_size: 40, update_interval: 2}}{gmm}}}
+  - {{label: ProtoSeg, description: ProtoSeg, classifier: {{type: protoseg}}{proto}}}
+"""
+
+
+def _row_probe(out_dir: Path) -> str:
+    """A row's own ProbeHook that SIGKILLs its process once at iteration 6 (after iter_4.pth)."""
+    return (", overrides: {custom_imports: {imports: [cac_probes], allow_failed_imports: false}, "
+            f"custom_hooks: [{{type: ProbeHook, out_dir: '{out_dir}', kill_at: 6}}]}}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_gmmseg_and_protoseg_resume_as_if_never_interrupted(tmp_path_factory, module_data_root):
+    """Each method's state (GMMSeg's mixtures, memory, pointers and step; ProtoSeg's prototypes and the
+    Gumbel draws of its update) is in the checkpoint and its randomness is the step's own: each row,
+    killed at iteration 6 and resumed from iteration 4, ends with the metrics of an uninterrupted run."""
+    straight = tmp_path_factory.mktemp("cls-straight")
+    spec = straight / "rc.yaml"
+    spec.write_text(CLASSIFIERS_SPEC.format(gmm="", proto=""))
+    out = _run(straight, spec, f"sqlite:///{straight}/mlflow.db")
+    assert out.returncode == 0, out.stderr[-3000:]
+    where = tmp_path_factory.mktemp("cls-killed")
+    spec = where / "rc.yaml"
+    spec.write_text(CLASSIFIERS_SPEC.format(gmm=_row_probe(where / "gmm"), proto=_row_probe(where / "proto")))
+    uri = f"sqlite:///{where}/mlflow.db"
+    assert _run(where, spec, uri).returncode == -signal.SIGKILL  # GMMSeg killed at 6
+    assert _run(where, spec, uri).returncode == -signal.SIGKILL  # GMMSeg resumed and finished; ProtoSeg killed
+    finished = _run(where, spec, uri)  # ProtoSeg resumed
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert start_iters(where / "gmm") == [0, 4] and start_iters(where / "proto") == [0, 4]
+
+    def metrics(root: Path) -> dict:
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+        runs = client.search_runs([client.get_experiment_by_name("rc").experiment_id])
+        assert {r.info.status for r in runs} == {"FINISHED"}
+        return {r.data.tags["row"]: {k: r.data.metrics[k] for k in ("val/mIoU", "val/mIoU_p", "train/mIoU_p")}
+                for r in runs}
+
+    reference, resumed = metrics(straight), metrics(where)
+    assert sorted(resumed) == ["GMMSeg", "ProtoSeg"]
+    for row in resumed:
+        assert resumed[row] == pytest.approx(reference[row], abs=1e-9), row

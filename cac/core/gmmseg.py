@@ -185,11 +185,6 @@ class GMMSegClassifier(nn.Module):
         x = dropout(feats) if dropout is not None else feats
         return self.projection(x) if self.projection is not None else x
 
-    def log_densities(self, z: Tensor) -> Tensor:
-        """Every component's log-density of the normalised pixels ``z [N, D]``: ``[N, C*M]``."""
-        d = z.shape[-1]
-        return diagonal_gaussian_log_density(z, self.means.view(-1, d).to(z.dtype), self.sigma.view(-1, d).to(z.dtype))
-
     def forward(self, feats: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None, dropout: Optional[Callable[[Tensor], Tensor]] = None) -> ComponentOutputs:
         """``weight``/``bias`` (the head's classifier) are not used; ``labels [B, H, W]`` in training
@@ -199,9 +194,12 @@ class GMMSegClassifier(nn.Module):
         with autocast_off(x.device.type):
             dtype = torch.promote_types(x.dtype, torch.float32)
             z = F.normalize(self.feat_norm(flat_pixels(x).to(dtype)), dim=-1)
-            with torch.no_grad():  # the official forward renormalises the stored means in place
-                self.means.copy_(F.normalize(self.means, dim=-1))
-            comps = self.log_densities(z)
+            means = F.normalize(self.means, dim=-1)
+            if self.training:  # the official forward stores them renormalised (not an evaluation: it
+                with torch.no_grad():  # would change the state by a rounding, and a resume's state with it)
+                    self.means.copy_(means)
+            comps = diagonal_gaussian_log_density(z, means.view(-1, z.shape[-1]).to(z.dtype),
+                                                  self.sigma.view(-1, z.shape[-1]).to(z.dtype))
             p = class_logits(self._class_scores(comps), self.mask_norm, (b, h, w))
         if labels is None or not self.training:
             return ComponentOutputs(p, comps)

@@ -119,9 +119,11 @@ class ProtoSegClassifier(nn.Module):
         with autocast_off(x.device.type):
             dtype = torch.promote_types(x.dtype, torch.float32)
             z = F.normalize(self.feat_norm(flat_pixels(x).to(dtype)), dim=-1)
-            with torch.no_grad():  # the official forward renormalises the stored prototypes in place
-                self.prototypes.copy_(F.normalize(self.prototypes, dim=-1))
-            comps = z @ self.prototypes.view(-1, d).to(z.dtype).t()  # cosines, [N, C*M] class-major
+            protos = F.normalize(self.prototypes, dim=-1)
+            if self.training:  # the official forward stores them renormalised (not an evaluation: it
+                with torch.no_grad():  # would change the state by a rounding, and a resume's state with it)
+                    self.prototypes.copy_(protos)
+            comps = z @ protos.view(-1, d).to(z.dtype).t()  # cosines, [N, C*M] class-major
             best = comps.view(comps.shape[0], self.num_classes, -1).amax(dim=-1)
             p = class_logits(best, self.mask_norm, (b, h, w))
         if labels is None or not self.training:
