@@ -255,3 +255,49 @@ def test_a_spec_row_naming_a_refused_head_is_one_line_exit_2(tmp_path, monkeypat
         for word in words:
             assert word in lines[0], (word, lines[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heads.yaml"]
+
+
+@pytest.mark.parametrize("kind", ["gmmseg", "protoseg"])
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_supported_head_trains_and_predicts_with_the_other_classifiers(name, kind):
+    """The same wrapper ends every supported head with GMMSeg or ProtoSeg: a training step with the
+    head's own loss on the classifier's logits, the classifier's own terms and the head's other
+    branches' terms, all finite, gradients at the head and the classifier, the head's unused conv_seg
+    left untrained (stock DDP waits for no gradient), the state moving, and a prediction of the map the
+    head's predict would make."""
+    from mmseg.registry import MODELS
+
+    kwargs, train_inputs, test_inputs, branch_params, branch_losses = SPECS[name]
+    train_inputs = train_inputs or (lambda g: (_pyramid(g),))
+    test_inputs = test_inputs or train_inputs
+    torch.manual_seed(0)
+    classifier = dict(type=kind, **({"mem_size": 30, "num_components": 2} if kind == "gmmseg" else {"num_prototypes": 2}))
+    head = MODELS.build(dict(type="ClassifierHead", head=dict(type=name, num_classes=N, norm_cfg=BN, dropout_ratio=0.1,
+                                                              **kwargs), classifier=classifier))
+    state = {k: v.clone() for k, v in head.classifier.named_buffers() if "running" not in k and "batches" not in k}
+    assert not head.head.conv_seg.weight.requires_grad
+    opt = torch.optim.SGD([p for p in head.parameters() if p.requires_grad], lr=0.01)
+    g = torch.Generator().manual_seed(1)
+    head.train()
+    own = {"gmmseg": {"loss_contrast"}, "protoseg": {"loss_ppc", "loss_ppd"}}[kind]
+    for step in range(1):
+        opt.zero_grad()
+        losses = head.loss(*train_inputs(g), _samples(step, edges=name == "PIDHead"), {})
+        terms = {k: v for k, v in losses.items() if "loss" in k}
+        assert own <= set(terms) and set(branch_losses) <= set(terms), sorted(terms)
+        assert all(torch.isfinite(v) for v in terms.values()), terms
+        sum(terms.values()).backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.classifier.parameters()
+                   if p.requires_grad)
+        assert head.classifier.mask_norm.weight.grad.abs().sum() > 0
+        params = dict(head.head.named_parameters())
+        for key in branch_params:
+            assert params[key].grad is not None and params[key].grad.abs().sum() > 0, key
+        opt.step()
+    moved = {k: v for k, v in head.classifier.named_buffers() if k in state}
+    assert any(not torch.equal(moved[k], state[k]) for k in state)
+    head.eval()
+    metas = [s.metainfo for s in _samples(0, edges=False)]
+    with torch.no_grad():
+        logits = head.predict(*test_inputs(g), metas, {})
+    assert logits.shape == (B, N, SIZE, SIZE) and torch.isfinite(logits).all()

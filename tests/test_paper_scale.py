@@ -243,6 +243,12 @@ def test_smoke_shrinks_every_size_of_a_paper_config_consistently():
         assert small["model"]["decode_head"] == full["model"]["decode_head"]  # the method is untouched
         assert small["optim_wrapper"] == full["optim_wrapper"]
     assert slides == 1  # the slide branch above was exercised
+    # GMMSeg's memory is part of its model (9.8 GB at ADE20K's 150 classes x 8): 1/64 of it
+    spec = load_spec(str(ROOT / "ablations" / "classifiers.yaml"))
+    row = spec.row("GMMSeg (SegFormer-B5)")
+    full = make_unit(spec, row, 0, "paper").cfg["model"]["decode_head"]["classifier"]
+    small = make_unit(spec, row, 0, "paper", options=RunOptions(smoke=True)).cfg["model"]["decode_head"]["classifier"]
+    assert full == {"type": "gmmseg", "num_components": 8} and small == {**full, "mem_size": 32000 // 64}
 
 
 @pytest.mark.slow

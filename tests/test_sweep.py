@@ -301,3 +301,26 @@ def test_dispatched_workers_starting_on_an_empty_study_draw_different_points(kin
 
     assert first_point(0) != first_point(1)
     assert first_point(1) == first_point(1)
+
+
+def test_a_sweep_searches_a_classifiers_own_options(tmp_path):
+    """A sweep over a GMMSeg row searches GMMSeg's options (its objective defaults to val/mIoU: there is
+    no p_p); an option the row's classifier does not have, or a CAC-only metric, is one line."""
+    from cac.exp.runner import make_unit
+    from cac.exp.spec import SpecError
+    from cac.exp.sweep import load_sweep
+
+    (tmp_path / "base.yaml").write_text("title: b\nmodel: fcn-slim-r18\nrows:\n"
+                                        "  - {label: g, description: g, classifier: {type: gmmseg, mem_size: 64}}\n")
+    space = "search_space:\n  contrast_weight: {type: float, low: 0.001, high: 0.1, log: true}\n"
+    (tmp_path / "sw.yaml").write_text(f"title: s\nspec: base.yaml\nrow: g\n{space}")
+    sweep = load_sweep(tmp_path / "sw.yaml")
+    assert sweep.metric == "val/mIoU" and set(sweep.space) == {"contrast_weight"}
+    unit = make_unit(sweep.base, sweep.base.row("g"), 0, "quick", cac_extra={"contrast_weight": 0.05})
+    assert unit.cfg["model"]["decode_head"]["classifier"] == {"type": "gmmseg", "mem_size": 64, "contrast_weight": 0.05}
+    assert unit.settings()["gmmseg.contrast_weight"] == 0.05
+    for text, words in [("search_space:\n  tau: {type: float, low: 1, high: 30}\n", "unknown gmmseg option 'tau'"),
+                        (space + "objective: {metric: val/mIoU_pp}\n", "no CAC, so no val/mIoU_pp")]:
+        (tmp_path / "bad.yaml").write_text(f"title: s\nspec: base.yaml\nrow: g\n{text}")
+        with pytest.raises(SpecError, match=words):
+            load_sweep(tmp_path / "bad.yaml")

@@ -7,7 +7,7 @@ a field of ``CACOptions``; the defaults are the paper's text.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, NamedTuple, Optional
 
 import torch
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cac.core.designs import DESIGNS, Projector
+from cac.core.profiles import check_choices, options_from
 from cac.core.functional import (cosine_logits, dot_logits, entropy_kl_loss, mask_pool, resize_bilinear, soft_pool,
                                  upsampled_cross_entropy)
 from cac.core.ssa import (SSAExtras, SSAModules, boundary_mask, dice_loss, position_distill_loss,
@@ -101,9 +102,7 @@ class CACOptions:
     ssa_kl_edges: bool = False  # L_KL averages each class's boundary and interior pixels apart
 
     def __post_init__(self) -> None:
-        for key, allowed in _CHOICES.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"cac.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        check_choices(self, _CHOICES, "cac")
         for key in ("design_y", "design_p"):
             if getattr(self, key) not in DESIGNS:
                 raise ValueError(f"cac.{key} must be one of {sorted(DESIGNS)}, got {getattr(self, key)!r}")
@@ -134,15 +133,7 @@ class CACOptions:
     @classmethod
     def from_dict(cls, cfg: Optional[Mapping] = None) -> "CACOptions":
         """Options from a config's ``cac=dict(...)``: the profile's choices, then the explicit keys."""
-        cfg = dict(cfg or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"unknown cac option(s) {unknown}; known: {sorted(known)}")
-        profile = cfg.get("profile", "paper")
-        if profile not in PROFILES:
-            raise ValueError(f"cac.profile must be one of {tuple(PROFILES)}, got {profile!r}")
-        return cls(**{**PROFILES[profile], **cfg})
+        return options_from(cls, cfg, PROFILES, "cac", default="paper")
 
     def to_dict(self) -> dict:
         return asdict(self)

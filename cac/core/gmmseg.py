@@ -25,7 +25,7 @@ resume, never trained by the optimizer, kept in float32 under AMP.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, NamedTuple, Optional
 
 import torch
@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from cac.core.classifier import resize_labels
 from cac.core.components import (assign_components, class_logits, component_cross_entropy, flat_pixels,
                                  gather_over_ranks)
+from cac.core.profiles import check_choices, options_from
 from cac.core.functional import autocast_off, resize_bilinear
 
 __all__ = ["GMMSEG_PROFILES", "GMMSegOptions", "ComponentOutputs", "GMMSegClassifier", "diagonal_gaussian_log_density",
@@ -71,9 +72,7 @@ class GMMSegOptions:
     seg_upsample: str = "head"  # the logits reach the label size by the head's own resize, or "aligned"
 
     def __post_init__(self) -> None:
-        for key, allowed in _CHOICES.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"gmmseg.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        check_choices(self, _CHOICES, "gmmseg")
         for key in ("embed_dim", "num_components", "mem_size", "update_interval", "sinkhorn_iterations"):
             if getattr(self, key) < 1:
                 raise ValueError(f"gmmseg.{key} must be >= 1, got {getattr(self, key)}")
@@ -87,15 +86,7 @@ class GMMSegOptions:
 
     @classmethod
     def from_dict(cls, cfg: Optional[Mapping] = None) -> "GMMSegOptions":
-        cfg = dict(cfg or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"unknown gmmseg option(s) {unknown}; known: {sorted(known)}")
-        profile = cfg.get("profile", "official")
-        if profile not in GMMSEG_PROFILES:
-            raise ValueError(f"gmmseg.profile must be one of {tuple(GMMSEG_PROFILES)}, got {profile!r}")
-        return cls(**{**GMMSEG_PROFILES[profile], **cfg})
+        return options_from(cls, cfg, GMMSEG_PROFILES, "gmmseg", default="official")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -23,7 +23,7 @@ optimizer, kept in float32 under AMP.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, Optional
 
 import torch
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from cac.core.classifier import resize_labels
 from cac.core.components import assign_components, class_logits, flat_pixels, mean_over_ranks
+from cac.core.profiles import check_choices, options_from
 from cac.core.functional import autocast_off
 from cac.core.gmmseg import ComponentOutputs, component_losses
 
@@ -63,9 +64,7 @@ class ProtoSegOptions:
     seg_upsample: str = "aligned"  # the official CE upsamples bilinearly with align_corners=True
 
     def __post_init__(self) -> None:
-        for key, allowed in _CHOICES.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"protoseg.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        check_choices(self, _CHOICES, "protoseg")
         if self.num_prototypes < 1 or self.proj_dim < 0 or self.sinkhorn_iterations < 1:
             raise ValueError("protoseg.num_prototypes and sinkhorn_iterations must be >= 1, proj_dim >= 0")
         if not 0.0 <= self.gamma <= 1.0 or self.ppc_weight < 0 or self.ppd_weight < 0 or self.sinkhorn_epsilon <= 0:
@@ -73,15 +72,7 @@ class ProtoSegOptions:
 
     @classmethod
     def from_dict(cls, cfg: Optional[Mapping] = None) -> "ProtoSegOptions":
-        cfg = dict(cfg or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"unknown protoseg option(s) {unknown}; known: {sorted(known)}")
-        profile = cfg.get("profile", "official")
-        if profile not in PROTOSEG_PROFILES:
-            raise ValueError(f"protoseg.profile must be one of {tuple(PROTOSEG_PROFILES)}, got {profile!r}")
-        return cls(**{**PROTOSEG_PROFILES[profile], **cfg})
+        return options_from(cls, cfg, PROTOSEG_PROFILES, "protoseg", default="official")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -61,7 +61,7 @@ def _fail(path: Path, where: str, msg: str) -> None:
     raise SpecError(f"{path}: {where}: {msg}")
 
 
-def _check_param(path: Path, name: str, cfg: Any, options: type = CACOptions, kind: str = "CAC") -> dict:
+def _check_param(path: Path, name: str, cfg: Any, options: type = CACOptions, owner: str = "CAC") -> dict:
     where = f"search_space.{name}"
     if not isinstance(cfg, dict):
         _fail(path, where, "must be a mapping with type and range")
@@ -85,7 +85,7 @@ def _check_param(path: Path, name: str, cfg: Any, options: type = CACOptions, ki
     else:
         _fail(path, where, f"type must be float, int or categorical, got {kind!r}")
     if not name.startswith("cfg.") and name not in options.__dataclass_fields__:
-        _fail(path, where, f"unknown {kind} option {name!r} (or use cfg.<dotted config key>)")
+        _fail(path, where, f"unknown {owner} option {name!r} (or use cfg.<dotted config key>)")
     return dict(cfg)
 
 
