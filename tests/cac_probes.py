@@ -148,6 +148,22 @@ def probe_overrides(out_dir: Path, kill_at: int = 0, kill_at_end: bool = False, 
             f"hold_at: {hold_at}}}]\n")
 
 
+# A one-row spec of 12 iterations (val and checkpoint every 4): the outage tests' run, held at
+# iteration 4 by a ProbeHook (``{extra}``: the probe_overrides lines) while the test stops a server.
+HELD_RUN_SPEC = """
+title: {title}
+model: fcn-slim-r18
+seeds: 1
+overrides:
+  train_cfg.max_iters: 12
+  train_cfg.val_interval: 4
+  default_hooks.checkpoint.interval: 4
+  cac_curve.points: 3
+{extra}rows:
+  - {{label: "(f)", description: full CAC, cac: true}}
+"""
+
+
 # Every sample a training process (or its dataloader workers) reads, by its position in the sample
 # stream, appended to $CAC_PROBE_LOADS as "pid parent-pid position": what a resumed process loaded,
 # replayed or not, whatever it logs. Patched when the runner imports this module (custom_imports),

@@ -20,21 +20,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from cac_probes import assert_steps_logged_once, probe_env, probe_overrides
+from cac_probes import HELD_RUN_SPEC, assert_steps_logged_once, probe_env, probe_overrides
 from mlflow_server import MlflowServer
 
-SPEC = """
-title: outage test
-model: fcn-slim-r18
-seeds: 1
-overrides:
-  train_cfg.max_iters: 12
-  train_cfg.val_interval: 4
-  default_hooks.checkpoint.interval: 4
-  cac_curve.points: 3
-{extra}rows:
-  - {{label: "(f)", description: full CAC, cac: true}}
-"""
 STEPS = [4, 8, 12]  # train/* every 4 iterations (the val interval), the three classifiers at each val pass
 # MLflow's own retries, short (its default is minutes of backoff): the outages below outlast them
 MLFLOW_FAST_FAIL = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
@@ -50,7 +38,7 @@ def server(tmp_path_factory):
 
 def _spec(where: Path, probe: Path, **probe_args) -> Path:
     path = where / "outage.yaml"
-    path.write_text(SPEC.format(extra=probe_overrides(probe, hold_at=4, **probe_args)))
+    path.write_text(HELD_RUN_SPEC.format(title="outage test", extra=probe_overrides(probe, hold_at=4, **probe_args)))
     return path
 
 

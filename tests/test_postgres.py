@@ -125,18 +125,6 @@ def test_missing_database_driver_is_one_line_naming_the_package(tmp_path, capsys
     assert "secret" not in str(info.value)
 
 
-OUTAGE_BASE = """
-title: outage base
-model: fcn-slim-r18
-seeds: 1
-overrides:
-  train_cfg.max_iters: 12
-  train_cfg.val_interval: 4
-  default_hooks.checkpoint.interval: 4
-  cac_curve.points: 3
-{extra}rows:
-  - {{label: "(f)", description: full CAC, cac: true}}
-"""
 OUTAGE_SWEEP = SWEEP.replace("spec: base.yaml", "spec: outage-base.yaml\nstudy: outage").replace(
     "pruner: {type: none}", "pruner: {type: median, n_startup_trials: 0}")
 
@@ -153,10 +141,10 @@ def test_a_sweep_worker_outlives_its_database_server(workspace, pg_server):
     import sys
     import time
 
-    from cac_probes import assert_steps_logged_once, probe_env, probe_overrides
+    from cac_probes import HELD_RUN_SPEC, assert_steps_logged_once, probe_env, probe_overrides
 
     probe = workspace / "probe"
-    (workspace / "outage-base.yaml").write_text(OUTAGE_BASE.format(extra=probe_overrides(probe, hold_at=4)))
+    (workspace / "outage-base.yaml").write_text(HELD_RUN_SPEC.format(title="outage base", extra=probe_overrides(probe, hold_at=4)))
     (workspace / "sw.yaml").write_text(OUTAGE_SWEEP)
     storage, uri = f"{pg_server.url}/optuna", f"{pg_server.url}/mlflow"
     env = probe_env({**os.environ, "CAC_TRACKING_DRAIN": "120", "CAC_SWEEP_HEARTBEAT": "2", "OMP_NUM_THREADS": "2"})

@@ -8,14 +8,18 @@ as both official codes lay them out.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cac.core.classifier import resize_labels
+from cac.core.functional import autocast_off, resize_bilinear
+
 __all__ = ["sinkhorn", "flat_pixels", "class_logits", "ComponentAssignment", "assign_components",
-           "gather_over_ranks", "mean_over_ranks", "component_cross_entropy"]
+           "gather_over_ranks", "mean_over_ranks", "component_cross_entropy", "ComponentOutputs",
+           "component_losses", "ComponentClassifier"]
 
 
 @torch.no_grad()
@@ -127,3 +131,113 @@ def mean_over_ranks(t: Tensor) -> Tensor:
     out = t / _world()
     dist.all_reduce(out)
     return out
+
+
+class ComponentOutputs(NamedTuple):
+    """What a multi-component classifier computed: ``p`` its class logits ``[B, C, h, w]`` (the test
+    output), ``components`` every component's score ``[N, C*M]``, and in training each pixel's
+    component ``targets [N]`` and whether it is labelled, ``valid [N]``."""
+
+    p: Tensor
+    components: Tensor
+    targets: Optional[Tensor] = None
+    valid: Optional[Tensor] = None
+
+
+def component_losses(out: ComponentOutputs, labels: Tensor, ce: Callable[[Tensor, bool], Mapping[str, Tensor]],
+                     terms: Mapping[str, float], *, ignore_by_label: bool, seg_upsample: str,
+                     ignore_index: int, distance_weight: float = 0.0) -> dict[str, Tensor]:
+    """The terms of a multi-component classifier, each weighted: the head's own loss on the class
+    logits (``ce(logits, accuracy)``, with its accuracy), the component cross-entropy under each name
+    of ``terms`` (``{"loss_contrast": 0.01}``) and, with ``distance_weight``, the squared distance of
+    each labelled pixel's score to 1 at its component (ProtoSeg's PPD, ``loss_ppd``)."""
+    logits = out.p
+    if seg_upsample == "aligned":
+        logits = resize_bilinear(logits, labels.shape[-2:], align_corners=True)
+    losses = dict(ce(logits, True))
+    if out.targets is None:
+        return losses
+    labelled = torch.where(out.valid, out.targets, torch.zeros_like(out.targets))  # any index where unlabelled
+    for name, weight in terms.items():
+        if weight > 0:
+            if ignore_by_label:
+                value = component_cross_entropy(out.components, out.targets, ignore_index)
+            else:
+                value = _masked_mean(F.cross_entropy(out.components, labelled, reduction="none"), out.valid)
+            losses[name] = value * weight
+    if distance_weight > 0:
+        picked = out.components.gather(1, labelled.unsqueeze(1)).squeeze(1)
+        losses["loss_ppd"] = _masked_mean((1 - picked).pow(2), out.valid) * distance_weight
+    return losses
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """The mean over ``mask``; 0 (with a gradient) when nothing is labelled, where the official codes'
+    0/0 would end the run with a NaN."""
+    count = mask.sum()
+    return (values * mask).sum() / count.clamp_min(1)
+
+class ComponentClassifier(nn.Module):
+    """The forward GMMSeg and ProtoSeg share. Per pixel: the method's embedding, a LayerNorm and an L2
+    normalisation; every component's score against the normalised centres (stored back normalised, in
+    training only: an evaluation would change the state by a rounding, and a resume's with it); the
+    class logits (:func:`class_logits`). In training: the component assignment
+    (:func:`assign_components`) and the method's state update. A method sets ``centres`` (the name of its
+    ``[C, M, D]`` buffer) and ``scale_by_max``, and gives ``embed``, ``component_scores`` and
+    ``update_state``; ``options`` carries ``sinkhorn_iterations`` and ``sinkhorn_epsilon``."""
+
+    uses_head_classifier = False  # the head's conv_seg is not used
+    test_logits = "p"  # what the head predicts with (of evaluation_logits)
+    centres = ""
+    scale_by_max = False  # Sinkhorn on the scores divided by their largest magnitude
+    gumbel_update = False  # the update's one-hot drawn from the plan (ProtoSeg's official update)
+    feat_norm: nn.LayerNorm
+    mask_norm: nn.LayerNorm
+
+    def embed(self, feats: Tensor, dropout: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+        raise NotImplementedError
+
+    def component_scores(self, z: Tensor, centres: Tensor) -> Tensor:
+        """``[N, C*M]`` for pixels ``z [N, D]`` and normalised ``centres [C*M, D]``."""
+        raise NotImplementedError
+
+    def class_scores(self, comps: Tensor) -> Tensor:
+        """``[N, C]``: each class's best component."""
+        return comps.view(comps.shape[0], self.num_classes, -1).amax(dim=-1)
+
+    def update_state(self, z: Tensor, gt: Tensor, correct: Tensor, assigned: Tensor) -> None:
+        raise NotImplementedError
+
+    def forward(self, feats: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None, dropout: Optional[Callable[[Tensor], Tensor]] = None) -> ComponentOutputs:
+        """``weight``/``bias`` (the head's classifier) are not used; ``labels [B, H, W]`` in training
+        give the targets and update the state."""
+        x = self.embed(feats, dropout)
+        b, _, h, w = x.shape
+        with autocast_off(x.device.type):
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            z = F.normalize(self.feat_norm(flat_pixels(x).to(dtype)), dim=-1)
+            stored = getattr(self, self.centres)
+            centres = F.normalize(stored, dim=-1)
+            if self.training:
+                with torch.no_grad():
+                    stored.copy_(centres)
+            comps = self.component_scores(z, centres.view(-1, z.shape[-1]).to(z.dtype))
+            p = class_logits(self.class_scores(comps), self.mask_norm, (b, h, w))
+        if labels is None or not self.training:
+            return ComponentOutputs(p, comps)
+        gt = resize_labels(labels, (h, w)).reshape(-1)
+        correct = p.argmax(1).reshape(-1) == gt
+        o = self.options
+        assignment = assign_components(comps.detach(), gt, correct, self.num_classes, self.ignore_index,
+                                       scale_by_max=self.scale_by_max, gumbel_update=self.gumbel_update,
+                                       iterations=o.sinkhorn_iterations, epsilon=o.sinkhorn_epsilon)
+        self.update_state(z.detach(), gt, correct, assignment.update)
+        return ComponentOutputs(p, comps, assignment.targets, gt != self.ignore_index)
+
+    def predict(self, feats: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+        return self.forward(feats).p
+
+    @staticmethod
+    def evaluation_logits(out: ComponentOutputs) -> dict[str, Tensor]:
+        return {"p": out.p}

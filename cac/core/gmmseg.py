@@ -26,20 +26,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Mapping, NamedTuple, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cac.core.classifier import resize_labels
-from cac.core.components import (assign_components, class_logits, component_cross_entropy, flat_pixels,
-                                 gather_over_ranks)
+from cac.core.components import ComponentClassifier, ComponentOutputs, component_losses, gather_over_ranks
 from cac.core.profiles import check_choices, options_from
-from cac.core.functional import autocast_off, resize_bilinear
 
-__all__ = ["GMMSEG_PROFILES", "GMMSegOptions", "ComponentOutputs", "GMMSegClassifier", "diagonal_gaussian_log_density",
-           "component_losses"]
+__all__ = ["GMMSEG_PROFILES", "GMMSegOptions", "GMMSegClassifier", "diagonal_gaussian_log_density"]
 
 # The official code's choices are the defaults; ``paper`` scores a class by its mixture's likelihood
 # (uniform component weights) instead of its best component.
@@ -92,17 +88,6 @@ class GMMSegOptions:
         return asdict(self)
 
 
-class ComponentOutputs(NamedTuple):
-    """What a multi-component classifier computed: ``p`` its class logits ``[B, C, h, w]`` (the test
-    output), ``components`` every component's score ``[N, C*M]``, and in training each pixel's
-    component ``targets [N]`` and whether it is labelled, ``valid [N]``."""
-
-    p: Tensor
-    components: Tensor
-    targets: Optional[Tensor] = None
-    valid: Optional[Tensor] = None
-
-
 def diagonal_gaussian_log_density(z: Tensor, means: Tensor, sigma: Tensor) -> Tensor:
     """``log N(z; μ_j, diag(σ_j²))`` for every pixel ``z [N, D]`` and component ``means, sigma [J, D]``:
     ``-D/2 log 2π - Σ_d log σ_jd - ½ Σ_d ((z_d - μ_jd) / σ_jd)²``, as ``[N, J]``. The square is expanded
@@ -112,45 +97,11 @@ def diagonal_gaussian_log_density(z: Tensor, means: Tensor, sigma: Tensor) -> Te
     return (-0.5 * z.shape[-1] * math.log(2 * math.pi) - sigma.log().sum(-1)) - 0.5 * quad
 
 
-def component_losses(out: ComponentOutputs, labels: Tensor, ce: Callable[[Tensor, bool], Mapping[str, Tensor]],
-                     terms: Mapping[str, float], *, ignore_by_label: bool, seg_upsample: str,
-                     ignore_index: int, distance_weight: float = 0.0) -> dict[str, Tensor]:
-    """The terms of a multi-component classifier, each weighted: the head's own loss on the class
-    logits (``ce(logits, accuracy)``, with its accuracy), the component cross-entropy under each name
-    of ``terms`` (``{"loss_contrast": 0.01}``) and, with ``distance_weight``, the squared distance of
-    each labelled pixel's score to 1 at its component (ProtoSeg's PPD, ``loss_ppd``)."""
-    logits = out.p
-    if seg_upsample == "aligned":
-        logits = resize_bilinear(logits, labels.shape[-2:], align_corners=True)
-    losses = dict(ce(logits, True))
-    if out.targets is None:
-        return losses
-    labelled = torch.where(out.valid, out.targets, torch.zeros_like(out.targets))  # any index where unlabelled
-    for name, weight in terms.items():
-        if weight > 0:
-            if ignore_by_label:
-                value = component_cross_entropy(out.components, out.targets, ignore_index)
-            else:
-                value = _masked_mean(F.cross_entropy(out.components, labelled, reduction="none"), out.valid)
-            losses[name] = value * weight
-    if distance_weight > 0:
-        picked = out.components.gather(1, labelled.unsqueeze(1)).squeeze(1)
-        losses["loss_ppd"] = _masked_mean((1 - picked).pow(2), out.valid) * distance_weight
-    return losses
-
-
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """The mean over ``mask``; 0 (with a gradient) when nothing is labelled, where the official codes'
-    0/0 would end the run with a NaN."""
-    count = mask.sum()
-    return (values * mask).sum() / count.clamp_min(1)
-
-
-class GMMSegClassifier(nn.Module):
+class GMMSegClassifier(ComponentClassifier):
     """The mixtures and their state; ``forward(f, labels=..., dropout=...)`` updates the state in training."""
 
-    uses_head_classifier = False  # the head's conv_seg is not used
-    test_logits = "p"  # what the head predicts with (of evaluation_logits)
+    centres = "means"  # directions: normalised each forward
+    scale_by_max = True  # log-densities, unbounded
 
     def __init__(self, in_channels: int, num_classes: int, options: GMMSegOptions | Mapping | None = None,
                  ignore_index: int = 255, norm_layer: Optional[Callable[[int], nn.Module]] = None) -> None:
@@ -176,43 +127,20 @@ class GMMSegClassifier(nn.Module):
         x = dropout(feats) if dropout is not None else feats
         return self.projection(x) if self.projection is not None else x
 
-    def forward(self, feats: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                labels: Optional[Tensor] = None, dropout: Optional[Callable[[Tensor], Tensor]] = None) -> ComponentOutputs:
-        """``weight``/``bias`` (the head's classifier) are not used; ``labels [B, H, W]`` in training
-        give the targets and update the state."""
-        x = self.embed(feats, dropout)
-        b, _, h, w = x.shape
-        with autocast_off(x.device.type):
-            dtype = torch.promote_types(x.dtype, torch.float32)
-            z = F.normalize(self.feat_norm(flat_pixels(x).to(dtype)), dim=-1)
-            means = F.normalize(self.means, dim=-1)
-            if self.training:  # the official forward stores them renormalised (not an evaluation: it
-                with torch.no_grad():  # would change the state by a rounding, and a resume's state with it)
-                    self.means.copy_(means)
-            comps = diagonal_gaussian_log_density(z, means.view(-1, z.shape[-1]).to(z.dtype),
-                                                  self.sigma.view(-1, z.shape[-1]).to(z.dtype))
-            p = class_logits(self._class_scores(comps), self.mask_norm, (b, h, w))
-        if labels is None or not self.training:
-            return ComponentOutputs(p, comps)
-        gt = resize_labels(labels, (h, w)).reshape(-1)
-        correct = p.argmax(1).reshape(-1) == gt
-        o = self.options
-        assignment = assign_components(comps.detach(), gt, correct, self.num_classes, self.ignore_index,
-                                       scale_by_max=True, gumbel_update=False, iterations=o.sinkhorn_iterations,
-                                       epsilon=o.sinkhorn_epsilon)
-        self.update_state(z.detach(), gt, assignment.update)
-        return ComponentOutputs(p, comps, assignment.targets, gt != self.ignore_index)
+    def component_scores(self, z: Tensor, centres: Tensor) -> Tensor:
+        return diagonal_gaussian_log_density(z, centres, self.sigma.view(-1, z.shape[-1]).to(z.dtype))
 
-    def _class_scores(self, comps: Tensor) -> Tensor:
+    def class_scores(self, comps: Tensor) -> Tensor:
         """``[N, C]``: each class's best component, or its mixture (``logsumexp - log M``)."""
-        grouped = comps.view(comps.shape[0], self.num_classes, -1)
         if self.options.class_score == "mixture":
+            grouped = comps.view(comps.shape[0], self.num_classes, -1)
             return torch.logsumexp(grouped, dim=-1) - math.log(grouped.shape[-1])
-        return grouped.amax(dim=-1)
+        return super().class_scores(comps)
 
     @torch.no_grad()
-    def update_state(self, z: Tensor, gt: Tensor, assigned: Tensor) -> None:
-        """One step's memory update and, every ``update_interval`` steps, the EM update (module doc)."""
+    def update_state(self, z: Tensor, gt: Tensor, correct: Tensor, assigned: Tensor) -> None:
+        """One step's memory update and, every ``update_interval`` steps, the EM update (module doc).
+        ``assigned`` is already zero where the pixel was misclassified."""
         o = self.options
         z, gt, assigned = gather_over_ranks(z), gather_over_ranks(gt), gather_over_ranks(assigned)
         classes = [int(k) for k in torch.unique(gt).tolist() if int(k) != self.ignore_index]
@@ -257,16 +185,9 @@ class GMMSegClassifier(nn.Module):
             means[rows] = o.gamma_mean * means[rows] + (1 - o.gamma_mean) * direction
             sigma[rows] = o.gamma_cov * sigma[rows] + (1 - o.gamma_cov) * spread
 
-    def predict(self, feats: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
-        return self.forward(feats).p
-
     def losses(self, out: ComponentOutputs, labels: Tensor, ce: Callable[[Tensor, bool], Mapping[str, Tensor]],
                ignore_index: int = 255) -> dict[str, Tensor]:
         o = self.options
         return component_losses(out, labels, ce, {"loss_contrast": o.contrast_weight},
                                 ignore_by_label=o.contrast_ignore == "label", seg_upsample=o.seg_upsample,
                                 ignore_index=ignore_index)
-
-    @staticmethod
-    def evaluation_logits(out: ComponentOutputs) -> dict[str, Tensor]:
-        return {"p": out.p}

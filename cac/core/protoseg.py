@@ -30,11 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cac.core.classifier import resize_labels
-from cac.core.components import assign_components, class_logits, flat_pixels, mean_over_ranks
+from cac.core.components import ComponentClassifier, ComponentOutputs, component_losses, mean_over_ranks
 from cac.core.profiles import check_choices, options_from
-from cac.core.functional import autocast_off
-from cac.core.gmmseg import ComponentOutputs, component_losses
 
 __all__ = ["PROTOSEG_PROFILES", "ProtoSegOptions", "ProtoSegClassifier"]
 
@@ -78,17 +75,17 @@ class ProtoSegOptions:
         return asdict(self)
 
 
-class ProtoSegClassifier(nn.Module):
+class ProtoSegClassifier(ComponentClassifier):
     """The projection head, the two LayerNorms and the prototypes (a buffer)."""
 
-    uses_head_classifier = False  # the head's conv_seg is not used
-    test_logits = "p"  # what the head predicts with (of evaluation_logits)
+    centres = "prototypes"
 
     def __init__(self, in_channels: int, num_classes: int, options: ProtoSegOptions | Mapping | None = None,
                  ignore_index: int = 255, norm_layer: Optional[Callable[[int], nn.Module]] = None) -> None:
         super().__init__()
         o = options if isinstance(options, ProtoSegOptions) else ProtoSegOptions.from_dict(options)
         self.options, self.num_classes, self.ignore_index = o, num_classes, ignore_index
+        self.gumbel_update = o.update_assignment == "gumbel"
         d = o.proj_dim or in_channels
         self.proj = nn.Sequential(nn.Conv2d(in_channels, in_channels, 1), nn.ReLU(inplace=True),
                                   nn.Conv2d(in_channels, d, 1))
@@ -101,35 +98,11 @@ class ProtoSegClassifier(nn.Module):
         x = self.proj(dropout(feats) if dropout is not None else feats)
         return F.normalize(x, dim=-1 if self.options.proj_norm == "width" else 1)
 
-    def forward(self, feats: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                labels: Optional[Tensor] = None, dropout: Optional[Callable[[Tensor], Tensor]] = None) -> ComponentOutputs:
-        """``weight``/``bias`` (the head's classifier) are not used; ``labels [B, H, W]`` in training
-        give the targets and update the prototypes."""
-        x = self.embed(feats, dropout)
-        b, d, h, w = x.shape
-        with autocast_off(x.device.type):
-            dtype = torch.promote_types(x.dtype, torch.float32)
-            z = F.normalize(self.feat_norm(flat_pixels(x).to(dtype)), dim=-1)
-            protos = F.normalize(self.prototypes, dim=-1)
-            if self.training:  # the official forward stores them renormalised (not an evaluation: it
-                with torch.no_grad():  # would change the state by a rounding, and a resume's state with it)
-                    self.prototypes.copy_(protos)
-            comps = z @ protos.view(-1, d).to(z.dtype).t()  # cosines, [N, C*M] class-major
-            best = comps.view(comps.shape[0], self.num_classes, -1).amax(dim=-1)
-            p = class_logits(best, self.mask_norm, (b, h, w))
-        if labels is None or not self.training:
-            return ComponentOutputs(p, comps)
-        gt = resize_labels(labels, (h, w)).reshape(-1)
-        correct = p.argmax(1).reshape(-1) == gt
-        o = self.options
-        assignment = assign_components(comps.detach(), gt, correct, self.num_classes, self.ignore_index,
-                                       scale_by_max=False, gumbel_update=o.update_assignment == "gumbel",
-                                       iterations=o.sinkhorn_iterations, epsilon=o.sinkhorn_epsilon)
-        self.update_prototypes(z.detach(), gt, correct, assignment.update)
-        return ComponentOutputs(p, comps, assignment.targets, gt != self.ignore_index)
+    def component_scores(self, z: Tensor, centres: Tensor) -> Tensor:
+        return z @ centres.t()  # cosines
 
     @torch.no_grad()
-    def update_prototypes(self, z: Tensor, gt: Tensor, correct: Tensor, assigned: Tensor) -> None:
+    def update_state(self, z: Tensor, gt: Tensor, correct: Tensor, assigned: Tensor) -> None:
         """Each prototype with pixels towards their normalised sum (momentum ``gamma``), all
         renormalised, then the ranks' mean (module doc)."""
         o = self.options
@@ -146,15 +119,8 @@ class ProtoSegClassifier(nn.Module):
         # a new tensor, not written in place: this step's cosines keep the old one for their backward
         self.prototypes = mean_over_ranks(F.normalize(new, dim=-1))
 
-    def predict(self, feats: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
-        return self.forward(feats).p
-
     def losses(self, out: ComponentOutputs, labels: Tensor, ce: Callable[[Tensor, bool], Mapping[str, Tensor]],
                ignore_index: int = 255) -> dict[str, Tensor]:
         o = self.options
         return component_losses(out, labels, ce, {"loss_ppc": o.ppc_weight}, ignore_by_label=False,
                                 seg_upsample=o.seg_upsample, ignore_index=ignore_index, distance_weight=o.ppd_weight)
-
-    @staticmethod
-    def evaluation_logits(out: ComponentOutputs) -> dict[str, Tensor]:
-        return {"p": out.p}
