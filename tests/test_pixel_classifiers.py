@@ -375,6 +375,13 @@ def test_a_spec_row_names_another_classifier_and_refuses_mixtures(tmp_path):
     assert g.cac is None and g.kind == "gmmseg" and s.classifier_for(g, "quick") == {
         "mem_size": 50, "num_components": 2, "type": "gmmseg"}  # the row's own options win
     assert [r.label for r in s.rows_for("quick")] == ["g"] and [r.label for r in s.rows_for("paper")] == ["g", "p"]
+    from cac.exp.runner import make_unit
+
+    unit = make_unit(s, g, 0, "quick")  # what trains is what the run logs as its settings
+    assert unit.cfg["model"]["decode_head"]["classifier"] == {"type": "gmmseg", "mem_size": 50, "num_components": 2}
+    settings = unit.settings()
+    assert settings["classifier"] == "gmmseg" and settings["gmmseg.mem_size"] == 50
+    assert settings["gmmseg.num_components"] == 2
     for rows, words in [
         ("  - {label: x, description: x, classifier: {type: nosuch}}\n", "unknown classifier type 'nosuch'"),
         ("  - {label: x, description: x, cac: true, classifier: {type: gmmseg}}\n", "not both"),

@@ -271,3 +271,28 @@ def test_a_failed_evaluation_keeps_its_checkpoint_and_the_resume_evaluates_that_
     history = {m.step for m in client.get_metric_history(run.info.run_id, "val/mIoU_pp")}
     assert history == {4, 8}
     assert [m.value for m in client.get_metric_history(run.info.run_id, "resume/start_iter")] == [4.0]
+
+
+@pytest.mark.parametrize("kind", ["gmmseg", "protoseg"])
+def test_other_classifiers_evaluate_mixed_sizes_as_each_image_alone_and_keep_their_state(kind):
+    """GMMSeg and ProtoSeg on the same mixed-size batch: counts equal the per-image sums (ProtoSeg's
+    official embedding is normalised along each image's width, so an image padded or batched with
+    another would change), and evaluating writes nothing into the classifier's state."""
+    from cac.mmseg.config import resolve_config
+    from cac.mmseg.evaluation import evaluate_pass
+    from cac.mmseg.params import build_model
+
+    torch.manual_seed(0)
+    classifier = {"type": kind, **({"mem_size": 64} if kind == "gmmseg" else {})}
+    model = build_model(resolve_config("fcn-slim-r18", "quick", classifier=classifier)["model"]).eval()
+    state = {k: v.clone() for k, v in model.decode_head.classifier.named_buffers()}
+    batch = mixed_seg_batch(SHAPES, NUM_CLASSES, seed=3)
+    whole = evaluate_pass(model, [batch], NUM_CLASSES, explain=True)
+    singles = [{"inputs": [batch["inputs"][i]], "data_samples": [batch["data_samples"][i]]} for i in range(len(SHAPES))]
+    per_image = [evaluate_pass(model, [one], NUM_CLASSES) for one in singles]
+    labelled = sum(int((s.gt_sem_seg.data != 255).sum()) for s in batch["data_samples"])
+    assert set(whole.confusion) == {"p"}
+    assert int(whole.confusion["p"].sum()) == labelled
+    assert torch.equal(whole.confusion["p"], sum(r.confusion["p"] for r in per_image))
+    for name, value in model.decode_head.classifier.named_buffers():
+        assert torch.equal(value, state[name]), f"evaluation changed {name}"

@@ -244,7 +244,7 @@ def _print_plan(spec: Spec, preset: str, rows: list[Row], settings: BenchSetting
     for row in rows:
         cac = "off" if row.cac is None else ("on " + json.dumps(row.cac) if row.cac else "on")
         if row.classifier is not None:
-            cac = f"off, classifier {json.dumps(row.classifier)}"
+            cac = f"off, classifier {json.dumps(spec.classifier_for(row, preset))}"
         role = " (baseline)" if row.label == base else ""
         source = f" (from {MODEL_ENV})" if os.environ.get(MODEL_ENV) else ""
         echo(f"  {row.label:>10}{role}: {bench_model_name(spec, row, preset)}{source} cac {cac}")

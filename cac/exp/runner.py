@@ -106,8 +106,10 @@ def make_unit(spec: Spec, row: Row, seed: int, preset: str, *, cac_extra: Option
         row = dataclasses.replace(row, classifier={**row.classifier, **cac_extra})
     elif cac_extra and row.cac is not None:
         row = dataclasses.replace(row, cac={**row.cac, **cac_extra})
+    if row.classifier is not None:  # the preset's options for its kind: what trains is what is logged
+        row = dataclasses.replace(row, classifier=spec.classifier_for(row, preset))
     cac = row.cac
-    cfg = resolve_config(model, preset, cac=cac if cac is not None else False, classifier=spec.classifier_for(row, preset),
+    cfg = resolve_config(model, preset, cac=cac if cac is not None else False, classifier=row.classifier,
                          overrides={**spec.overrides_for(row, preset), **(overrides_extra or {})},
                          seed=seed, dataset=spec.dataset)
     cfg = apply_run_options(cfg, options, embedded=get_preset(preset).embedded, config_name=entry.config,
