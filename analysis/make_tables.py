@@ -121,7 +121,7 @@ def explain_sections(spec, preset: str, uri: str, fig_dir: Optional[Path] = None
                    for label, seeds in runs.items()} for m, _ in EXPLAIN_METRICS}
     if not any(v for per_row in metrics.values() for v in per_row.values()):
         return "", "", []  # runs from before these measures were logged: nothing to add
-    parts = ["", "## Where and how CAC helps (measured on these runs)", "", explain_metrics_markdown(spec, metrics)]
+    parts = ["", "## Where and how CAC helps (measured on these runs)", "", explain_metrics_markdown(spec, metrics, preset)]
     base = spec.baseline if spec.baseline and runs.get(spec.baseline) else None
     full = full_cac_row(spec, [label for label, seeds in runs.items() if seeds and label != base])
     sections: dict = {}

@@ -609,15 +609,17 @@ def class_delta_csv(sections: Mapping[str, Sequence[ClassDelta]]) -> str:
     return buf.getvalue()
 
 
-def explain_metrics_markdown(spec: Spec, results: Mapping[str, Mapping[str, Mapping[int, float]]]) -> str:
-    """Per row, mean ± std over seeds of each of :data:`EXPLAIN_METRICS` (``results[metric][row][seed]``)."""
+def explain_metrics_markdown(spec: Spec, results: Mapping[str, Mapping[str, Mapping[int, float]]],
+                             preset: Optional[str] = None) -> str:
+    """Per row (of those at ``preset``), mean ± std over seeds of each of :data:`EXPLAIN_METRICS`
+    (``results[metric][row][seed]``)."""
     heads = [name for _, name in EXPLAIN_METRICS]
     lines = ["### Calibration and what the context changes (val, %)", "",
              "ECE: expected calibration error of the softmax's top probability, 15 equal-width bins. changed: "
              "share of labelled val pixels whose argmax differs between p and p_p; fixed / broken by p_p: of the "
              "changed pixels, the share p_p gets right and p got wrong, and the reverse.", "",
              "| Row | Description | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(heads)]
-    for row in spec.rows:
+    for row in (spec.rows if preset is None else spec.rows_for(preset)):
         cells = [fmt_summary(summarize([v for _, v in sorted(results.get(m, {}).get(row.label, {}).items())]))
                  for m, _ in EXPLAIN_METRICS]
         lines.append(f"| {row.label} | {_md_escape(row.description)} | "

@@ -375,6 +375,12 @@ def test_a_spec_row_names_another_classifier_and_refuses_mixtures(tmp_path):
     assert g.cac is None and g.kind == "gmmseg" and s.classifier_for(g, "quick") == {
         "mem_size": 50, "num_components": 2, "type": "gmmseg"}  # the row's own options win
     assert [r.label for r in s.rows_for("quick")] == ["g"] and [r.label for r in s.rows_for("paper")] == ["g", "p"]
+    from analysis.tables import explain_metrics_markdown
+
+    # a report at a preset lists the rows that exist there, not a paper-only one as "no runs"
+    listed = [line.split("|")[1].strip() for line in explain_metrics_markdown(s, {}, "quick").splitlines()
+              if line.startswith("| ")][1:]
+    assert listed == ["g"] and "| p |" in explain_metrics_markdown(s, {}, "paper")
     from cac.exp.runner import make_unit
 
     unit = make_unit(s, g, 0, "quick")  # what trains is what the run logs as its settings
