@@ -130,7 +130,7 @@ def explain_sections(spec, preset: str, uri: str, fig_dir: Optional[Path] = None
             row_iou = _class_tables(uri, runs[full.label], "per_class_iou.csv", "iou")
             base_iou = _class_tables(uri, runs[base], "per_class_iou.csv", "iou")
             sections[f"{full.label} vs baseline {base}"] = (row_iou, base_iou, (
-                f"Per-class IoU (test-time output) of {full.label} {full.description} minus the baseline "
+                f"Per-class IoU (test-time output) of {full.label} ({full.description}) minus the baseline "
                 f"{base}'s, per seed, then the mean over seeds with a paired 95% t-interval; sorted, largest first."))
         pp = _class_tables(uri, runs[full.label], "per_class_iou_classifiers.csv", "iou_pp")
         p = _class_tables(uri, runs[full.label], "per_class_iou_classifiers.csv", "iou_p")

@@ -44,6 +44,25 @@ def test_scrub_removes_secrets_quoted_outside_urls(monkeypatch):
     assert scrub(line) == "failed for postgresql://h/db: password *** refused; token ***; user u"
 
 
+def test_a_libraries_flag_is_not_a_secret_and_real_secret_names_are(monkeypatch):
+    """Importing mmseg sets TOKENIZERS_PARALLELISM=false; it must not make every "false" in a record
+    "***" (it did: every run's git_dirty tag). Secret names are matched by their words."""
+    import mmseg.utils  # noqa: F401  (its tokenizer module sets the variable, as in every training process)
+    import os
+
+    from cac.exp.credentials import secret_env_name
+
+    assert os.environ.get("TOKENIZERS_PARALLELISM") == "false"
+    assert scrub("git_dirty false; {\"flip\": false}") == "git_dirty false; {\"flip\": false}"
+    named = ["MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "PGPASSWORD", "AWS_SECRET_ACCESS_KEY", "LAB_API_KEY",
+             "HF_TOKEN", "GITHUB_APITOKEN", "DB_PWD", "GOOGLE_APPLICATION_CREDENTIALS"]
+    assert all(secret_env_name(n) for n in named)
+    assert not any(secret_env_name(n) for n in ["TOKENIZERS_PARALLELISM", "KEYBOARD_LAYOUT", "MONKEY", "PASSAGE_DIR"])
+    monkeypatch.setenv("LAB_SECRET_FLAG", "false")  # a flag's value is never taken for a secret
+    monkeypatch.setenv("PGPASSWORD", "pg-77aa31")
+    assert scrub("dirty false, password pg-77aa31") == "dirty false, password ***"
+
+
 def test_a_job_finds_its_full_url_in_the_environment_it_inherits(monkeypatch):
     """The submitting process puts the full URLs in the environment and a job's pickle holds only
     the public ones; the job takes the full URL back from what it inherited."""

@@ -85,6 +85,9 @@ def test_run_tracks_everything_then_skips_finished(workspace, capsys):
 
     assert tags["mlflow.source.name"] == "cac-exp" and tags["mlflow.source.type"] == "LOCAL"
     assert tags["mlflow.source.git.commit"] == tags["git_commit"] and tags["mlflow.source.git.dirty"] in ("true", "false")
+    from cac.exp.provenance import source_tree  # the checkout's state as tracked, not scrubbed ("false" was "***")
+
+    assert tags["git_dirty"] == tags["mlflow.source.git.dirty"] == source_tree()["mlflow.source.git.dirty"]
     assert tags["env.torch"] == torch.__version__.split("+")[0] or tags["env.torch"] == importlib.metadata.version("torch")
     assert tags["env.mmcv"] == importlib.metadata.version("mmcv") and tags["env.mmcv_ops"] == "compiled"
     assert tags["env.mmseg"] == importlib.metadata.version("mmsegmentation") and tags["env.cac"] == "0.1.0"

@@ -22,7 +22,11 @@ SECRET_QUERY_KEYS = re.compile(r"pass(word|wd)?$|^pwd$|token|secret|key$|^key|si
                                re.IGNORECASE)
 # Environment variables whose values are secrets (MLFLOW_TRACKING_PASSWORD, PGPASSWORD, AWS_SECRET_ACCESS_KEY,
 # MLFLOW_TRACKING_TOKEN, ..._API_KEY): never written, and scrubbed from any line that quotes one.
-_SECRET_ENV = re.compile(r"PASSWORD|PASSWD|TOKEN|SECRET|_KEY$|^KEY$|CREDENTIAL", re.IGNORECASE)
+# A name is secret by one of its words (split at "_"), not by a substring: mmseg's tokenizer sets
+# TOKENIZERS_PARALLELISM=false, and a substring match made every "false" in every record "***".
+_SECRET_WORDS = {"KEY", "APIKEY", "TOKEN", "SECRET", "PWD", "PASS", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS"}
+_SECRET_ENDINGS = ("PASSWORD", "PASSWD", "TOKEN", "SECRET")  # PGPASSWORD, APITOKEN
+_NOT_SECRET = {"true", "false", "yes", "no", "on", "off", "none", "null"}  # a flag's value, whatever its name
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s'\"`<>]+")
 _SEEN: set[str] = set()  # secrets met in URLs this process was given (see remember)
 _MIN_SECRET = 4  # shorter values (a user name "ci", "1") would scrub ordinary words
@@ -85,8 +89,16 @@ def remember(*urls: Optional[str]) -> None:
             _SEEN.update(_secrets_of(url))
 
 
+def secret_env_name(name: str) -> bool:
+    """Whether an environment variable of this name holds a secret (MLFLOW_TRACKING_TOKEN, PGPASSWORD,
+    AWS_SECRET_ACCESS_KEY, LAB_API_KEY; not TOKENIZERS_PARALLELISM or KEYBOARD_LAYOUT)."""
+    words = name.upper().split("_")
+    return any(w in _SECRET_WORDS or w.endswith(_SECRET_ENDINGS) for w in words)
+
+
 def _env_secrets() -> set[str]:
-    return {v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= _MIN_SECRET}
+    return {v for k, v in os.environ.items()
+            if secret_env_name(k) and len(v) >= _MIN_SECRET and v.lower() not in _NOT_SECRET}
 
 
 def scrub(text: str) -> str:
