@@ -108,6 +108,20 @@ def test_oracle_branch_never_runs_at_inference():
     assert cost["cac_classifier_ms"] > 0 and cost["conv_seg_ms"] > 0
 
 
+@pytest.mark.parametrize("label", ["GMMSeg", "ProtoSeg", "SSA-Seg"])
+def test_the_classifier_share_is_measured_for_every_classifier(label):
+    """Table 6's classifier timing on the cost spec's other rows: the classifier each head ends with,
+    on the features the head gave it (GMMSeg and ProtoSeg have no oracle branch to watch)."""
+    spec = load_spec(ROOT / "ablations" / "classifiers_cost.yaml")
+    cfg = bench_model_cfg(spec, spec.row(label), "quick")
+    cfg["backbone"]["depths"] = [1, 1, 1, 1]
+    model = build_eval_model(cfg, "cpu")
+    kind = {"GMMSeg": "GMMSegClassifier", "ProtoSeg": "ProtoSegClassifier"}.get(label, "ContextAwareClassifier")
+    assert type(model.decode_head.classifier).__name__ == kind
+    cost = classifier_cost(model, 64, 1, repeats=2, device="cpu")
+    assert cost["cac_classifier_ms"] > 0 and cost["conv_seg_ms"] > 0
+
+
 @pytest.mark.slow
 def test_run_benchmark_logs_runs_and_prints_table6(tmp_path, monkeypatch):
     import mlflow

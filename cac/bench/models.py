@@ -111,9 +111,10 @@ def _cac_heads(model) -> list:
 
 
 def classifier_cost(model, size: int, batch_size: int, repeats: int, device: str) -> Optional[dict[str, float]]:
-    """Median ms of the head's ``conv_seg`` and of CAC's classifier on the same captured features.
+    """Median ms of the head's ``conv_seg`` and of the classifier the head ends with (CAC's, GMMSeg's,
+    ProtoSeg's) on the same captured features.
 
-    ``None`` for a model without ``CACHead``. Also checks that the oracle projector never runs.
+    ``None`` for a model without ``CACHead``. Also checks that CAC's oracle projector never runs.
     """
     import torch
 
@@ -129,7 +130,8 @@ def classifier_cost(model, size: int, batch_size: int, repeats: int, device: str
         captured.append(args)
         return type(cls).predict(cls, *args)
     cls.predict = capture
-    hooks = [cls.proj_y.register_forward_hook(lambda *a: oracle_calls.append(1))] if cls.proj_y is not None else []
+    oracle = getattr(cls, "proj_y", None)  # CAC's training-only branch; the other classifiers have none
+    hooks = [oracle.register_forward_hook(lambda *a: oracle_calls.append(1))] if oracle is not None else []
     try:
         inference_fn(model, size, batch_size)()
     finally:
