@@ -43,11 +43,12 @@ from cac.synthetic import seg_batch  # noqa: E402
 
 PER_IMAGE = 15
 # variant -> CAC options for resolve_config (None: the plain model), or another classifier (a dict
-# with a ``type``; GMMSeg's memory at 2000 slots: its official 32000 hold 1.2 GB at 150 classes x 5,
-# which a train step never reads but the EM, every fifth, does)
+# with a ``type``). GMMSeg as its ADE20K config (8 components) with 1000 memory slots, as
+# ablations/classifiers_cost.yaml: the official 32000 hold 9.8 GB at 150 classes x 8 x 64 dims, which
+# every step writes into and every fifth step's EM reads whole)
 VARIANTS: dict[str, Any] = {"baseline": None, "+CAC": True, "+CAC official": {"profile": "official"},
                             "official": {"profile": "official"}, "+SSA": {"profile": "ssa"},
-                            "+GMMSeg": {"type": "gmmseg", "mem_size": 2000}, "+ProtoSeg": {"type": "protoseg"}}
+                            "+GMMSeg": {"type": "gmmseg", "num_components": 8, "mem_size": 1000}, "+ProtoSeg": {"type": "protoseg"}}
 # what runs without --variants: CAC's rows (SSA-Seg, CAC's successor, on request)
 DEFAULT_VARIANTS = ["baseline", "+CAC", "+CAC official", "official"]
 
