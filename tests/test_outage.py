@@ -21,6 +21,7 @@ import mlflow
 import pytest
 
 from cac_probes import HELD_RUN_SPEC, assert_steps_logged_once, probe_env, probe_overrides
+from cli_process import CacExp
 from mlflow_server import MlflowServer
 
 STEPS = [4, 8, 12]  # train/* every 4 iterations (the val interval), the three classifiers at each val pass
@@ -47,23 +48,13 @@ def _env(where: Path, drain: float) -> dict:
                       "CAC_TRACKING_DRAIN": str(drain), **MLFLOW_FAST_FAIL})
 
 
-def _start(where: Path, spec: Path, uri: str, drain: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cac.cli", "run", str(spec), "--tracking-uri", uri], cwd=where,
-                            env=_env(where, drain), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start(where: Path, spec: Path, uri: str, drain: float) -> CacExp:
+    return CacExp(["run", str(spec), "--tracking-uri", uri], where, _env(where, drain))
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended before {path.name}: " + proc.stderr.read()[-3000:])
-        assert time.monotonic() < deadline, f"no {path} within {timeout} s"
-        time.sleep(0.1)
-
-
-def _outage_at_hold(server: MlflowServer, probe: Path, proc: subprocess.Popen) -> None:
+def _outage_at_hold(server: MlflowServer, probe: Path, proc: CacExp) -> None:
     """Stop the server while training is held after iteration 4, then let training go on."""
-    _wait_for(probe / "held", proc)
+    proc.wait_for(probe / "held", timeout=240)
     server.stop()
     (probe / "release").touch()
 
@@ -106,7 +97,7 @@ def test_outages_of_the_tracking_server(server, module_data_root, tmp_path):
     probe = tmp_path / "probe-back"
     proc = _start(tmp_path, _spec(tmp_path, probe), uri, drain=120)
     _outage_at_hold(server, probe, proc)
-    _wait_for(probe / "rank0.json", proc)  # training ran to its end with the server away ...
+    proc.wait_for(probe / "rank0.json", timeout=240)  # training ran to its end with the server away ...
     time.sleep(3)  # ... and the outage goes on for seconds more (MLflow's retries take well under a second)
     server.restart()
     out, err = proc.communicate(timeout=300)

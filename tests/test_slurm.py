@@ -15,6 +15,7 @@ import mlflow
 import pytest
 
 from cac_probes import probe_env, probe_overrides, start_iters
+from cli_process import CacExp
 from slurm_cluster import missing_binaries, start_cluster
 
 pytestmark = pytest.mark.slow
@@ -60,10 +61,9 @@ def _spec(where: Path, iters: int = 8, interval: int = 4, extra: str = "") -> Pa
     return path
 
 
-def _cac_exp(where: Path, cluster, *args: str, **popen) -> subprocess.Popen:
+def _cac_exp(where: Path, cluster, *args: str) -> CacExp:
     env = probe_env({**cluster.env, "CAC_WORK_DIR": str(where / "work_dirs"), "OMP_NUM_THREADS": "1"})
-    return subprocess.Popen([sys.executable, "-m", "cac.cli", *args], cwd=where, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **popen)
+    return CacExp(list(args), where, env)
 
 
 def _runs(uri: str, experiment: str = "sl"):
@@ -139,12 +139,9 @@ def test_usr2_requeues_and_the_job_resumes_exactly(where, cluster):
     assert run.info.status == "FINISHED" and run.data.metrics["val/mIoU"] == pytest.approx(reference, abs=1e-9)
 
 
-def _wait_held(probe: Path, proc: subprocess.Popen) -> None:
+def _wait_held(probe: Path, proc: CacExp) -> None:
     """Until the job's probe holds it after its checkpoint at 4 (however fast or slow the machine)."""
-    deadline = time.monotonic() + 300
-    while not (probe / "held").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "the job never reached its checkpoint at 4"
-        time.sleep(0.2)
+    proc.wait_for(probe / "held", timeout=300)
 
 
 def test_a_cancelled_job_is_retried_with_slurms_reason(where, cluster):

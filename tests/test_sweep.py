@@ -11,6 +11,7 @@ import optuna
 import pytest
 
 from cac.cli import main
+from cli_process import CacExp
 from cac_probes import assert_steps_logged_once, probe_env, probe_overrides, start_iters, trainer_pids
 
 BASE = """
@@ -75,23 +76,21 @@ def test_two_processes_share_a_study_then_continue_to_new_total(workspace, sweep
     (workspace / "base.yaml").write_text(BASE.format(extra=probe_overrides(probe, trainers=2)))
     storage = f"sqlite:///{workspace}/optuna.db"
     uri = f"sqlite:///{workspace}/mlflow.db"
-    cmd = [sys.executable, "-m", "cac.cli", "sweep", str(sweep_spec), "--trials", "2", "--storage", storage,
-           "--tracking-uri", uri, "--out", str(workspace / "reports")]
+    args = ["sweep", str(sweep_spec), "--trials", "2", "--storage", storage, "--tracking-uri", uri,
+            "--out", str(workspace / "reports")]
     # Two processes share this machine's cores (as dispatched workers do, cac.exp.dispatch.cpu_threads):
     # with every core each, their torch threads oversubscribe the CPU and train several times slower.
     env = probe_env({**os.environ, "CAC_WORK_DIR": str(workspace / "work_dirs"),
                      "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2))})
     # Create the study once so both processes find it (Optuna's own race on first creation is not ours).
     optuna.create_study(study_name="sw", storage=storage, direction="maximize")
-    procs = [subprocess.Popen(cmd, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)]
+    procs = [CacExp(args, workspace, env, merge=True)]
     # the second process joins once the first has a trial (its sampler then draws other points)
     deadline = time.monotonic() + 300
     while not optuna.load_study(study_name="sw", storage=storage).trials:
         assert procs[0].poll() is None and time.monotonic() < deadline, "the first process started no trial"
         time.sleep(0.2)
-    procs.append(subprocess.Popen(cmd, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True))
+    procs.append(CacExp(args, workspace, env, merge=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     study, done = _counted(storage)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 import threading
@@ -24,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 from cac.exp.credentials import public_url, scrub
 
 __all__ = ["Journal", "Courier", "courier_for", "drain_all", "waiting_journals", "deliver_journal", "metric_record", "sync",
-           "unreachable", "retry_on_duplicate",
+           "unreachable", "retry_on_duplicate", "error_line",
            "JOURNAL_DIR", "DRAIN_ENV", "STALL_ENV"]
 
 JOURNAL_DIR = "tracking"  # a unit's journals, in its work dir
@@ -253,7 +254,7 @@ def deliver_journal(journal: Journal, client, say: Callable[[str], None]) -> int
         if not _permanent(err):
             journal.suspect = True
             raise
-        note = f"the store refused {op} of run {journal.run_id} ({_first_line(err)}); skipped"
+        note = f"the store refused {op} of run {journal.run_id} ({error_line(err)}); skipped"
     if note:
         say(note)
     journal.acknowledge(len(batch))
@@ -293,19 +294,37 @@ def retry_on_duplicate(call, tries: int = 3):
             time.sleep(0.05 * (attempt + 1))
 
 
-def _first_line(err: BaseException) -> str:
-    """What went wrong, in one short line: the root cause of a chain (a refused connection, not the
-    client's wrapping of it), its first line."""
-    root = err
-    for _ in range(10):
-        nxt = root.__cause__ or root.__context__
-        if nxt is None:
+def error_line(err: BaseException) -> str:
+    """What went wrong, in one short line: the deepest error of the chain that names it (a refused
+    connection: an OSError, or the database layer's error), not a client's generic wrapping of it
+    (Optuna's "An exception is raised during the commit"); ``Type: first line``, credentials scrubbed."""
+    chain, seen = [err], {id(err)}
+    while len(chain) < 10:
+        nxt = chain[-1].__cause__ or chain[-1].__context__
+        if nxt is None or id(nxt) in seen:
             break
-        root = nxt
-    if not isinstance(root, OSError):
-        root = err
+        chain.append(nxt)
+        seen.add(id(nxt))
+    named = [e for e in chain if isinstance(e, OSError) or type(e).__module__.split(".")[0] == "sqlalchemy"]
+    root = named[-1] if named else err
     text = str(root).strip()
     return scrub(f"{type(root).__name__}: {text.splitlines()[0][:160]}" if text else type(root).__name__)
+
+
+_COURIER_THREAD = "cac-tracking "  # the courier threads' names begin so
+
+
+class _QuietInCourier(logging.Filter):
+    """MLflow's database store logs each failed call with its traceback (``mlflow.store.db.utils``, at
+    ERROR): through an outage, one traceback per delivery attempt, hours of them in a job's log. From a
+    courier's thread they are dropped: the courier says once that the store is away (with the error's
+    first line) and once that it answers again."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.threadName.startswith(_COURIER_THREAD)
+
+
+_QUIET_IN_COURIER = _QuietInCourier()
 
 
 def _say(line: str) -> None:
@@ -391,7 +410,8 @@ class Courier:
     # -- the thread -------------------------------------------------------------------------------
     def _start(self) -> None:
         if self.thread is None or not self.thread.is_alive():
-            self.thread = threading.Thread(target=self._loop, name=f"cac-tracking {self.store}", daemon=True)
+            logging.getLogger("mlflow.store.db.utils").addFilter(_QUIET_IN_COURIER)  # once: a filter is added once
+            self.thread = threading.Thread(target=self._loop, name=f"{_COURIER_THREAD}{self.store}", daemon=True)
             self.thread.start()
 
     def _announce(self) -> None:
@@ -436,7 +456,7 @@ class Courier:
                 count = deliver_journal(journal, self.client, self.say)
             except Exception as err:  # noqa: BLE001 - unreachable or failing: the records wait, retried later
                 self.attempt_since = None
-                self.failed = _first_line(err)
+                self.failed = error_line(err)
                 self._announce()
                 time.sleep(backoff)
                 backoff = min(30.0, backoff * 2)
@@ -528,7 +548,7 @@ def sync(roots: Iterable[Path], uri: str, connect: Callable[[str], Any], echo: C
             except Exception as err:  # noqa: BLE001 - the store went away again: the rest waits
                 if not unreachable(err):
                     raise
-                echo(f"sync: {store} stopped answering ({_first_line(err)}); "
+                echo(f"sync: {store} stopped answering ({error_line(err)}); "
                      f"{sum(j.pending() for j in mine)} records still wait")
                 return 1
             echo(f"sync  run {journal.run_id}: {count} records delivered to {store} ({unit})")

@@ -20,7 +20,7 @@ from optuna.storages._heartbeat import BaseHeartbeat
 
 from cac.errors import CacError
 from cac.exp.credentials import public_url, scrub
-from cac.exp.journal import unreachable
+from cac.exp.journal import error_line, unreachable
 
 __all__ = ["PatientStorage", "PATIENCE_ENV"]
 
@@ -35,7 +35,7 @@ _DELEGATED = ("create_new_study", "delete_study", "set_study_user_attr", "set_st
               "set_trial_system_attr", "get_trial", "get_all_trials", "get_n_trials", "get_best_trial",
               "get_trial_params", "get_trial_user_attrs", "get_trial_system_attrs", "remove_session",
               "check_trial_is_updatable", "_get_stale_trial_ids", "get_heartbeat_interval",
-              "get_heartbeat_stale_trial_callback", "get_failed_trial_callback")
+              "get_heartbeat_stale_trial_callback")
 
 
 def _delegate(name: str) -> Callable:
@@ -63,8 +63,7 @@ class PatientStorage(BaseStorage, BaseHeartbeat):
         with self._lock:
             if not self._away:
                 self._away = True
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-                self._echo(scrub(f"optuna: the storage {self._shown} is unreachable ({type(err).__name__}: {first}); "
+                self._echo(scrub(f"optuna: the storage {self._shown} is unreachable ({error_line(err)}); "
                                  f"waiting for it up to {self._patience:g} s, training goes on"))
 
     def _say_back(self) -> None:

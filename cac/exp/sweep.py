@@ -148,7 +148,7 @@ def resolve_storage(url: Optional[str]):
     file, else an RDB URL. A URL that cannot give a storage (unknown scheme, missing driver, unreachable
     or unopenable database, unwritable file) is one ``CacError`` line, raised before anything runs."""
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     from cac.exp.credentials import public_url, remember
 
@@ -167,6 +167,7 @@ def resolve_storage(url: Optional[str]):
                            f"{_STORAGE_HINT}") from None
     if "://" not in url:
         raise CacError(f"--storage {public_url(url)!r} is not a URL; {_STORAGE_HINT}")
+    from cac.exp.journal import error_line
     from cac.exp.tracking import check_db_driver, redacted_url
 
     check_db_driver(url, "--storage")  # a missing driver names the package to install
@@ -174,16 +175,9 @@ def resolve_storage(url: Optional[str]):
     beat = int(os.environ.get("CAC_SWEEP_HEARTBEAT", "10"))  # seconds; a dead trial is retried after 2 beats
     try:
         return RDBStorage(url, heartbeat_interval=beat, grace_period=2 * beat,
-                          failed_trial_callback=RetryFailedTrialCallback(max_retry=3)), url
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3)), url
     except Exception as err:  # noqa: BLE001 - SQLAlchemy / driver / Optuna errors: one line, then stop
-        raise CacError(f"--storage {redacted_url(url)!r}: cannot open it ({_first_line(err)}); {_STORAGE_HINT}") from None
-
-
-def _first_line(err: BaseException) -> str:
-    """``Type: first line of the message`` (SQLAlchemy appends links and SQL on later lines)."""
-    text = str(err).strip()
-    first = text.splitlines()[0] if text else ""
-    return f"{type(err).__name__}: {first[:300]}" if first else type(err).__name__
+        raise CacError(f"--storage {redacted_url(url)!r}: cannot open it ({error_line(err)}); {_STORAGE_HINT}") from None
 
 
 _WORKER_STRIDE = 100_003  # seed distance between dispatched workers: more trials than any study holds
