@@ -178,3 +178,47 @@ def test_a_sweep_worker_outlives_its_database_server(workspace, pg_server):
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/mIoU_pp")) == [4, 8, 12]
     # the pruner heard the val pass before the outage; the ones during it were skipped, not waited for
     assert 4 in trial.intermediate_values
+
+
+def test_a_pruner_report_never_waits_for_a_silent_server(pg_server):
+    """The server's host drops off the network (tests/tcp_proxy.py: connections stay open, nothing is
+    refused, nothing answers) while a trial trains. A pruner report then costs the trial at most the
+    report wait, once: the report is dropped (the trial is not pruned), the console says the storage is
+    away, and the next reports are dropped at once while the first one still waits. Once the network
+    heals, the late report lands and reports are heard again."""
+    import threading
+    import time
+
+    from optuna.pruners import MedianPruner
+    from optuna.storages import RDBStorage
+
+    from cac.exp.patience import PatientStorage
+    from tcp_proxy import TcpProxy
+
+    said: list[str] = []
+    with TcpProxy(pg_server.port) as proxy:
+        url = f"postgresql://postgres:{PASSWORD}@127.0.0.1:{proxy.port}/optuna"
+        storage = PatientStorage(RDBStorage(url), url, echo=said.append, report_wait=2.0)
+        study = optuna.create_study(study_name="silent", storage=storage, direction="maximize",
+                                    pruner=MedianPruner(n_startup_trials=0))
+        trial = study.ask()
+        assert storage.should_prune(trial, 0.5, 4) is False and not said  # heard
+
+        proxy.partition()
+        t0 = time.monotonic()
+        assert storage.should_prune(trial, 0.6, 8) is False
+        assert time.monotonic() - t0 < 5  # the report wait (2 s), not the connection's minutes
+        t0 = time.monotonic()
+        assert storage.should_prune(trial, 0.7, 12) is False
+        assert time.monotonic() - t0 < 0.5  # the report at 8 still waits: this one is dropped at once
+        assert len(said) == 1 and "is unreachable (TimeoutError: no answer within 2 s" in said[0], said
+        assert PASSWORD not in said[0]
+
+        proxy.heal()
+        late = [t for t in threading.enumerate() if t.name == "cac-pruner-report"]
+        for thread in late:
+            thread.join(60)
+        assert not any(t.is_alive() for t in late)
+        assert storage.should_prune(trial, 0.8, 16) is False
+        values = optuna.load_study(study_name="silent", storage=url).trials[0].intermediate_values
+        assert values == {4: 0.5, 8: 0.6, 16: 0.8}  # the late report landed; 12 was dropped

@@ -6,7 +6,8 @@ server unreachable is retried with backoff (up to ``$CAC_STORAGE_PATIENCE`` seco
 the console says once that the storage is away and once that it is back, so a trial's result is told
 when the server returns. Calls made while a trial trains never wait: the heartbeat is skipped, and a
 report for the pruner is dropped (:meth:`PatientStorage.should_prune` says False), so training goes on
-at full speed.
+at full speed. A server that is not refused but silent (its host gone from the network: a connection
+then hangs for many minutes) costs a trial at most ``$CAC_PRUNER_WAIT`` seconds (default 10) once.
 """
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ from cac.errors import CacError
 from cac.exp.credentials import public_url, scrub
 from cac.exp.journal import error_line, unreachable
 
-__all__ = ["PatientStorage", "PATIENCE_ENV"]
+__all__ = ["PatientStorage", "PATIENCE_ENV", "PRUNER_WAIT_ENV"]
 
 PATIENCE_ENV = "CAC_STORAGE_PATIENCE"
+PRUNER_WAIT_ENV = "CAC_PRUNER_WAIT"
 
 # Every storage call a study makes (BaseStorage's and BaseHeartbeat's), delegated with patience.
 _DELEGATED = ("create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
@@ -50,9 +52,11 @@ class PatientStorage(BaseStorage, BaseHeartbeat):
     """``inner`` (an Optuna storage) with the patience described in the module's docstring."""
 
     def __init__(self, inner: BaseStorage, url: str, echo: Callable[[str], None] = print,
-                 patience: float | None = None) -> None:
+                 patience: float | None = None, report_wait: float | None = None) -> None:
         self._inner, self._shown, self._echo = inner, public_url(url), echo
         self._patience = float(os.environ.get(PATIENCE_ENV, 1800)) if patience is None else patience
+        self._report_wait = float(os.environ.get(PRUNER_WAIT_ENV, 10)) if report_wait is None else report_wait
+        self._report: threading.Thread | None = None  # a report still waiting for the server
         self._local = threading.local()  # calls of one thread that must not wait (see should_prune)
         self._away = False
         self._lock = threading.Lock()
@@ -105,15 +109,31 @@ class PatientStorage(BaseStorage, BaseHeartbeat):
 
     def should_prune(self, trial, value: float, step: int) -> bool:
         """Report ``value`` at ``step`` and ask the pruner, without waiting: while the storage is away
-        the step is not reported and the trial trains on (False)."""
-        self._local.impatient = True
-        try:
-            trial.report(value, step)
-            return trial.should_prune()
-        except Exception as err:  # noqa: BLE001
+        the step is not reported and the trial trains on (False). The report runs in its own thread:
+        one the server leaves unanswered for ``report_wait`` seconds finishes in the background, and
+        the reports after it are dropped until it has."""
+        if self._report is not None and self._report.is_alive():
+            return False
+        answer: dict[str, Any] = {}
+
+        def report() -> None:
+            self._local.impatient = True  # this thread's storage calls fail at once, never retried
+            try:
+                trial.report(value, step)
+                answer["prune"] = trial.should_prune()
+            except Exception as err:  # noqa: BLE001 - judged by the training thread, or dropped if late
+                answer["error"] = err
+
+        self._report = threading.Thread(target=report, name="cac-pruner-report", daemon=True)
+        self._report.start()
+        self._report.join(self._report_wait)
+        if self._report.is_alive():
+            self._say_away(TimeoutError(f"no answer within {self._report_wait:g} s (${PRUNER_WAIT_ENV})"))
+            return False
+        err = answer.get("error")
+        if err is not None:
             if not unreachable(err):
-                raise
+                raise err
             self._say_away(err)
             return False
-        finally:
-            self._local.impatient = False
+        return bool(answer["prune"])
