@@ -1,5 +1,6 @@
 """Shared fixtures: an isolated data root with the quick context-scenes data, generated once."""
 import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -7,6 +8,15 @@ from typing import Iterator
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# `make test` runs two test processes (-n 2): each takes its share of the cores, as dispatched workers
+# do (cac.exp.dispatch), and so do the runs it starts unless a test sets their threads itself. With
+# torch's default, every core each, 2 cores carry 4 busy threads and both processes train slower.
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(_share)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(_share)
 
 
 @pytest.fixture(autouse=True)
